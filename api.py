@@ -1,0 +1,149 @@
+"""The HTTP API: probes, status, parked entries, the manual trigger and tier value updates."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Callable
+from decimal import Decimal
+from functools import wraps
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+import tiers
+from db import DatabaseError
+from service import Service
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("consistency", __name__)
+PARKED_LIMIT_MAX = 1000
+
+
+def service() -> Service:
+    """Return the service this app serves."""
+    return current_app.extensions["consistency"]
+
+
+def error(status: int, message: str, **extra: Any) -> tuple[Response, int]:
+    """Build a JSON error answer."""
+    return jsonify({"error": message, **extra}), status
+
+
+def require_token(view: Callable[..., Any]) -> Callable[..., Any]:
+    """Let a request through only with `Authorization: Bearer <API_TOKEN>`."""
+
+    @wraps(view)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        expected = service().settings.api_token
+        if expected is None:
+            return error(401, "POST endpoints are disabled: API_TOKEN is not set on the server")
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
+            response, status = error(401, "missing or wrong bearer token")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response, status
+        return view(*args, **kwargs)
+
+    return checked
+
+
+@bp.get("/health")
+def health() -> Any:
+    """Liveness: the process answers and its poller thread runs; never touches a database."""
+    if service().poller.is_alive():
+        return jsonify({"status": "ok", "poller": "running"})
+    return jsonify({"status": "failing", "poller": "stopped"}), 503
+
+
+@bp.get("/ready")
+def ready() -> Any:
+    """Readiness: both databases answer and the state schema is migrated."""
+    checks = service().readiness()
+    ok = all(result == "ok" for result in checks.values())
+    return jsonify({"status": "ready" if ok else "not ready", "checks": checks}), 200 if ok else 503
+
+
+@bp.get("/api/v1/consistency/status")
+def status() -> Any:
+    """The tier values and deltas, watermarks, mode, parked count and the last cycle."""
+    return jsonify(service().status())
+
+
+@bp.get("/api/v1/consistency/parked")
+def parked() -> Any:
+    """The parked entries, oldest first, with their reasons."""
+    raw = request.args.get("limit", "100")
+    if not raw.isdigit() or not 1 <= int(raw) <= PARKED_LIMIT_MAX:
+        return error(400, f"limit: must be a whole number from 1 to {PARKED_LIMIT_MAX}", field="limit")
+    return jsonify(service().parked(int(raw)))
+
+
+@bp.post("/api/v1/consistency/trigger")
+@require_token
+def trigger() -> Any:
+    """Run a cycle now and return its summary."""
+    summary = service().poller.trigger()
+    if summary is None:
+        message = "the cycle is still running; follow it at GET /api/v1/consistency/status"
+        return jsonify({"result": "running", "message": message}), 202
+    if summary["result"] == "skipped":
+        wait = service().settings.trigger_wait
+        message = f"another process held the cycle turn for more than {wait:g}s (TRIGGER_WAIT); try again shortly"
+        return error(409, message, result="skipped")
+    if summary["result"] == "error":
+        return jsonify(summary), 503
+    return jsonify(summary)
+
+
+@bp.post("/api/v1/consistency/update-tier-values")
+@require_token
+def update_tier_values() -> Any:
+    """Change any of the six tier values, all or nothing; return the new values and deltas."""
+    if not request.is_json:
+        return error(415, "body: send JSON with Content-Type: application/json", field="body")
+    try:
+        body = parse_json(request.get_data(cache=False))
+        changes = tiers.parse_update(body)
+    except tiers.TierInputError as err:
+        return error(400, str(err), field=err.field)
+    except (ValueError, RecursionError):
+        return error(400, "body: not valid JSON", field="body")
+    return jsonify({"tiers": service().update_tiers(changes)})
+
+
+def parse_json(data: bytes) -> Any:
+    """Parse a JSON body with numbers kept exact as Decimal, refusing NaN and Infinity."""
+
+    def refuse(constant: str) -> Any:
+        raise tiers.TierInputError("body", f"{constant} is not a number")
+
+    return json.loads(data, parse_float=Decimal, parse_int=Decimal, parse_constant=refuse)
+
+
+@bp.app_errorhandler(HTTPException)
+def http_error(err: HTTPException) -> Any:
+    """Answer HTTP errors (404, 405, 413, ...) in JSON."""
+    return error(err.code or 500, err.description or err.name)
+
+
+@bp.app_errorhandler(DatabaseError)
+def database_error(err: DatabaseError) -> Any:
+    """Answer 503 when a database cannot serve the request."""
+    return error(503, f"{err.database} is unavailable: {err.detail}")
+
+
+@bp.app_errorhandler(tiers.TiersNotStored)
+def state_missing(err: tiers.TiersNotStored) -> Any:
+    """Answer 503 while the state schema has not been set up yet."""
+    return error(503, f"the service state is not initialised yet: {err}")
+
+
+@bp.app_errorhandler(Exception)
+def internal_error(err: Exception) -> Any:
+    """Answer unexpected failures in JSON, with the details in the log only."""
+    log.exception("unhandled error")
+    return error(500, "internal error; see the service log")

@@ -1,0 +1,197 @@
+"""Settings: the only place the environment is read and validated."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import TypeVar
+
+T = TypeVar("T")
+
+# Development defaults from the seed README; production sets both variables from a Secret.
+DEV_QUEUE_DB_URI = "postgresql://queue-admin:queue-pwd@localhost:5432/queue-db"
+DEV_PORTFOLIO_DB_URI = "postgresql://portfolio-admin:portfolio-pwd@localhost:5432/user-portfolio-db"
+
+TIER_DEFAULTS = {
+    "TIER1": "1000000.0",
+    "TIER1_MV": "1000000.0",
+    "TIER2": "2000000.0",
+    "TIER2_MV": "2000000.0",
+    "TIER3": "500000.0",
+    "TIER3_MV": "500000.0",
+}
+# consistency.tier_values holds NUMERIC(20, 8).
+TIER_LIMIT = Decimal(10) ** 12
+TIER_PLACES = 8
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class ConfigError(Exception):
+    """The environment holds one or more invalid settings."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid configuration: " + "; ".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of the service, validated."""
+
+    queue_db_uri: str = DEV_QUEUE_DB_URI
+    portfolio_db_uri: str = DEV_PORTFOLIO_DB_URI
+    polling_interval: float = 30.0
+    port: int = 8080
+    tier_seed: tuple[tuple[Decimal, Decimal], ...] = tuple(
+        (Decimal(TIER_DEFAULTS[f"TIER{n}"]), Decimal(TIER_DEFAULTS[f"TIER{n}_MV"])) for n in (1, 2, 3)
+    )
+    api_token: str | None = None
+    batch_size: int = 5000
+    lookback_window: float = 300.0
+    reconcile_interval: float = 300.0
+    trigger_wait: float = 10.0
+    log_level: str = "INFO"
+    db_pool_size: int = 4
+    db_connect_timeout: int = 5
+    db_statement_timeout: float = 30.0
+    db_lock_timeout: float = 10.0
+
+
+def check_tier_value(name: str, value: Decimal) -> str | None:
+    """Return why a pool (TIERn) or market (TIERn_MV) value is invalid, or None."""
+    if name.endswith("_MV") and value < 0:
+        return f"{name} must be 0 or more"
+    if not name.endswith("_MV") and value <= 0:
+        return f"{name} must be greater than 0"
+    if abs(value) >= TIER_LIMIT:
+        return f"{name} must be less than {TIER_LIMIT:f}"
+    if value.as_tuple().exponent < -TIER_PLACES:  # type: ignore[operator]
+        return f"{name} must have at most {TIER_PLACES} decimal places"
+    return None
+
+
+class _Reader:
+    """Reads variables from an environment, collecting every problem."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.environ = environ
+        self.problems: list[str] = []
+
+    def get(self, name: str, default: T, parse: Callable[[str], T], rule: str) -> T:
+        """Return the parsed variable, or the default when unset; record a problem when invalid."""
+        raw = self.environ.get(name)
+        if raw is None or raw.strip() == "":
+            return default
+        try:
+            return parse(raw.strip())
+        except (ValueError, ArithmeticError):
+            self.problems.append(f"{name} must be {rule} (got {_shown(name, raw)})")
+            return default
+
+    def number(self, name: str, default: float, low: float, high: float) -> float:
+        """Return a number of seconds within [low, high]."""
+
+        def parse(raw: str) -> float:
+            value = float(raw)
+            if not math.isfinite(value) or not low <= value <= high:
+                raise ValueError(raw)
+            return value
+
+        return self.get(name, default, parse, f"a number from {low:g} to {high:g}")
+
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        """Return a whole number within [low, high]."""
+
+        def parse(raw: str) -> int:
+            value = int(raw)
+            if not low <= value <= high:
+                raise ValueError(raw)
+            return value
+
+        return self.get(name, default, parse, f"a whole number from {low} to {high}")
+
+    def uri(self, name: str, default: str) -> str:
+        """Return a PostgreSQL connection URI."""
+
+        def parse(raw: str) -> str:
+            if not raw.startswith(("postgresql://", "postgres://")):
+                raise ValueError(name)
+            return raw
+
+        return self.get(name, default, parse, "a postgresql:// URI")
+
+    def tier(self, name: str) -> Decimal:
+        """Return one tier seed value."""
+        value = self.get(name, Decimal(TIER_DEFAULTS[name]), parse_decimal, "a decimal number")
+        problem = check_tier_value(name, value)
+        if problem:
+            self.problems.append(problem)
+        return value
+
+
+def _shown(name: str, raw: str) -> str:
+    """Quote a bad value for an error message, unless it may hold a credential."""
+    if name.endswith("_URI") or name == "API_TOKEN":
+        return "a value that is not shown"
+    return repr(raw[:40])
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate every setting; raise ConfigError listing all problems."""
+    env = _Reader(os.environ if environ is None else environ)
+    tiers = tuple((env.tier(f"TIER{n}"), env.tier(f"TIER{n}_MV")) for n in (1, 2, 3))
+    settings = Settings(
+        queue_db_uri=env.uri("QUEUE_DB_URI", DEV_QUEUE_DB_URI),
+        portfolio_db_uri=env.uri("USER_PORTFOLIO_DB_URI", DEV_PORTFOLIO_DB_URI),
+        polling_interval=env.number("POLLING_INTERVAL", 30.0, 0.05, 86400),
+        port=env.integer("PORT", 8080, 1, 65535),
+        tier_seed=tiers,
+        api_token=env.get("API_TOKEN", None, str, "a token"),
+        batch_size=env.integer("BATCH_SIZE", 5000, 1, 100_000),
+        lookback_window=env.number("LOOKBACK_WINDOW", 300.0, 1, 7 * 86400),
+        reconcile_interval=env.number("RECONCILE_INTERVAL", 300.0, 1, 7 * 86400),
+        trigger_wait=env.number("TRIGGER_WAIT", 10.0, 0.1, 600),
+        log_level=env.get("LOG_LEVEL", "INFO", _log_level, "one of " + ", ".join(LOG_LEVELS)),
+        db_pool_size=env.integer("DB_POOL_SIZE", 4, 2, 100),
+        db_connect_timeout=env.integer("DB_CONNECT_TIMEOUT", 5, 1, 300),
+        db_statement_timeout=env.number("DB_STATEMENT_TIMEOUT", 30.0, 0.1, 3600),
+        db_lock_timeout=env.number("DB_LOCK_TIMEOUT", 10.0, 0.1, 3600),
+    )
+    if settings.api_token is not None and len(settings.api_token) < 16:
+        env.problems.append("API_TOKEN must be at least 16 characters")
+    if env.problems:
+        raise ConfigError(env.problems)
+    return settings
+
+
+def load_settings_or_exit() -> Settings:
+    """Load settings, or print every problem and exit with status 2."""
+    try:
+        return load_settings()
+    except ConfigError as err:
+        for problem in err.problems:
+            print(f"configuration error: {problem}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _log_level(raw: str) -> str:
+    """Parse a log level name."""
+    level = raw.upper()
+    if level not in LOG_LEVELS:
+        raise ValueError(raw)
+    return level
+
+
+def parse_decimal(raw: str) -> Decimal:
+    """Parse a decimal number, rejecting NaN and infinities."""
+    try:
+        value = Decimal(raw)
+    except InvalidOperation as err:
+        raise ValueError(raw) from err
+    if not value.is_finite():
+        raise ValueError(raw)
+    return value

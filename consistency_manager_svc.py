@@ -1,0 +1,63 @@
+"""Consistency Manager Service: the Flask app, its module-level `app` for gunicorn, and `main()`."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from types import FrameType
+
+from flask import Flask
+
+from api import bp
+from config import Settings, load_settings, load_settings_or_exit
+from service import Service, build_service
+
+MAX_BODY_BYTES = 4096
+
+
+def configure_logging(level: str) -> None:
+    """Send log lines to stdout at the configured level."""
+    logging.basicConfig(
+        stream=sys.stdout,
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger().setLevel(level)
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the Flask app around a service; the poller is started by the server, not here."""
+    settings = settings or load_settings()
+    configure_logging(settings.log_level)
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["consistency"] = build_service(settings)
+    app.register_blueprint(bp)
+    return app
+
+
+def service_of(flask_app: Flask) -> Service:
+    """Return the service behind an app."""
+    return flask_app.extensions["consistency"]
+
+
+app = create_app(load_settings_or_exit())
+
+
+def main() -> None:
+    """Run the service with Flask's server: the poller starts now, the first cycle at once."""
+    svc = service_of(app)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        svc.poller.stop()
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    svc.poller.start()
+    app.run(host="0.0.0.0", port=svc.settings.port, threaded=True)  # noqa: S104 - a container listens on all interfaces
+
+
+if __name__ == "__main__":
+    main()

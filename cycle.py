@@ -1,0 +1,311 @@
+"""The eight-step consistency cycle: deltas, both queues in bounded batches, and the watermarks."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from fractions import Fraction
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+from psycopg2.extras import Json
+
+import migrations
+import tiers
+from apply import QUEUES, TERMINAL, Entry, Queue, apply_batch, apply_one_by_one
+from config import Settings
+from db import Database, DatabaseError, in_transaction
+from queries import query, table_query
+
+log = logging.getLogger(__name__)
+
+Connection = psycopg2.extensions.connection
+Position = tuple[datetime, int]
+
+# Any constant shared by every process of the service: the turn to run a cycle.
+CYCLE_LOCK_KEY = 0x434D_4359_434C  # "CMCYCL"
+# Covers the instant between a writer's transaction start and its showing in pg_stat_activity.
+HORIZON_MARGIN = timedelta(seconds=1)
+MAX_QUEUE_ID = 2**31 - 1
+ONE_MICROSECOND = timedelta(microseconds=1)
+EXACT, LOOKBACK = "exact", "lookback"
+COUNT_KEYS = ("read", *TERMINAL, "parked", "reconciled")
+
+
+@dataclass(frozen=True)
+class Horizon:
+    """How far the stored watermark may move: every entry updated before `bound` is committed."""
+
+    mode: str
+    bound: datetime
+
+    @property
+    def position(self) -> Position:
+        """Return the highest position the stored watermark may take."""
+        return (self.bound - ONE_MICROSECOND, MAX_QUEUE_ID)
+
+
+def read_horizon(queue_conn: Connection, lookback: float) -> Horizon:
+    """Bound the watermark by the oldest open queue-db transaction, or by the look-back window."""
+    with queue_conn.cursor() as cur:
+        cur.execute(query("queue_horizon"))
+        exact, oldest, now = cur.fetchone()
+    if exact:
+        return Horizon(EXACT, min(oldest or now, now) - HORIZON_MARGIN)
+    return Horizon(LOOKBACK, now - timedelta(seconds=lookback))
+
+
+def read_queue(queue_conn: Connection, name: str, table: str, params: dict[str, Any]) -> list[Entry]:
+    """Run a named read on a queue table and return its rows as entries."""
+    with queue_conn.cursor() as cur:
+        cur.execute(table_query(name, table), params)
+        return [Entry(*row) for row in cur.fetchall()]
+
+
+class CycleRunner:
+    """Runs the cycle against the two databases, one applier at a time across all processes."""
+
+    def __init__(self, settings: Settings, queue_db: Database, portfolio_db: Database) -> None:
+        self.settings = settings
+        self.queue_db = queue_db
+        self.portfolio_db = portfolio_db
+        self.mode: str | None = None
+        self.heartbeat = time.monotonic()
+        self._prepared = False
+        self._last_reconcile = float("-inf")
+
+    def prepare(self) -> None:
+        """Migrate the state schema, seed the tier values and check the queue indexes, once."""
+        if self._prepared:
+            return
+        with self.portfolio_db.transaction() as cur:
+            migrations.migrate(cur)
+            tiers.seed(cur, self.settings.tier_seed)
+        with self.queue_db.connection(autocommit=True) as conn, conn.cursor() as cur:
+            missing = migrations.missing_watermark_indexes(cur, [q.table for q in QUEUES])
+        for table in missing:
+            log.warning(
+                "queue-db table %s has no index on (updated_at, queue_id): every cycle will scan it; "
+                "create it as in schema/queue_db.sql",
+                table,
+            )
+        self._prepared = True
+
+    def run(self, lock_wait: float = 0.0) -> dict[str, Any]:
+        """Run one cycle if this process gets the turn within lock_wait seconds; return its summary."""
+        started = datetime.now(UTC)
+        clock = time.monotonic()
+        summary: dict[str, Any] = {"started_at": started.isoformat(), "result": "skipped"}
+        try:
+            self.prepare()
+            with self.portfolio_db.connection() as pconn, self.queue_db.connection(autocommit=True) as qconn:
+                if _take_turn(pconn, lock_wait):
+                    try:
+                        summary.update(self._cycle(pconn, qconn), result="ok")
+                    finally:
+                        _give_turn(pconn)
+                    self._save(pconn, summary, clock)
+        except (DatabaseError, psycopg2.Error, tiers.TiersNotStored) as err:
+            summary.update(result="error", error=self._describe(err))
+            log.error("consistency cycle failed: %s", summary["error"])
+        summary["duration_ms"] = round((time.monotonic() - clock) * 1000, 1)
+        return summary
+
+    def _cycle(self, pconn: Connection, qconn: Connection) -> dict[str, Any]:
+        """Steps 1 to 8, plus parked retries and, in look-back mode, the reconciliation sweep."""
+        with in_transaction(pconn) as cur:
+            current = tiers.load(cur)
+        factors = {
+            "investment": tuple(t.invest_factor for t in current),
+            "withdrawal": tuple(t.withdraw_factor for t in current),
+        }
+        horizon = read_horizon(qconn, self.settings.lookback_window)
+        self._note_mode(horizon.mode)
+        counts: dict[str, Counter[str]] = {}
+        for queue in QUEUES:
+            applied = self._retry_parked(pconn, qconn, queue, factors[queue.name])
+            applied += self._drain(pconn, qconn, queue, factors[queue.name], horizon)
+            counts[queue.name] = applied
+        reconciled = horizon.mode == LOOKBACK and self._reconcile_due()
+        if reconciled:
+            for queue in QUEUES:
+                counts[queue.name] += self._reconcile(pconn, qconn, queue, factors[queue.name])
+        return {
+            "mode": horizon.mode,
+            "horizon": horizon.bound.isoformat(),
+            "reconciled": reconciled,
+            "counts": {name: {key: c[key] for key in COUNT_KEYS} for name, c in counts.items()},
+            "error": None,
+        }
+
+    def _drain(
+        self, pconn: Connection, qconn: Connection, queue: Queue, factors: tuple[Fraction, ...], horizon: Horizon
+    ) -> Counter[str]:
+        """Steps 2-4 or 5-7 and 8: apply the entries changed since the watermark, batch by batch."""
+        with in_transaction(pconn) as cur:
+            cur.execute(query("select_watermark"), {"queue": queue.name})
+            after: Position = cur.fetchone()
+        counts: Counter[str] = Counter({"read": 0})
+        for batch in self._batches(qconn, queue, after):
+            counts["read"] += len(batch)
+            counts += self._apply(pconn, queue, batch, factors, min(batch[-1].position, horizon.position))
+        return counts
+
+    def _batches(self, qconn: Connection, queue: Queue, after: Position) -> Iterator[list[Entry]]:
+        """Yield the entries after a position in bounded batches, so memory stays flat."""
+        size = self.settings.batch_size
+        while True:
+            params = {"after_ts": after[0], "after_id": after[1], "limit": size}
+            batch = read_queue(qconn, "queue_read_batch", queue.table, params)
+            if batch:
+                yield batch
+                after = batch[-1].position
+            self.heartbeat = time.monotonic()
+            if len(batch) < size:
+                return
+
+    def _apply(
+        self,
+        pconn: Connection,
+        queue: Queue,
+        entries: list[Entry],
+        factors: tuple[Fraction, ...],
+        watermark: Position | None = None,
+        retrying: bool = False,
+    ) -> Counter[str]:
+        """Apply entries in one transaction that also moves the watermark; isolate database rejections."""
+        for method in (apply_batch, apply_one_by_one):
+            try:
+                with in_transaction(pconn) as cur:
+                    counts = method(cur, queue, entries, factors, retrying)  # type: ignore[arg-type]
+                    if watermark is not None:
+                        params = {"queue": queue.name, "ts": watermark[0], "id": watermark[1]}
+                        cur.execute(query("advance_watermark"), params)
+                return counts
+            except (psycopg2.IntegrityError, psycopg2.DataError) as err:
+                if method is apply_one_by_one:
+                    raise
+                log.warning(
+                    "a %s batch was rejected (%s); applying it entry by entry", queue.name, err.diag.message_primary
+                )
+        raise AssertionError("unreachable")
+
+    def _retry_parked(
+        self, pconn: Connection, qconn: Connection, queue: Queue, factors: tuple[Fraction, ...]
+    ) -> Counter[str]:
+        """Try the parked entries again, as their queue rows stand now."""
+        counts: Counter[str] = Counter()
+        after: Position = (datetime(1970, 1, 1, tzinfo=UTC), 0)
+        size = self.settings.batch_size
+        while True:
+            with in_transaction(pconn) as cur:
+                params = {"queue": queue.name, "after_ts": after[0], "after_id": after[1], "limit": size}
+                cur.execute(query("select_parked_batch"), params)
+                parked = [Entry(*row) for row in cur.fetchall()]
+            if not parked:
+                return counts
+            after = parked[-1].position
+            current = read_queue(qconn, "queue_select_by_uuid", queue.table, {"uuids": [e.uuid for e in parked]})
+            counts += self._settle(pconn, queue, parked, current, factors)
+            if len(parked) < size:
+                return counts
+
+    def _settle(
+        self,
+        pconn: Connection,
+        queue: Queue,
+        parked: list[Entry],
+        current: list[Entry],
+        factors: tuple[Fraction, ...],
+    ) -> Counter[str]:
+        """Apply parked entries whose rows are still terminal; release those that no longer are."""
+        terminal = sorted((e for e in current if e.status in TERMINAL), key=lambda e: e.position)
+        reopened = [e.uuid for e in current if e.status not in TERMINAL]
+        if reopened:
+            # Their next change moves updated_at past the watermark, so the cycle will read them again.
+            with in_transaction(pconn) as cur:
+                cur.execute(query("unpark_entries"), {"queue": queue.name, "uuids": reopened})
+        return self._apply(pconn, queue, terminal, factors, retrying=True) if terminal else Counter()
+
+    def _reconcile_due(self) -> bool:
+        """Tell whether the reconciliation sweep should run in this cycle."""
+        if time.monotonic() - self._last_reconcile < self.settings.reconcile_interval:
+            return False
+        self._last_reconcile = time.monotonic()
+        return True
+
+    def _reconcile(
+        self, pconn: Connection, qconn: Connection, queue: Queue, factors: tuple[Fraction, ...]
+    ) -> Counter[str]:
+        """Find terminal entries with no applied record, such as late commits behind the look-back."""
+        counts: Counter[str] = Counter()
+        after_id, size = 0, self.settings.batch_size
+        while True:
+            params = {"after_id": after_id, "limit": size}
+            batch = read_queue(qconn, "queue_read_terminal", queue.table, params)
+            if not batch:
+                return counts
+            after_id = batch[-1].queue_id
+            with in_transaction(pconn) as cur:
+                cur.execute(query("filter_unapplied"), {"queue": queue.name, "uuids": [e.uuid for e in batch]})
+                missing = {row[0] for row in cur.fetchall()}
+            found = sorted((e for e in batch if e.uuid in missing), key=lambda e: e.position)
+            if found:
+                counts["reconciled"] += len(found)
+                counts += self._apply(pconn, queue, found, factors)
+            self.heartbeat = time.monotonic()
+            if len(batch) < size:
+                return counts
+
+    def _note_mode(self, mode: str) -> None:
+        """Log loudly which watermark mode is in force whenever it changes."""
+        if mode == self.mode:
+            return
+        self.mode = mode
+        if mode == EXACT:
+            log.warning("watermark mode: exact (bounded by the oldest open queue-db transaction)")
+        else:
+            log.warning(
+                "watermark mode: lookback; this role cannot see other sessions' xact_start "
+                "(grant pg_read_all_stats for exact mode); using a %gs look-back window and a "
+                "reconciliation sweep every %gs",
+                self.settings.lookback_window,
+                self.settings.reconcile_interval,
+            )
+
+    def _save(self, pconn: Connection, summary: dict[str, Any], clock: float) -> None:
+        """Store the cycle's summary where every process can read it."""
+        summary["duration_ms"] = round((time.monotonic() - clock) * 1000, 1)
+        with in_transaction(pconn) as cur:
+            cur.execute(query("save_last_cycle"), {"summary": Json(summary)})
+
+    def _describe(self, err: Exception) -> str:
+        """Describe a cycle failure without any credential."""
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return self.portfolio_db.redact(self.queue_db.redact(text))
+
+
+def _take_turn(pconn: Connection, wait: float) -> bool:
+    """Take the cycle lock, waiting up to `wait` seconds for another process to finish."""
+    deadline = time.monotonic() + wait
+    while True:
+        with in_transaction(pconn) as cur:
+            cur.execute(query("try_cycle_lock"), {"key": CYCLE_LOCK_KEY})
+            if cur.fetchone()[0]:
+                return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+
+def _give_turn(pconn: Connection) -> None:
+    """Release the cycle lock, unless the connection is already gone (which released it)."""
+    if pconn.closed:
+        return
+    with in_transaction(pconn) as cur:
+        cur.execute(query("cycle_unlock"), {"key": CYCLE_LOCK_KEY})

@@ -1,0 +1,128 @@
+"""The two connection pools, and the transaction helpers every caller goes through."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from urllib.parse import urlsplit
+
+import psycopg2
+import psycopg2.extensions
+import psycopg2.pool
+
+from config import Settings
+
+_URI_PASSWORD = re.compile(r"(postgres(?:ql)?://[^:/@\s]*:)[^@\s]*@")
+
+
+class DatabaseError(Exception):
+    """A database could not be reached, or a statement on it failed."""
+
+    def __init__(self, database: str, message: str) -> None:
+        super().__init__(f"{database}: {message}")
+        self.database = database
+        self.detail = message
+
+
+def mask_uri(uri: str) -> str:
+    """Return the URI with its password replaced by ***."""
+    return _URI_PASSWORD.sub(r"\1***@", uri)
+
+
+class Database:
+    """A psycopg2 pool for one database that hands out connections and transactions."""
+
+    def __init__(self, name: str, uri: str, settings: Settings) -> None:
+        self.name = name
+        self.uri = uri
+        self._password = urlsplit(uri).password or ""
+        self._size = settings.db_pool_size
+        self._slots = threading.BoundedSemaphore(settings.db_pool_size)
+        self._wait = float(settings.db_connect_timeout)
+        self._pool = psycopg2.pool.ThreadedConnectionPool(
+            0,
+            settings.db_pool_size,
+            dsn=uri,
+            connect_timeout=settings.db_connect_timeout,
+            application_name="consistency-manager-svc",
+            keepalives=1,
+            keepalives_idle=30,
+            keepalives_interval=10,
+            keepalives_count=3,
+            options=(
+                f"-c statement_timeout={int(settings.db_statement_timeout * 1000)}"
+                f" -c lock_timeout={int(settings.db_lock_timeout * 1000)}"
+                " -c idle_in_transaction_session_timeout=60000 -c timezone=UTC"
+            ),
+        )
+
+    def redact(self, text: str) -> str:
+        """Remove this database's password, and any URI password, from a message."""
+        if self._password:
+            text = text.replace(self._password, "***")
+        return mask_uri(text)
+
+    @contextmanager
+    def connection(self, autocommit: bool = False) -> Iterator[psycopg2.extensions.connection]:
+        """Lend a pooled connection; discard it if it broke, and turn driver errors into DatabaseError."""
+        if not self._slots.acquire(timeout=self._wait):
+            raise DatabaseError(self.name, f"no free connection within {self._wait:g}s")
+        conn = None
+        broken = False
+        try:
+            conn = self._pool.getconn()
+            conn.autocommit = autocommit
+            yield conn
+        except (psycopg2.OperationalError, psycopg2.InterfaceError) as err:
+            broken = True
+            raise DatabaseError(self.name, self.redact(_first_line(err))) from err
+        except psycopg2.Error as err:
+            raise DatabaseError(self.name, self.redact(_first_line(err))) from err
+        finally:
+            if conn is not None:
+                self._release(conn, broken or bool(conn.closed))
+            self._slots.release()
+
+    def _release(self, conn: psycopg2.extensions.connection, broken: bool) -> None:
+        """Return a connection to the pool in a clean state, or close it if it cannot be trusted."""
+        if not broken:
+            try:
+                conn.rollback()
+                conn.autocommit = False
+            except psycopg2.Error:
+                broken = True
+        self._pool.putconn(conn, close=broken)
+
+    @contextmanager
+    def transaction(self) -> Iterator[psycopg2.extensions.cursor]:
+        """Run the block in one transaction on a pooled connection."""
+        with self.connection() as conn, in_transaction(conn) as cur:
+            yield cur
+
+    def close(self) -> None:
+        """Close every pooled connection; safe to call twice."""
+        if not self._pool.closed:
+            self._pool.closeall()
+
+
+@contextmanager
+def in_transaction(conn: psycopg2.extensions.connection) -> Iterator[psycopg2.extensions.cursor]:
+    """Run the block in one transaction on a held connection: commit on success, roll back on error."""
+    try:
+        with conn.cursor() as cur:
+            yield cur
+        conn.commit()
+    except BaseException:
+        if not conn.closed:
+            # The original error says more than a failed rollback on a broken connection.
+            with suppress(psycopg2.Error):
+                conn.rollback()
+        raise
+
+
+def _first_line(err: Exception) -> str:
+    """Return the first line of a driver error, which carries its meaning."""
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]

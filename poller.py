@@ -1,0 +1,89 @@
+"""The background thread that runs a cycle every POLLING_INTERVAL seconds, or at once when triggered."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+Summary = dict[str, Any]
+
+
+class Poller:
+    """Runs `cycle(lock_wait)` in a daemon thread; stop() and trigger() wake it at once."""
+
+    def __init__(self, cycle: Callable[[float], Summary], interval: float, trigger_wait: float) -> None:
+        self._cycle = cycle
+        self._interval = interval
+        self._trigger_wait = trigger_wait
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._done = threading.Condition()
+        self._requested = 0
+        self._served = 0
+        self._thread: threading.Thread | None = None
+        self.last_summary: Summary | None = None
+        self.heartbeat = time.monotonic()
+
+    def start(self) -> None:
+        """Start the thread; the first cycle runs at once."""
+        if self.is_alive():
+            return
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._loop, name="consistency-poller", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the thread to stop after its current batch and wait for it; safe from any thread, any time."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        """Tell whether the poller thread is running."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def run_once(self, lock_wait: float = 0.0) -> Summary:
+        """Run one cycle in the calling thread and remember its summary."""
+        summary = self._cycle(lock_wait)
+        self.last_summary = summary
+        self.heartbeat = time.monotonic()
+        return summary
+
+    def trigger(self) -> Summary | None:
+        """Run a cycle now and return its summary, or None if it is still running after the wait."""
+        if not self.is_alive():
+            return self.run_once(self._trigger_wait)
+        with self._done:
+            self._requested += 1
+            ticket = self._requested
+        self._wake.set()
+        with self._done:
+            # The cycle itself waits up to trigger_wait for its turn; allow a moment to report back.
+            if self._done.wait_for(lambda: self._served >= ticket, self._trigger_wait + 1.0):
+                return self.last_summary
+        return None
+
+    def _loop(self) -> None:
+        """Run cycles until stopped, waiting the polling interval between them."""
+        log.info("poller started: a cycle every %gs", self._interval)
+        while not self._stopping.is_set():
+            with self._done:
+                ticket = self._requested
+            wait = self._trigger_wait if ticket > self._served else 0.0
+            try:
+                self.run_once(wait)
+            except Exception:  # the thread must outlive any single failure
+                log.exception("unexpected error in the consistency cycle")
+                self.last_summary = {"result": "error", "error": "internal error; see the service log"}
+            with self._done:
+                self._served = ticket
+                self._done.notify_all()
+            self._wake.wait(self._interval)
+            self._wake.clear()
+        log.info("poller stopped")

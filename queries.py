@@ -1,0 +1,34 @@
+"""Named SQL statements, loaded from sql/queries.sql."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from psycopg2 import sql
+
+SQL_DIR = Path(__file__).resolve().parent / "sql"
+_HEADER = re.compile(r"^-- ([a-z_]+): (.+)$", re.MULTILINE)
+
+
+def load_queries(text: str) -> dict[str, str]:
+    """Split a file of `-- name: description` blocks into statements by name."""
+    headers = list(_HEADER.finditer(text))
+    queries = {}
+    for header, following in zip(headers, [*headers[1:], None], strict=True):
+        end = following.start() if following else len(text)
+        queries[header.group(1)] = text[header.end() : end].strip()
+    return queries
+
+
+QUERIES = load_queries((SQL_DIR / "queries.sql").read_text())
+
+
+def query(name: str) -> str:
+    """Return the statement with this name."""
+    return QUERIES[name]
+
+
+def table_query(name: str, table: str) -> sql.Composed:
+    """Return the statement with this name, aimed at one of the fixed queue tables."""
+    return sql.SQL(QUERIES[name]).format(table=sql.Identifier(table))

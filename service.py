@@ -1,0 +1,111 @@
+"""The running service: settings, both databases, the cycle runner and the poller, and what they report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import migrations
+import tiers
+from config import Settings
+from cycle import CycleRunner
+from db import Database, DatabaseError
+from poller import Poller
+from queries import query
+
+QUEUE_DB, PORTFOLIO_DB = "queue-db", "user-portfolio-db"
+
+
+@dataclass
+class Service:
+    """Everything one process of the service holds."""
+
+    settings: Settings
+    queue_db: Database
+    portfolio_db: Database
+    runner: CycleRunner
+    poller: Poller
+
+    def readiness(self) -> dict[str, str]:
+        """Check each dependency; return 'ok' or the problem for each."""
+        checks = {}
+        try:
+            with self.queue_db.transaction() as cur:
+                cur.execute(query("ping"))
+            checks[QUEUE_DB] = "ok"
+        except DatabaseError as err:
+            checks[QUEUE_DB] = f"unreachable: {err.detail}"
+        try:
+            with self.portfolio_db.transaction() as cur:
+                version = migrations.schema_version(cur)
+            ok = version == migrations.LATEST_VERSION
+            checks[PORTFOLIO_DB] = (
+                "ok" if ok else f"state schema at version {version}, needs {migrations.LATEST_VERSION}"
+            )
+        except DatabaseError as err:
+            checks[PORTFOLIO_DB] = f"unreachable: {err.detail}"
+        return checks
+
+    def status(self) -> dict[str, Any]:
+        """Describe tier values, watermarks, mode, parked count and the last cycle."""
+        with self.portfolio_db.transaction() as cur:
+            current = tiers.load(cur)
+            cur.execute(query("select_watermarks"))
+            watermarks = {
+                queue: {"updated_at": ts.isoformat(), "queue_id": queue_id, "moved_at": moved.isoformat()}
+                for queue, ts, queue_id, moved in cur.fetchall()
+            }
+            cur.execute(query("count_parked"))
+            parked = cur.fetchone()[0]
+            cur.execute(query("select_last_cycle"))
+            row = cur.fetchone()
+        return {
+            "tiers": tiers.tiers_json(current),
+            "watermarks": watermarks,
+            "mode": self.runner.mode or (row[0].get("mode") if row else None),
+            "parked_entries": parked,
+            "polling_interval": self.settings.polling_interval,
+            "last_cycle": row[0] if row else None,
+            "this_process": {"poller_alive": self.poller.is_alive(), "last_attempt": self.poller.last_summary},
+        }
+
+    def parked(self, limit: int) -> dict[str, Any]:
+        """List parked entries, oldest first."""
+        with self.portfolio_db.transaction() as cur:
+            cur.execute(query("count_parked"))
+            total = cur.fetchone()[0]
+            cur.execute(query("list_parked"), {"limit": limit})
+            columns = [c.name for c in cur.description]
+            entries = [dict(zip(columns, map(_plain, row), strict=True)) for row in cur.fetchall()]
+        return {"count": total, "entries": entries}
+
+    def update_tiers(self, changes: dict[str, Decimal]) -> dict[str, Any]:
+        """Store new tier values, all or nothing, and describe the result."""
+        with self.portfolio_db.transaction() as cur:
+            updated = tiers.update(cur, changes)
+        return tiers.tiers_json(updated)
+
+    def close(self) -> None:
+        """Stop the poller and close both pools."""
+        self.poller.stop()
+        self.queue_db.close()
+        self.portfolio_db.close()
+
+
+def _plain(value: Any) -> Any:
+    """Turn a database value into something JSON shows faithfully."""
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    return value
+
+
+def build_service(settings: Settings) -> Service:
+    """Wire the databases, the cycle runner and the poller together; nothing connects yet."""
+    queue_db = Database(QUEUE_DB, settings.queue_db_uri, settings)
+    portfolio_db = Database(PORTFOLIO_DB, settings.portfolio_db_uri, settings)
+    runner = CycleRunner(settings, queue_db, portfolio_db)
+    poller = Poller(runner.run, settings.polling_interval, settings.trigger_wait)
+    return Service(settings, queue_db, portfolio_db, runner, poller)

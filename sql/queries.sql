@@ -1,0 +1,228 @@
+-- Every statement the service runs, each under a name with a one-line description.
+-- Values always go in as %(name)s parameters. {table} is filled only from a fixed list of queue
+-- tables (see cycle.QUEUES), never from input.
+
+-- ping: check that a database answers
+SELECT 1;
+
+-- queue_horizon: whether other sessions' xact_start is visible, the oldest open one, and the time
+SELECT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+           OR pg_has_role(current_user, 'pg_read_all_stats', 'USAGE') AS exact,
+       (SELECT min(xact_start) FROM pg_stat_activity
+         WHERE datname = current_database()
+           AND pid <> pg_backend_pid()
+           AND backend_type = 'client backend') AS oldest_xact_start,
+       clock_timestamp() AS now;
+
+-- queue_read_batch: the next entries of a queue after a position, in (updated_at, queue_id) order
+SELECT queue_id, account_number, uuid, status, updated_at
+  FROM {table}
+ WHERE (updated_at, queue_id) > (%(after_ts)s, %(after_id)s)
+ ORDER BY updated_at, queue_id
+ LIMIT %(limit)s;
+
+-- queue_read_terminal: terminal entries of a queue after a queue_id, for the reconciliation sweep
+SELECT queue_id, account_number, uuid, status, updated_at
+  FROM {table}
+ WHERE queue_id > %(after_id)s
+   AND status IN ('COMPLETED', 'FAILED', 'CANCELLED')
+ ORDER BY queue_id
+ LIMIT %(limit)s;
+
+-- queue_select_by_uuid: the current rows of a queue for a set of entry uuids
+SELECT queue_id, account_number, uuid, status, updated_at
+  FROM {table}
+ WHERE uuid = ANY(%(uuids)s::text[]);
+
+-- queue_has_watermark_index: whether a queue table has an index that starts with (updated_at, queue_id)
+SELECT EXISTS (
+    SELECT 1
+      FROM pg_index i
+     WHERE i.indrelid = to_regclass(%(table)s)
+       AND (SELECT array_agg(a.attname::text ORDER BY k.n)
+              FROM unnest(i.indkey[0:1]) WITH ORDINALITY AS k(attnum, n)
+              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum)
+           = ARRAY['updated_at', 'queue_id']
+) AS present;
+
+-- migration_lock: serialise migrations across processes until the transaction ends
+SELECT pg_advisory_xact_lock(%(key)s);
+
+-- create_state_schema: the service's own schema and its migration ledger
+CREATE SCHEMA IF NOT EXISTS consistency;
+CREATE TABLE IF NOT EXISTS consistency.schema_migrations (
+    version    INTEGER PRIMARY KEY,
+    name       TEXT NOT NULL,
+    applied_at TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP
+);
+
+-- state_schema_exists: whether the migration ledger exists yet
+SELECT to_regclass('consistency.schema_migrations') IS NOT NULL;
+
+-- applied_migrations: the versions already applied
+SELECT version FROM consistency.schema_migrations ORDER BY version;
+
+-- record_migration: note that a migration has been applied
+INSERT INTO consistency.schema_migrations (version, name) VALUES (%(version)s, %(name)s);
+
+-- seed_tier_values: store the configured tier values the first time, with a history row each
+WITH seeded AS (
+    INSERT INTO consistency.tier_values (tier, pool, market)
+    SELECT * FROM unnest(%(tiers)s::smallint[], %(pools)s::numeric[], %(markets)s::numeric[])
+    ON CONFLICT (tier) DO NOTHING
+    RETURNING tier, pool, market
+)
+INSERT INTO consistency.tier_value_history (tier, new_pool, new_market)
+SELECT tier, pool, market FROM seeded;
+
+-- select_tier_values: the stored tier values
+SELECT tier, pool, market FROM consistency.tier_values ORDER BY tier;
+
+-- lock_tier_values: the stored tier values, locked for an update
+SELECT tier, pool, market FROM consistency.tier_values ORDER BY tier FOR UPDATE;
+
+-- update_tier_value: change one tier's values and keep the old ones in the history
+WITH old AS (
+    SELECT tier, pool, market FROM consistency.tier_values WHERE tier = %(tier)s
+), changed AS (
+    UPDATE consistency.tier_values t
+       SET pool = %(pool)s, market = %(market)s, updated_at = CURRENT_TIMESTAMP
+      FROM old
+     WHERE t.tier = old.tier
+    RETURNING t.tier, old.pool AS old_pool, t.pool, old.market AS old_market, t.market
+)
+INSERT INTO consistency.tier_value_history (tier, old_pool, new_pool, old_market, new_market)
+SELECT tier, old_pool, pool, old_market, market FROM changed;
+
+-- select_tier_history: the most recent tier value changes
+SELECT tier, old_pool, new_pool, old_market, new_market, changed_at
+  FROM consistency.tier_value_history
+ ORDER BY id DESC
+ LIMIT %(limit)s;
+
+-- try_cycle_lock: take the cycle turn for this session if no other session holds it
+SELECT pg_try_advisory_lock(%(key)s);
+
+-- cycle_unlock: give the cycle turn back
+SELECT pg_advisory_unlock(%(key)s);
+
+-- select_watermarks: how far each queue has been read
+SELECT queue, updated_at, queue_id, moved_at FROM consistency.watermarks ORDER BY queue;
+
+-- select_watermark: how far one queue has been read
+SELECT updated_at, queue_id FROM consistency.watermarks WHERE queue = %(queue)s;
+
+-- advance_watermark: move a queue's watermark forward, never back
+UPDATE consistency.watermarks
+   SET updated_at = %(ts)s, queue_id = %(id)s, moved_at = CURRENT_TIMESTAMP
+ WHERE queue = %(queue)s
+   AND (updated_at, queue_id) < (%(ts)s::timestamptz, %(id)s::integer);
+
+-- claim_entries: record entries as applied; returns those no one had recorded before (and, unless retrying them, that are not parked)
+INSERT INTO consistency.applied_entries (queue, uuid, queue_id, status)
+SELECT %(queue)s, e.uuid, e.queue_id, e.status
+  FROM unnest(%(uuids)s::text[], %(queue_ids)s::integer[], %(statuses)s::text[])
+       AS e(uuid, queue_id, status)
+ WHERE %(retrying)s
+    OR NOT EXISTS (SELECT 1 FROM consistency.parked_entries p
+                    WHERE p.queue = %(queue)s AND p.uuid = e.uuid)
+ ORDER BY e.uuid
+    ON CONFLICT (queue, uuid) DO NOTHING
+RETURNING uuid;
+
+-- unclaim_entries: drop this transaction's records for entries that had to be parked
+DELETE FROM consistency.applied_entries WHERE queue = %(queue)s AND uuid = ANY(%(uuids)s::text[]);
+
+-- savepoint: mark a point to return to if one entry is rejected
+SAVEPOINT entry;
+
+-- rollback_to_savepoint: undo the rejected entry only
+ROLLBACK TO SAVEPOINT entry;
+
+-- release_savepoint: keep the entry's work
+RELEASE SAVEPOINT entry;
+
+-- filter_unapplied: of the given entries, those with no applied record
+SELECT u.uuid
+  FROM unnest(%(uuids)s::text[]) AS u(uuid)
+ WHERE NOT EXISTS (SELECT 1 FROM consistency.applied_entries a
+                    WHERE a.queue = %(queue)s AND a.uuid = u.uuid);
+
+-- select_transactions: the portfolio transactions for a set of entry ids
+SELECT id::text, accountid, transaction_type
+  FROM portfolio_transactions
+ WHERE id = ANY(%(ids)s::uuid[]);
+
+-- lock_portfolios: the portfolios of a set of accounts, locked in a fixed order
+SELECT accountid,
+       tier1_value, tier2_value, tier3_value,
+       tier1_allocation, tier2_allocation, tier3_allocation
+  FROM user_portfolios
+ WHERE accountid = ANY(%(accounts)s::text[])
+ ORDER BY accountid
+   FOR UPDATE;
+
+-- update_portfolio_values: set new tier values, with total_value as their sum
+UPDATE user_portfolios p
+   SET tier1_value = v.t1, tier2_value = v.t2, tier3_value = v.t3,
+       total_value = v.t1 + v.t2 + v.t3, updated_at = CURRENT_TIMESTAMP
+  FROM unnest(%(accounts)s::text[], %(t1)s::numeric[], %(t2)s::numeric[], %(t3)s::numeric[])
+       AS v(accountid, t1, t2, t3)
+ WHERE p.accountid = v.accountid;
+
+-- update_portfolio_allocations: set new tier allocations, with total_allocation as their sum
+UPDATE user_portfolios p
+   SET tier1_allocation = v.t1, tier2_allocation = v.t2, tier3_allocation = v.t3,
+       total_allocation = v.t1 + v.t2 + v.t3, updated_at = CURRENT_TIMESTAMP
+  FROM unnest(%(accounts)s::text[], %(t1)s::numeric[], %(t2)s::numeric[], %(t3)s::numeric[])
+       AS v(accountid, t1, t2, t3)
+ WHERE p.accountid = v.accountid;
+
+-- mirror_transaction_status: give portfolio transactions the outcome of their queue entries
+UPDATE portfolio_transactions t
+   SET status = v.status, updated_at = CURRENT_TIMESTAMP
+  FROM unnest(%(ids)s::uuid[], %(statuses)s::text[]) AS v(id, status)
+ WHERE t.id = v.id;
+
+-- park_entries: keep entries that cannot be applied yet, with the reason, for a retry
+INSERT INTO consistency.parked_entries
+       (queue, uuid, queue_id, account_number, status, updated_at, reason)
+SELECT %(queue)s, e.*
+  FROM unnest(%(uuids)s::text[], %(queue_ids)s::integer[], %(accounts)s::text[],
+              %(statuses)s::text[], %(updated)s::timestamptz[], %(reasons)s::text[])
+       AS e(uuid, queue_id, account_number, status, updated_at, reason)
+    ON CONFLICT (queue, uuid) DO UPDATE
+   SET queue_id = EXCLUDED.queue_id,
+       account_number = EXCLUDED.account_number,
+       status = EXCLUDED.status,
+       updated_at = EXCLUDED.updated_at,
+       reason = EXCLUDED.reason,
+       attempts = consistency.parked_entries.attempts + 1,
+       last_attempt_at = CURRENT_TIMESTAMP;
+
+-- unpark_entries: forget parked entries that have now been applied
+DELETE FROM consistency.parked_entries WHERE queue = %(queue)s AND uuid = ANY(%(uuids)s::text[]);
+
+-- select_parked_batch: the next parked entries of a queue after a position, for a retry
+SELECT queue_id, account_number, uuid, status, updated_at
+  FROM consistency.parked_entries
+ WHERE queue = %(queue)s
+   AND (updated_at, queue_id) > (%(after_ts)s, %(after_id)s)
+ ORDER BY updated_at, queue_id
+ LIMIT %(limit)s;
+
+-- list_parked: parked entries for the API, oldest first
+SELECT queue, uuid, queue_id, account_number, status, reason, attempts, parked_at, last_attempt_at
+  FROM consistency.parked_entries
+ ORDER BY parked_at, queue, queue_id
+ LIMIT %(limit)s;
+
+-- count_parked: how many entries are parked
+SELECT count(*) FROM consistency.parked_entries;
+
+-- save_last_cycle: keep the summary of the cycle that just finished
+INSERT INTO consistency.last_cycle (id, summary) VALUES (TRUE, %(summary)s)
+    ON CONFLICT (id) DO UPDATE SET summary = EXCLUDED.summary;
+
+-- select_last_cycle: the summary of the last finished cycle
+SELECT summary FROM consistency.last_cycle;

@@ -1,0 +1,106 @@
+"""A PostgreSQL server for the tests, and fresh databases cloned from templates."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg2
+import psycopg2.extensions
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+_names = itertools.count()
+
+
+def with_database(uri: str, dbname: str) -> str:
+    """Return the server URI aimed at another database."""
+    parts = urlsplit(uri)
+    return urlunsplit(parts._replace(path=f"/{dbname}"))
+
+
+def reachable(uri: str) -> bool:
+    """Tell whether a PostgreSQL server answers at this URI."""
+    try:
+        psycopg2.connect(uri, connect_timeout=3).close()
+    except psycopg2.OperationalError:
+        return False
+    return True
+
+
+def server_uri() -> tuple[str, object | None]:
+    """Find a server: TEST_DATABASE_URL, 127.0.0.1:5432, or an embedded one (returned to keep it alive)."""
+    explicit = os.environ.get("TEST_DATABASE_URL")
+    if explicit:
+        return explicit, None
+    if reachable(DEFAULT_URL):
+        return DEFAULT_URL, None
+    import pgserver  # only needed where no server runs
+
+    server = pgserver.get_server(Path(tempfile.mkdtemp(prefix="cm-test-pg-")), cleanup_mode="delete")
+    return server.get_uri(), server
+
+
+def admin(uri: str, statement: str) -> None:
+    """Run CREATE or DROP DATABASE on the server, outside any transaction."""
+    conn = psycopg2.connect(uri)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(statement)
+    finally:
+        conn.close()
+
+
+def unique_name(prefix: str) -> str:
+    """Return a database name no other test run uses."""
+    return f"{prefix}_{os.getpid()}_{next(_names)}"
+
+
+def create_template(uri: str, prefix: str, ddl: Path) -> str:
+    """Create a template database holding a schema file's tables."""
+    name = unique_name(prefix)
+    admin(uri, f'CREATE DATABASE "{name}"')
+    db = psycopg2.connect(with_database(uri, name))
+    with db.cursor() as cur:
+        cur.execute(ddl.read_text())
+    db.commit()
+    db.close()
+    return name
+
+
+def clone(uri: str, template: str) -> str:
+    """Create a fresh database from a template; fast, and isolated from every other test."""
+    name = unique_name(template.replace("tpl", "t"))
+    admin(uri, f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    return name
+
+
+def drop(uri: str, name: str) -> None:
+    """Drop a database, ending any session still on it."""
+    admin(uri, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def with_user(uri: str, user: str) -> str:
+    """Return the URI logging in as another role (trust authentication, no password)."""
+    parts = urlsplit(uri)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}@{host}"))
+
+
+def grant_least_privilege(uri: str, role: str, queue_db: str, portfolio_db: str) -> None:
+    """Give a role only what the service needs: read the queues, update the portfolios, own its schema."""
+    admin(uri, f'GRANT CONNECT ON DATABASE "{queue_db}" TO {role}')
+    admin(uri, f'GRANT CONNECT, CREATE ON DATABASE "{portfolio_db}" TO {role}')
+    for dbname, statement in (
+        (queue_db, f"GRANT SELECT ON investment_queue, withdrawal_queue TO {role}"),
+        (portfolio_db, f"GRANT SELECT, UPDATE ON user_portfolios, portfolio_transactions TO {role}"),
+    ):
+        conn = psycopg2.connect(with_database(uri, dbname))
+        with conn.cursor() as cur:
+            cur.execute(statement)
+        conn.commit()
+        conn.close()

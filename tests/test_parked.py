@@ -1,0 +1,155 @@
+"""Entries that cannot be applied are parked with a reason, never block others, and apply once when fixed."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from tests.world import World, expected
+
+ACCOUNT, OTHER = "1000000001", "1000000002"
+
+
+def test_an_entry_for_a_missing_portfolio_is_parked_then_applied_once_when_it_appears(svc, world: World) -> None:
+    world.portfolio_for(OTHER)
+    world.set_tiers(TIER1_MV="1100000")
+    orphan = world.request("investment", ACCOUNT, txn=False)
+    fine = world.request("investment", OTHER)
+
+    summary = svc.runner.run()
+
+    assert summary["counts"]["investment"]["parked"] == 1
+    assert world.parked() == {orphan.uuid: f"no portfolio for account {ACCOUNT}"}
+    assert world.txn_status(fine.uuid) == "PROCESSED"  # not blocked by the parked entry
+    # Retried every cycle, still parked, counted as attempts.
+    svc.runner.run()
+    assert world.p("SELECT attempts FROM consistency.parked_entries")[0][0] == 2
+
+    world.portfolio_for(ACCOUNT)
+    world.transaction_for("investment", ACCOUNT, orphan.uuid)
+    svc.runner.run()
+    svc.runner.run()
+
+    assert world.parked() == {}
+    assert world.txn_status(orphan.uuid) == "PROCESSED"
+    assert world.amounts(ACCOUNT)["tier1_value"] == expected("1000.00", ("1100000", "1000000"))
+    assert world.applied() == 2
+
+
+def test_an_entry_without_a_transaction_row_is_parked(svc, world: World) -> None:
+    world.portfolio_for(ACCOUNT)
+    request = world.request("withdrawal", ACCOUNT, "FAILED", txn=False)
+
+    svc.runner.run()
+
+    assert world.parked() == {request.uuid: "no portfolio transaction with this id"}
+    world.transaction_for("withdrawal", ACCOUNT, request.uuid)
+    svc.runner.run()
+    assert world.parked() == {}
+    assert world.txn_status(request.uuid) == "FAILED"
+
+
+def test_a_withdrawal_that_would_go_negative_is_parked_until_the_tiers_change(svc, world: World) -> None:
+    world.portfolio_for(ACCOUNT)
+    world.set_tiers(TIER1_MV="2500000")  # del_t1 = 1.5, so 1 - del = -0.5
+    before = world.amounts(ACCOUNT)
+    request = world.request("withdrawal", ACCOUNT)
+
+    svc.runner.run()
+
+    assert world.parked() == {request.uuid: "result would be negative"}
+    assert world.amounts(ACCOUNT) == before
+    assert world.txn_status(request.uuid) == "PENDING"
+
+    world.set_tiers(TIER1_MV="1500000")
+    svc.runner.run()
+    assert world.parked() == {}
+    assert world.amounts(ACCOUNT)["tier1_allocation"] == expected("100.00", ("500000", "1000000"))
+
+
+def test_a_mismatched_transaction_is_parked_with_the_reason(svc, world: World) -> None:
+    world.portfolio_for(ACCOUNT)
+    world.portfolio_for(OTHER)
+    entry_uuid = world.transaction_for("investment", OTHER)
+    wrong_account = world.finish(world.enqueue("investment", ACCOUNT, entry_uuid, txn=False))
+    wrong_type = world.finish(world.enqueue("withdrawal", ACCOUNT, world.transaction_for("investment", ACCOUNT), False))
+
+    svc.runner.run()
+
+    assert world.parked() == {
+        wrong_account.uuid: f"portfolio transaction belongs to account {OTHER}",
+        wrong_type.uuid: "portfolio transaction is INVEST, expected WITHDRAWAL",
+    }
+
+
+def test_a_malformed_uuid_is_parked_not_fatal(svc, world: World) -> None:
+    world.portfolio_for(ACCOUNT)
+    bad = world.finish(world.enqueue("investment", ACCOUNT, "not-a-uuid", txn=False), "CANCELLED")
+    good = world.request("investment", ACCOUNT, "CANCELLED")
+
+    assert svc.runner.run()["result"] == "ok"
+
+    assert world.parked() == {bad.uuid: "uuid is not a valid UUID"}
+    assert world.txn_status(good.uuid) == "CANCELLED"
+
+
+def test_a_constraint_violation_parks_only_the_rejected_entry(svc, world: World) -> None:
+    world.portfolio_for(ACCOUNT, values=("900.00", "0.00", "0.00"))
+    world.portfolio_for(OTHER, values=("10.00", "0.00", "0.00"))
+    # A rule of the portfolio owner's that the service does not know about.
+    world.p("ALTER TABLE user_portfolios ADD CONSTRAINT tier1_cap CHECK (tier1_value < 1000)")
+    world.set_tiers(TIER1_MV="1200000")
+    rejected = world.request("investment", ACCOUNT)
+    accepted = world.request("investment", OTHER)
+
+    summary = svc.runner.run()
+
+    assert summary["result"] == "ok"
+    assert world.parked() == {
+        rejected.uuid: 'rejected by the database: new row for relation "user_portfolios" violates check '
+        'constraint "tier1_cap"'
+    }
+    assert world.amounts(ACCOUNT)["tier1_value"] == Decimal("900.00")
+    assert world.txn_status(rejected.uuid) == "PENDING"
+    assert world.amounts(OTHER)["tier1_value"] == Decimal("12.00")
+    assert world.txn_status(accepted.uuid) == "PROCESSED"
+
+    world.p("ALTER TABLE user_portfolios DROP CONSTRAINT tier1_cap")
+    svc.runner.run()
+    assert world.parked() == {}
+    assert world.amounts(ACCOUNT)["tier1_value"] == Decimal("1080.00")
+
+
+def test_a_parked_entry_reopened_by_the_queue_is_released_and_read_again(svc, world: World) -> None:
+    request = world.request("investment", ACCOUNT, txn=False)
+    svc.runner.run()
+    assert request.uuid in world.parked()
+
+    world.finish(request, "PROCESSING")
+    svc.runner.run()
+    assert world.parked() == {}
+
+    world.portfolio_for(ACCOUNT)
+    world.transaction_for("investment", ACCOUNT, request.uuid)
+    world.finish(request, "CANCELLED")
+    svc.runner.run()
+    assert world.txn_status(request.uuid) == "CANCELLED"
+    assert world.applied() == 1
+
+
+def test_parked_entries_are_listed_by_the_api(client, world: World) -> None:
+    from consistency_manager_svc import service_of
+
+    orphan = world.request("investment", ACCOUNT, txn=False)
+    service_of(client.application).runner.run()
+
+    answer = client.get("/api/v1/consistency/parked")
+
+    assert answer.status_code == 200
+    body = answer.get_json()
+    assert body["count"] == 1
+    (entry,) = body["entries"]
+    assert entry["uuid"] == orphan.uuid
+    assert entry["queue"] == "investment"
+    assert entry["reason"] == f"no portfolio for account {ACCOUNT}"
+    assert entry["status"] == "COMPLETED"
+    assert client.get("/api/v1/consistency/status").get_json()["parked_entries"] == 1

@@ -1,0 +1,139 @@
+"""Factories that build queue and portfolio data the way the other services do, and read it back."""
+
+from __future__ import annotations
+
+import uuid as uuidlib
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal, localcontext
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+
+TABLES = {"investment": "investment_queue", "withdrawal": "withdrawal_queue"}
+TYPES = {"investment": "INVEST", "withdrawal": "WITHDRAWAL"}
+
+
+@dataclass
+class Request:
+    """One investment or withdrawal as both databases know it."""
+
+    queue: str
+    queue_id: int
+    uuid: str
+    account: str
+
+
+class World:
+    """Direct connections to a test's two databases, with helpers that tell the test's story."""
+
+    def __init__(self, queue_uri: str, portfolio_uri: str) -> None:
+        self.queue = psycopg2.connect(queue_uri)
+        self.queue.autocommit = True
+        self.portfolio = psycopg2.connect(portfolio_uri)
+        self.portfolio.autocommit = True
+
+    def close(self) -> None:
+        """Close both connections."""
+        self.queue.close()
+        self.portfolio.close()
+
+    def q(self, sql: str, params: Any = None) -> list[tuple]:
+        """Run a statement on queue-db and return its rows, if any."""
+        with self.queue.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+
+    def p(self, sql: str, params: Any = None) -> list[tuple]:
+        """Run a statement on user-portfolio-db and return its rows, if any."""
+        with self.portfolio.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+
+    def portfolio_for(
+        self, account: str, values: tuple[str, str, str] = ("1000.00", "2000.00", "3000.00"),
+        allocations: tuple[str, str, str] = ("100.00", "200.00", "300.00"),
+    ) -> None:
+        """Open a portfolio, as the portfolio service does."""
+        v = [Decimal(x) for x in values]
+        a = [Decimal(x) for x in allocations]
+        self.p(
+            "INSERT INTO user_portfolios (accountid, tier1_allocation, tier2_allocation, tier3_allocation,"
+            " total_allocation, tier1_value, tier2_value, tier3_value, total_value)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (account, *a, sum(a), *v, sum(v)),
+        )
+
+    def transaction_for(self, queue: str, account: str, entry_uuid: str | None = None) -> str:
+        """Record a PENDING portfolio transaction, as the portfolio service does; return its id."""
+        entry_uuid = entry_uuid or str(uuidlib.uuid4())
+        self.p(
+            "INSERT INTO portfolio_transactions (id, accountid, transaction_type, total_amount)"
+            " VALUES (%s, %s, %s, 100)",
+            (entry_uuid, account, TYPES[queue]),
+        )
+        return entry_uuid
+
+    def enqueue(self, queue: str, account: str, entry_uuid: str | None = None, txn: bool = True) -> Request:
+        """Queue a PENDING request, with its portfolio transaction unless txn is False."""
+        entry_uuid = entry_uuid or str(uuidlib.uuid4())
+        if txn:
+            self.transaction_for(queue, account, entry_uuid)
+        rows = self.q(
+            f"INSERT INTO {TABLES[queue]} (account_number, tier_1, tier_2, tier_3, uuid)"
+            " VALUES (%s, 10, 20, 30, %s) RETURNING queue_id",
+            (account, entry_uuid),
+        )
+        return Request(queue, rows[0][0], entry_uuid, account)
+
+    def finish(self, request: Request, status: str = "COMPLETED") -> Request:
+        """Move a queued request to a new status, as user-request-queue-svc does."""
+        self.q(
+            f"UPDATE {TABLES[request.queue]} SET status = %s, processed_at = now() WHERE queue_id = %s",
+            (status, request.queue_id),
+        )
+        return request
+
+    def request(self, queue: str, account: str, status: str = "COMPLETED", txn: bool = True) -> Request:
+        """Queue a request and take it straight to a status."""
+        return self.finish(self.enqueue(queue, account, txn=txn), status)
+
+    def amounts(self, account: str) -> dict[str, Decimal]:
+        """Read a portfolio's tiers and totals."""
+        with self.portfolio.cursor() as cur:
+            cur.execute(
+                "SELECT tier1_value, tier2_value, tier3_value, total_value, tier1_allocation,"
+                " tier2_allocation, tier3_allocation, total_allocation FROM user_portfolios WHERE accountid = %s",
+                (account,),
+            )
+            row = cur.fetchone()
+            return dict(zip([c.name for c in cur.description], row, strict=True))
+
+    def txn_status(self, entry_uuid: str) -> str:
+        """Read a portfolio transaction's status."""
+        return self.p("SELECT status FROM portfolio_transactions WHERE id = %s", (entry_uuid,))[0][0]
+
+    def applied(self) -> int:
+        """Count the entries recorded as applied."""
+        return self.p("SELECT count(*) FROM consistency.applied_entries")[0][0]
+
+    def parked(self) -> dict[str, str]:
+        """Return the parked entries' reasons by uuid."""
+        return dict(self.p("SELECT uuid, reason FROM consistency.parked_entries"))
+
+    def set_tiers(self, **values: str) -> None:
+        """Change stored tier values directly, e.g. set_tiers(TIER1_MV='1100000')."""
+        for key, value in values.items():
+            tier = int(key[4])
+            column = "market" if key.endswith("_MV") else "pool"
+            self.p(f"UPDATE consistency.tier_values SET {column} = %s WHERE tier = %s", (value, tier))
+
+
+def expected(amount: str | Decimal, *factors: tuple[str, str]) -> Decimal:
+    """The oracle: apply factors (numerator, denominator) one at a time at 200 digits, rounding half up."""
+    value = Decimal(amount)
+    with localcontext() as ctx:
+        ctx.prec = 200
+        for num, den in factors:
+            value = (value * Decimal(num) / Decimal(den)).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
+    return value

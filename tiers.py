@@ -1,0 +1,142 @@
+"""Tier pool and market values: stored, validated, changed with a history, and their deltas."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from fractions import Fraction
+from typing import Any
+
+import psycopg2.extensions
+
+from config import check_tier_value
+from queries import query
+
+TIER_KEYS = ("TIER1", "TIER1_MV", "TIER2", "TIER2_MV", "TIER3", "TIER3_MV")
+# Deltas are shown to this many places; the cycle itself uses exact fractions.
+DELTA_PLACES = Decimal("1e-12")
+
+
+class TierInputError(ValueError):
+    """A tier value update names an unknown key or carries a bad value."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class TiersNotStored(RuntimeError):
+    """The state schema holds no tier values yet: the service has not finished starting."""
+
+
+@dataclass(frozen=True)
+class Tier:
+    """One tier's pool value (TIERn) and market value (TIERn_MV)."""
+
+    pool: Decimal
+    market: Decimal
+
+    @property
+    def delta(self) -> Fraction:
+        """Return del_tN = (TIERN_MV - TIERN) / TIERN, exactly."""
+        return (Fraction(self.market) - Fraction(self.pool)) / Fraction(self.pool)
+
+    @property
+    def invest_factor(self) -> Fraction:
+        """Return the factor a completed investment applies to tier values: 1 + del."""
+        return 1 + self.delta
+
+    @property
+    def withdraw_factor(self) -> Fraction:
+        """Return the factor a completed withdrawal applies to tier allocations: 1 - del."""
+        return 1 - self.delta
+
+
+Tiers = tuple[Tier, Tier, Tier]
+
+
+def shown_delta(tier: Tier) -> str:
+    """Return a tier's delta as a decimal string for people to read."""
+    delta = tier.delta
+    return plain_decimal((Decimal(delta.numerator) / Decimal(delta.denominator)).quantize(DELTA_PLACES))
+
+
+def plain_decimal(value: Decimal) -> str:
+    """Show a decimal without trailing zeros or an exponent."""
+    return format(value.normalize(), "f")
+
+
+def tiers_json(tiers: Tiers) -> dict[str, Any]:
+    """Describe tier values and deltas for the API."""
+    described: dict[str, Any] = {}
+    for n, tier in enumerate(tiers, start=1):
+        described[f"TIER{n}"] = plain_decimal(tier.pool)
+        described[f"TIER{n}_MV"] = plain_decimal(tier.market)
+    described["deltas"] = {f"del_t{n}_mv": shown_delta(t) for n, t in enumerate(tiers, start=1)}
+    return described
+
+
+def seed(cur: psycopg2.extensions.cursor, values: tuple[tuple[Decimal, Decimal], ...]) -> None:
+    """Store the configured tier values unless values are stored already."""
+    cur.execute(
+        query("seed_tier_values"),
+        {
+            "tiers": [1, 2, 3],
+            "pools": [pool for pool, _ in values],
+            "markets": [market for _, market in values],
+        },
+    )
+
+
+def load(cur: psycopg2.extensions.cursor, lock: bool = False) -> Tiers:
+    """Return the stored tier values, optionally locked for an update."""
+    cur.execute(query("lock_tier_values" if lock else "select_tier_values"))
+    rows = cur.fetchall()
+    if len(rows) != 3:
+        raise TiersNotStored("tier values are not stored yet")
+    return tuple(Tier(pool, market) for _, pool, market in rows)  # type: ignore[return-value]
+
+
+def parse_update(body: Any) -> dict[str, Decimal]:
+    """Validate a tier value update: a JSON object of known keys with finite decimal values."""
+    if not isinstance(body, dict):
+        raise TierInputError("body", "must be a JSON object")
+    if not body:
+        raise TierInputError("body", f"give at least one of {', '.join(TIER_KEYS)}")
+    changes = {}
+    for key, raw in body.items():
+        if key not in TIER_KEYS:
+            raise TierInputError(str(key)[:40], f"unknown key; expected one of {', '.join(TIER_KEYS)}")
+        value = _decimal(key, raw)
+        problem = check_tier_value(key, value)
+        if problem:
+            raise TierInputError(key, problem.removeprefix(f"{key} "))
+        changes[key] = value
+    return changes
+
+
+def _decimal(key: str, raw: Any) -> Decimal:
+    """Turn a JSON number or numeric string into a finite Decimal."""
+    if isinstance(raw, bool) or not isinstance(raw, (int, Decimal, str)):
+        raise TierInputError(key, "must be a number or a numeric string")
+    try:
+        value = Decimal(raw.strip() if isinstance(raw, str) else raw)
+    except InvalidOperation as err:
+        raise TierInputError(key, "must be a number or a numeric string") from err
+    if not value.is_finite():
+        raise TierInputError(key, "must be a finite number")
+    return value
+
+
+def update(cur: psycopg2.extensions.cursor, changes: dict[str, Decimal]) -> Tiers:
+    """Apply a validated update to the stored values, all or nothing, keeping a history."""
+    current = load(cur, lock=True)
+    result = []
+    for n, tier in enumerate(current, start=1):
+        pool = changes.get(f"TIER{n}", tier.pool)
+        market = changes.get(f"TIER{n}_MV", tier.market)
+        if (pool, market) != (tier.pool, tier.market):
+            cur.execute(query("update_tier_value"), {"tier": n, "pool": pool, "market": market})
+        result.append(Tier(pool, market))
+    return tuple(result)  # type: ignore[return-value]
