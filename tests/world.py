@@ -51,7 +51,9 @@ class World:
             return cur.fetchall() if cur.description else []
 
     def portfolio_for(
-        self, account: str, values: tuple[str, str, str] = ("1000.00", "2000.00", "3000.00"),
+        self,
+        account: str,
+        values: tuple[str, str, str] = ("1000.00", "2000.00", "3000.00"),
         allocations: tuple[str, str, str] = ("100.00", "200.00", "300.00"),
     ) -> None:
         """Open a portfolio, as the portfolio service does."""
