@@ -7,6 +7,8 @@ from dataclasses import replace
 
 import pytest
 
+import migrations
+import tiers
 from config import Settings
 from service import Service, build_service
 from tests import pgtest
@@ -25,10 +27,17 @@ def pg() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def templates(pg: str) -> Iterator[tuple[str, str]]:
-    """Template databases with the queue-db and user-portfolio-db schemas, built once."""
+    """Template databases with the queue-db and user-portfolio-db schemas, the latter migrated, built once."""
+
+    def migrate_and_seed(cur) -> None:
+        migrations.migrate(cur)
+        tiers.seed(cur, Settings().tier_seed)
+
     names = (
         pgtest.create_template(pg, "cmtpl_queue", pgtest.ROOT / "schema" / "queue_db.sql"),
-        pgtest.create_template(pg, "cmtpl_portfolio", pgtest.ROOT / "schema" / "user_portfolio_db.sql"),
+        pgtest.create_template(
+            pg, "cmtpl_portfolio", pgtest.ROOT / "schema" / "user_portfolio_db.sql", migrate_and_seed
+        ),
     )
     yield names
     for name in names:

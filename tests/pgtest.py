@@ -5,11 +5,14 @@ from __future__ import annotations
 import itertools
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
 import psycopg2.extensions
+
+Cursor = psycopg2.extensions.cursor
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -60,13 +63,15 @@ def unique_name(prefix: str) -> str:
     return f"{prefix}_{os.getpid()}_{next(_names)}"
 
 
-def create_template(uri: str, prefix: str, ddl: Path) -> str:
-    """Create a template database holding a schema file's tables."""
+def create_template(uri: str, prefix: str, ddl: Path, prepare: Callable[[Cursor], object] | None = None) -> str:
+    """Create a template database holding a schema file's tables, then whatever `prepare` adds."""
     name = unique_name(prefix)
     admin(uri, f'CREATE DATABASE "{name}"')
     db = psycopg2.connect(with_database(uri, name))
     with db.cursor() as cur:
         cur.execute(ddl.read_text())
+        if prepare is not None:
+            prepare(cur)
     db.commit()
     db.close()
     return name
@@ -75,7 +80,8 @@ def create_template(uri: str, prefix: str, ddl: Path) -> str:
 def clone(uri: str, template: str) -> str:
     """Create a fresh database from a template; fast, and isolated from every other test."""
     name = unique_name(template.replace("tpl", "t"))
-    admin(uri, f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    # FILE_COPY skips WAL-logging every block: about twice as fast for these small databases.
+    admin(uri, f'CREATE DATABASE "{name}" TEMPLATE "{template}" STRATEGY FILE_COPY')
     return name
 
 

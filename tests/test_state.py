@@ -12,6 +12,7 @@ from tests.world import World
 
 
 def test_migration_is_idempotent_and_safe_when_processes_start_together(make_service, world: World) -> None:
+    world.p("DROP SCHEMA consistency CASCADE")
     services = [make_service() for _ in range(4)]
     start = threading.Barrier(len(services))
     errors: list[BaseException] = []
@@ -39,6 +40,7 @@ def test_migration_is_idempotent_and_safe_when_processes_start_together(make_ser
 
 
 def test_configured_tier_values_seed_the_store_only_the_first_time(make_service, world: World) -> None:
+    world.p("DELETE FROM consistency.tier_values")
     first = make_service(tier_seed=((Decimal("10"), Decimal("11")),) * 3)
     first.runner.prepare()
     second = make_service(tier_seed=((Decimal("20"), Decimal("22")),) * 3)

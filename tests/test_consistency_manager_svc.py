@@ -1,0 +1,254 @@
+"""The HTTP API through Flask's test client, on real databases: probes, status, trigger, tier updates."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from decimal import Decimal
+
+import pytest
+
+from consistency_manager_svc import create_app, service_of
+from cycle import CYCLE_LOCK_KEY
+from tests.conftest import API_TOKEN
+from tests.world import World
+
+ACCOUNT = "1000000001"
+PASSWORD = "s3cret-pw-in-uri"
+
+
+def stored_tiers(world: World) -> list[tuple]:
+    """Read the stored tier values."""
+    return world.p("SELECT tier, pool, market FROM consistency.tier_values ORDER BY tier")
+
+
+def test_health_reflects_the_poller_thread(app, client) -> None:
+    assert client.get("/health").status_code == 503
+    service_of(app).poller.start()
+    try:
+        answer = client.get("/health")
+        assert answer.status_code == 200
+        assert answer.get_json() == {"status": "ok", "poller": "running"}
+    finally:
+        service_of(app).poller.stop()
+    assert client.get("/health").status_code == 503
+
+
+def test_ready_when_both_databases_answer_and_state_is_migrated(client) -> None:
+    answer = client.get("/ready")
+    assert answer.status_code == 200
+    assert answer.get_json()["checks"] == {"queue-db": "ok", "user-portfolio-db": "ok"}
+
+
+def test_not_ready_names_the_failing_database_without_its_password(settings, world: World) -> None:
+    world.p("DROP SCHEMA consistency CASCADE")
+    unreachable = f"postgresql://svc:{PASSWORD}@127.0.0.1:1/queue-db"
+    app = create_app(replace(settings, queue_db_uri=unreachable))
+    try:
+        answer = app.test_client().get("/ready")
+    finally:
+        service_of(app).close()
+    assert answer.status_code == 503
+    checks = answer.get_json()["checks"]
+    assert checks["queue-db"].startswith("unreachable: ")
+    assert checks["user-portfolio-db"] == "state schema at version None, needs 1"
+    assert PASSWORD not in answer.get_data(as_text=True)
+
+
+def test_status_shows_tiers_deltas_watermarks_mode_and_the_last_cycle(app, client, world: World) -> None:
+    world.portfolio_for(ACCOUNT)
+    world.request("investment", ACCOUNT)
+    world.request("withdrawal", ACCOUNT, "FAILED")
+    service_of(app).runner.run()
+
+    body = client.get("/api/v1/consistency/status").get_json()
+
+    assert body["tiers"]["TIER1"] == "1000000"
+    assert body["tiers"]["deltas"] == {"del_t1_mv": "0", "del_t2_mv": "0", "del_t3_mv": "0"}
+    assert set(body["watermarks"]) == {"investment", "withdrawal"}
+    assert body["mode"] == "exact"
+    assert body["polling_interval"] == 0.2
+    assert body["parked_entries"] == 0
+    last = body["last_cycle"]
+    assert last["result"] == "ok"
+    assert last["counts"]["investment"]["COMPLETED"] == 1
+    assert last["counts"]["withdrawal"]["FAILED"] == 1
+    assert last["duration_ms"] > 0
+    assert "started_at" in last
+
+
+def test_trigger_runs_a_cycle_and_returns_its_result(app, client, world: World, auth) -> None:
+    world.portfolio_for(ACCOUNT)
+    request = world.request("investment", ACCOUNT)
+    service_of(app).poller.start()
+    try:
+        answer = client.post("/api/v1/consistency/trigger", headers=auth)
+    finally:
+        service_of(app).poller.stop()
+    assert answer.status_code == 200
+    assert answer.get_json()["result"] == "ok"
+    assert world.txn_status(request.uuid) == "PROCESSED"
+
+
+def test_trigger_without_a_poller_thread_runs_the_cycle_itself(client, world: World, auth) -> None:
+    world.portfolio_for(ACCOUNT)
+    request = world.request("withdrawal", ACCOUNT, "CANCELLED")
+
+    answer = client.post("/api/v1/consistency/trigger", headers=auth)
+
+    assert answer.status_code == 200
+    assert answer.get_json()["counts"]["withdrawal"]["CANCELLED"] == 1
+    assert world.txn_status(request.uuid) == "CANCELLED"
+
+
+def test_trigger_answers_409_when_the_turn_does_not_come(app, client, world: World, auth) -> None:
+    world.p("SELECT pg_advisory_lock(%s)", (CYCLE_LOCK_KEY,))
+    service_of(app).poller.start()
+    try:
+        answer = client.post("/api/v1/consistency/trigger", headers=auth)
+    finally:
+        service_of(app).poller.stop()
+        world.p("SELECT pg_advisory_unlock(%s)", (CYCLE_LOCK_KEY,))
+    assert answer.status_code == 409
+    assert "another process held the cycle turn" in answer.get_json()["error"]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong-token-wrong-token"}, {"Authorization": f"Basic {API_TOKEN}"}],
+)
+@pytest.mark.parametrize("path", ["/api/v1/consistency/trigger", "/api/v1/consistency/update-tier-values"])
+def test_post_endpoints_need_the_bearer_token(client, world: World, headers, path) -> None:
+    before = stored_tiers(world)
+    answer = client.post(path, headers=headers, json={"TIER1": "5"})
+    assert answer.status_code == 401
+    assert answer.get_json()["error"] == "missing or wrong bearer token"
+    assert answer.headers["WWW-Authenticate"] == "Bearer"
+    assert stored_tiers(world) == before
+
+
+def test_post_endpoints_are_disabled_without_an_api_token(settings) -> None:
+    app = create_app(replace(settings, api_token=None))
+    try:
+        answer = app.test_client().post("/api/v1/consistency/trigger", headers={"Authorization": "Bearer x"})
+    finally:
+        service_of(app).close()
+    assert answer.status_code == 401
+    assert "API_TOKEN is not set" in answer.get_json()["error"]
+
+
+def test_update_tier_values_changes_a_subset_and_returns_values_and_deltas(client, world: World, auth) -> None:
+    answer = client.post(
+        "/api/v1/consistency/update-tier-values", headers=auth, json={"TIER1_MV": 1100000, "TIER2": "2500000.25"}
+    )
+
+    assert answer.status_code == 200
+    body = answer.get_json()["tiers"]
+    assert body["TIER1_MV"] == "1100000"
+    assert body["TIER2"] == "2500000.25"
+    assert body["deltas"]["del_t1_mv"] == "0.1"
+    want = ((Decimal("2000000") - Decimal("2500000.25")) / Decimal("2500000.25")).quantize(Decimal("1e-12"))
+    assert Decimal(body["deltas"]["del_t2_mv"]) == want
+    assert stored_tiers(world) == [
+        (1, Decimal("1000000"), Decimal("1100000")),
+        (2, Decimal("2500000.25"), Decimal("2000000")),
+        (3, Decimal("500000"), Decimal("500000")),
+    ]
+    assert world.p("SELECT count(*) FROM consistency.tier_value_history WHERE old_pool IS NOT NULL") == [(2,)]
+
+
+def test_update_tier_values_keeps_decimal_precision_of_json_numbers(client, world: World, auth) -> None:
+    data = b'{"TIER3_MV": 500000.12345678}'
+    answer = client.post(
+        "/api/v1/consistency/update-tier-values", headers={**auth, "Content-Type": "application/json"}, data=data
+    )
+    assert answer.status_code == 200
+    assert stored_tiers(world)[2][2] == Decimal("500000.12345678")
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b'{"TIER1": true}', "TIER1"),
+        (b'{"TIER1": null}', "TIER1"),
+        (b'{"TIER1": [1]}', "TIER1"),
+        (b'{"TIER1": {"v": 1}}', "TIER1"),
+        (b'{"TIER1": "abc"}', "TIER1"),
+        (b'{"TIER1": "NaN"}', "TIER1"),
+        (b'{"TIER1": NaN}', "body"),
+        (b'{"TIER1_MV": Infinity}', "body"),
+        (b'{"TIER1": "-Infinity"}', "TIER1"),
+        (b'{"TIER1": 0}', "TIER1"),
+        (b'{"TIER1": -5}', "TIER1"),
+        (b'{"TIER1_MV": -0.01}', "TIER1_MV"),
+        (b'{"TIER2": 1e12}', "TIER2"),
+        (b'{"TIER2": 1e999999}', "TIER2"),
+        (b'{"TIER2": 1.123456789}', "TIER2"),
+        (b'{"TIER4": 1}', "TIER4"),
+        (b'{"TIER1": 5, "tier1": 5}', "tier1"),
+        (b"{}", "body"),
+        (b"[]", "body"),
+        (b'"TIER1"', "body"),
+        (b"{not json", "body"),
+        (b"\xff\xfe", "body"),
+        (b"[" * 2000 + b"]" * 2000, "body"),
+    ],
+)
+def test_bad_tier_updates_get_400_naming_the_field_and_change_nothing(client, world: World, auth, body, field):
+    before = stored_tiers(world)
+    answer = client.post(
+        "/api/v1/consistency/update-tier-values", headers={**auth, "Content-Type": "application/json"}, data=body
+    )
+    assert answer.status_code == 400
+    assert answer.get_json()["field"] == field
+    assert answer.get_json()["error"].startswith(f"{field}: ")
+    assert stored_tiers(world) == before
+
+
+def test_a_valid_key_beside_a_bad_one_is_not_stored(client, world: World, auth) -> None:
+    before = stored_tiers(world)
+    answer = client.post("/api/v1/consistency/update-tier-values", headers=auth, json={"TIER1_MV": 5, "TIER2": -1})
+    assert answer.status_code == 400
+    assert stored_tiers(world) == before
+
+
+def test_tier_update_needs_json_content(client, world: World, auth) -> None:
+    answer = client.post("/api/v1/consistency/update-tier-values", headers=auth, data="TIER1=5")
+    assert answer.status_code == 415
+    assert answer.get_json()["field"] == "body"
+
+
+def test_an_oversized_body_gets_413(client, auth) -> None:
+    body = b'{"TIER1": "' + b"1" * 5000 + b'"}'
+    answer = client.post(
+        "/api/v1/consistency/update-tier-values", headers={**auth, "Content-Type": "application/json"}, data=body
+    )
+    assert answer.status_code == 413
+    assert "error" in answer.get_json()
+
+
+@pytest.mark.parametrize("limit", ["0", "1001", "abc", "-1"])
+def test_parked_rejects_a_bad_limit(client, limit) -> None:
+    answer = client.get(f"/api/v1/consistency/parked?limit={limit}")
+    assert answer.status_code == 400
+    assert answer.get_json()["field"] == "limit"
+
+
+def test_unknown_paths_and_methods_answer_json(client) -> None:
+    missing = client.get("/nope")
+    assert missing.status_code == 404
+    assert "error" in missing.get_json()
+    wrong = client.get("/api/v1/consistency/trigger")
+    assert wrong.status_code == 405
+    assert "error" in wrong.get_json()
+
+
+def test_status_is_503_not_500_when_the_portfolio_database_is_down(settings) -> None:
+    unreachable = f"postgresql://svc:{PASSWORD}@127.0.0.1:1/user-portfolio-db"
+    app = create_app(replace(settings, portfolio_db_uri=unreachable))
+    try:
+        answer = app.test_client().get("/api/v1/consistency/status")
+    finally:
+        service_of(app).close()
+    assert answer.status_code == 503
+    assert answer.get_json()["error"].startswith("user-portfolio-db is unavailable")
+    assert PASSWORD not in answer.get_data(as_text=True)
