@@ -168,6 +168,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     return settings
 
 
+def demo_server_uri() -> str | None:
+    """Return DEMO_PG_URI: the PostgreSQL server the demo should use ('embedded' forces its own)."""
+    return os.environ.get("DEMO_PG_URI") or None
+
+
 def load_settings_or_exit() -> Settings:
     """Load settings, or print every problem and exit with status 2."""
     try:

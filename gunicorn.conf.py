@@ -17,6 +17,8 @@ preload_app = False
 # A cycle finishes its batch on SIGTERM; gunicorn waits this long before it kills a worker.
 graceful_timeout = 20
 timeout = 60
+# No gunicornc control socket: nothing uses it, and it would write under $HOME.
+control_socket_disable = True
 accesslog = "-"
 errorlog = "-"
 loglevel = _settings.log_level.lower()

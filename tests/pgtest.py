@@ -35,11 +35,14 @@ def reachable(uri: str) -> bool:
 
 
 def server_uri() -> tuple[str, object | None]:
-    """Find a server: TEST_DATABASE_URL, 127.0.0.1:5432, or an embedded one (returned to keep it alive)."""
+    """Find a server: TEST_DATABASE_URL, 127.0.0.1:5432, or an embedded one (returned to keep it alive).
+
+    TEST_DATABASE_URL=embedded forces the embedded server.
+    """
     explicit = os.environ.get("TEST_DATABASE_URL")
-    if explicit:
+    if explicit and explicit != "embedded":
         return explicit, None
-    if reachable(DEFAULT_URL):
+    if explicit is None and reachable(DEFAULT_URL):
         return DEFAULT_URL, None
     import pgserver  # only needed where no server runs
 

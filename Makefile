@@ -1,0 +1,26 @@
+# Two commands for a fresh machine with Python 3.11+ and make: `make demo` and `make test`.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+
+.PHONY: demo test lint run clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+demo: $(VENV)/.installed  ## sample databases, the service, and curl commands to try
+	$(PYTHON) demo.py
+
+test: $(VENV)/.installed lint  ## lint, then every test against real PostgreSQL
+	$(PYTHON) -m pytest tests/ -v
+
+lint: $(VENV)/.installed
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+run: $(VENV)/.installed  ## the production command, configured from the environment
+	$(VENV)/bin/gunicorn consistency_manager_svc:app
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache .ruff_cache

@@ -1,0 +1,245 @@
+"""The demo: two sample databases, the service under gunicorn, and a queue that keeps settling requests."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid as uuidlib
+from collections import Counter
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg2
+
+from config import demo_server_uri, load_settings
+
+ROOT = Path(__file__).resolve().parent
+LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
+QUEUE_DB, PORTFOLIO_DB = "consistency_demo_queue", "consistency_demo_portfolio"
+# Development default, for the demo only: never use it anywhere else.
+DEMO_TOKEN = "demo-token-not-for-production"  # noqa: S105 - a marked development default
+DEMO_TIERS = {"TIER1_MV": "1030000.0", "TIER2_MV": "1990000.0", "TIER3_MV": "512500.0"}
+# accountid: (tier values, tier allocations)
+PORTFOLIOS = {
+    "1011226111": (("12000.00", "8000.00", "4000.00"), ("12000.00", "8000.00", "4000.00")),
+    "1033623433": (("5150.25", "2600.00", "1000.00"), ("5000.00", "2500.00", "1000.00")),
+    "1055757655": (("700.00", "300.00", "0.00"), ("700.00", "300.00", "0.00")),
+    "1077441377": (("25000.00", "25000.00", "10000.00"), ("24000.00", "25000.00", "9000.00")),
+}
+# queue, account, status: what user-request-queue-svc has done so far.
+SAMPLE_REQUESTS = [
+    ("investment", "1011226111", "COMPLETED"),
+    ("investment", "1033623433", "COMPLETED"),
+    ("investment", "1055757655", "FAILED"),
+    ("withdrawal", "1011226111", "COMPLETED"),
+    ("withdrawal", "1077441377", "CANCELLED"),
+    ("investment", "1077441377", "PENDING"),
+    ("withdrawal", "1033623433", "PENDING"),
+]
+ORPHAN_ACCOUNT = "1099999999"  # a request for an account with no portfolio yet: it will be parked
+
+
+def with_database(uri: str, dbname: str) -> str:
+    """Return the server URI aimed at another database."""
+    return urlunsplit(urlsplit(uri)._replace(path=f"/{dbname}"))
+
+
+def find_server() -> tuple[str, object | None]:
+    """Use DEMO_PG_URI, else 127.0.0.1:5432 if it answers, else start an embedded PostgreSQL."""
+    chosen = demo_server_uri()
+    if chosen and chosen != "embedded":
+        return chosen, None
+    if chosen is None:
+        try:
+            psycopg2.connect(LOCAL_SERVER, connect_timeout=3).close()
+            return LOCAL_SERVER, None
+        except psycopg2.OperationalError:
+            pass
+    import pgserver  # ships its own PostgreSQL binaries
+
+    pgdata = ROOT / ".demo" / "pgdata"
+    pgdata.mkdir(parents=True, exist_ok=True)
+    print(f"starting an embedded PostgreSQL in {pgdata.relative_to(ROOT)}")
+    server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    return server.get_uri(), server
+
+
+def recreate(server: str, dbname: str, schema: str) -> str:
+    """Drop and create a demo database with a schema file; return its URI."""
+    admin = psycopg2.connect(server)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+        cur.execute(f'CREATE DATABASE "{dbname}"')
+    admin.close()
+    uri = with_database(server, dbname)
+    conn = psycopg2.connect(uri)
+    with conn, conn.cursor() as cur:
+        cur.execute((ROOT / "schema" / schema).read_text())
+    conn.close()
+    return uri
+
+
+def load_sample(queue_uri: str, portfolio_uri: str) -> None:
+    """Fill both databases with a few portfolios and requests in every state."""
+    queue, portfolio = psycopg2.connect(queue_uri), psycopg2.connect(portfolio_uri)
+    with portfolio, portfolio.cursor() as pcur, queue, queue.cursor() as qcur:
+        for account, (values, allocations) in PORTFOLIOS.items():
+            pcur.execute(
+                "INSERT INTO user_portfolios (accountid, tier1_allocation, tier2_allocation, tier3_allocation,"
+                " total_allocation, tier1_value, tier2_value, tier3_value, total_value)"
+                " VALUES (%s, %s, %s, %s, %s::numeric + %s + %s, %s, %s, %s, %s::numeric + %s + %s)",
+                (account, *allocations, *allocations, *values, *values),
+            )
+        for queue_name, account, status in [*SAMPLE_REQUESTS, ("withdrawal", ORPHAN_ACCOUNT, "COMPLETED")]:
+            add_request(pcur, qcur, queue_name, account, status, with_transaction=account != ORPHAN_ACCOUNT)
+    queue.close()
+    portfolio.close()
+
+
+def add_request(pcur, qcur, queue: str, account: str, status: str, with_transaction: bool = True) -> None:  # noqa: ANN001
+    """Record one request the way the portfolio and queue services do."""
+    entry = str(uuidlib.uuid4())
+    kind = "INVEST" if queue == "investment" else "WITHDRAWAL"
+    if with_transaction:
+        pcur.execute(
+            "INSERT INTO portfolio_transactions (id, accountid, transaction_type, tier1_change, tier2_change,"
+            " tier3_change, total_amount) VALUES (%s, %s, %s, 100, 50, 25, 175)",
+            (entry, account, kind),
+        )
+    qcur.execute(
+        f"INSERT INTO {queue}_queue (account_number, tier_1, tier_2, tier_3, uuid, status)"  # noqa: S608 - fixed names
+        " VALUES (%s, 100, 50, 25, %s, %s)",
+        (account, entry, status),
+    )
+
+
+def settle_one(queue_uri: str) -> str | None:
+    """Act as user-request-queue-svc: complete the oldest pending request; describe what was done."""
+    conn = psycopg2.connect(queue_uri)
+    with conn, conn.cursor() as cur:
+        for queue in ("investment", "withdrawal"):
+            cur.execute(
+                f"UPDATE {queue}_queue SET status = 'COMPLETED', processed_at = now()"  # noqa: S608 - fixed names
+                " WHERE queue_id = (SELECT min(queue_id) FROM {queue}_queue WHERE status = 'PENDING')"
+                " RETURNING queue_id, account_number".replace("{queue}", queue)
+            )
+            row = cur.fetchone()
+            if row:
+                conn.commit()
+                return f"{queue} request {row[0]} for account {row[1]} is now COMPLETED"
+    conn.close()
+    return None
+
+
+def get(port: int, path: str) -> tuple[int, dict]:
+    """GET a path of the running service."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def wait_ready(port: int, service: subprocess.Popen, timeout: float = 60) -> None:
+    """Wait until the service reports ready, or fail if it exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if service.poll() is not None:
+            raise SystemExit(f"the service exited with status {service.returncode}")
+        try:
+            if get(port, "/ready")[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit("the service did not become ready")
+
+
+def print_try_these(port: int) -> None:
+    """Show the curl commands a newcomer can try."""
+    base = f"http://localhost:{port}"
+    auth = f'-H "Authorization: Bearer {DEMO_TOKEN}"'
+    print(f"""
+The consistency manager is running on {base}. Try:
+
+  curl -s {base}/health
+  curl -s {base}/ready
+  curl -s {base}/api/v1/consistency/status
+  curl -s {base}/api/v1/consistency/parked
+  curl -s -X POST {auth} {base}/api/v1/consistency/trigger
+  curl -s -X POST {auth} -H "Content-Type: application/json" \\
+       -d '{{"TIER1_MV": "1050000"}}' {base}/api/v1/consistency/update-tier-values
+
+Every 15 s the demo completes a pending request, as user-request-queue-svc would. Ctrl-C stops it all.
+""")
+
+
+def smoke(portfolio_uri: str) -> None:
+    """Check that the sample was applied as the demo promises; exit non-zero if not."""
+    outcome = {"COMPLETED": "PROCESSED"}
+    want = Counter(outcome.get(status, status) for _, _, status in SAMPLE_REQUESTS)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        conn = psycopg2.connect(portfolio_uri)
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT status, count(*) FROM portfolio_transactions GROUP BY status")
+            statuses = dict(cur.fetchall())
+            cur.execute("SELECT count(*) FROM consistency.parked_entries")
+            parked = cur.fetchone()[0]
+        conn.close()
+        if Counter(statuses) == want and parked == 1:
+            print(f"demo smoke check passed: transactions {statuses}, {parked} parked")
+            return
+        time.sleep(0.3)
+    raise SystemExit(f"demo smoke check failed: transactions {statuses}, {parked} parked; wanted {want}, 1 parked")
+
+
+def main() -> None:
+    """Set up the sample databases, run the service, and keep settling requests until Ctrl-C."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="check the demo works, then stop")
+    args = parser.parse_args()
+    server, embedded = find_server()
+    queue_uri = recreate(server, QUEUE_DB, "queue_db.sql")
+    portfolio_uri = recreate(server, PORTFOLIO_DB, "user_portfolio_db.sql")
+    load_sample(queue_uri, portfolio_uri)
+    port = load_settings().port
+    env = {
+        **os.environ,
+        **DEMO_TIERS,
+        "QUEUE_DB_URI": queue_uri,
+        "USER_PORTFOLIO_DB_URI": portfolio_uri,
+        "API_TOKEN": DEMO_TOKEN,
+        "POLLING_INTERVAL": os.environ.get("POLLING_INTERVAL", "5"),
+    }
+    command = [sys.executable, "-m", "gunicorn", "consistency_manager_svc:app"]
+    service = subprocess.Popen(command, cwd=ROOT, env=env)  # noqa: S603 - our own fixed command
+    try:
+        wait_ready(port, service)
+        if args.smoke:
+            smoke(portfolio_uri)
+            return
+        print_try_these(port)
+        while service.poll() is None:
+            time.sleep(15)
+            done = settle_one(queue_uri)
+            if done:
+                print(f"queue: {done}")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        service.send_signal(signal.SIGTERM)
+        service.wait(timeout=30)
+        del embedded
+
+
+if __name__ == "__main__":
+    main()
