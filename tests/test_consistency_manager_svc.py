@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from decimal import Decimal
 
@@ -251,4 +252,39 @@ def test_status_is_503_not_500_when_the_portfolio_database_is_down(settings) -> 
         service_of(app).close()
     assert answer.status_code == 503
     assert answer.get_json()["error"].startswith("user-portfolio-db is unavailable")
+    assert PASSWORD not in answer.get_data(as_text=True)
+
+
+def test_trigger_answers_202_while_a_slow_cycle_is_still_running(settings, world: World, auth, dbs) -> None:
+    import psycopg2
+
+    app = create_app(replace(settings, trigger_wait=0.5, db_lock_timeout=4.0))
+    service_of(app).runner.prepare()
+    world.portfolio_for(ACCOUNT)
+    world.request("investment", ACCOUNT)
+    blocker = psycopg2.connect(dbs[1])
+    with blocker.cursor() as cur:
+        cur.execute("SELECT 1 FROM user_portfolios WHERE accountid = %s FOR UPDATE", (ACCOUNT,))
+    service_of(app).poller.start()
+    try:
+        time.sleep(0.5)  # let the start-up cycle reach the locked row
+        answer = app.test_client().post("/api/v1/consistency/trigger", headers=auth)
+    finally:
+        blocker.rollback()
+        blocker.close()
+        service_of(app).close()
+    assert answer.status_code == 202
+    assert answer.get_json()["result"] == "running"
+
+
+def test_trigger_answers_503_with_the_error_when_the_cycle_fails(settings, auth) -> None:
+    app = create_app(replace(settings, queue_db_uri=f"postgresql://svc:{PASSWORD}@127.0.0.1:1/queue-db"))
+    try:
+        answer = app.test_client().post("/api/v1/consistency/trigger", headers=auth)
+    finally:
+        service_of(app).close()
+    assert answer.status_code == 503
+    body = answer.get_json()
+    assert body["result"] == "error"
+    assert body["error"].startswith("queue-db: ")
     assert PASSWORD not in answer.get_data(as_text=True)

@@ -6,8 +6,8 @@ import os
 import subprocess
 import sys
 
-from tests.test_e2e import free_port
 from tests.pgtest import ROOT
+from tests.test_e2e import free_port
 
 
 def test_demo_applies_its_sample_with_an_embedded_postgresql() -> None:
