@@ -269,12 +269,20 @@ def test_trigger_answers_202_while_a_slow_cycle_is_still_running(settings, world
     try:
         time.sleep(0.5)  # let the start-up cycle reach the locked row
         answer = app.test_client().post("/api/v1/consistency/trigger", headers=auth)
+        # Blocked mid-cycle, none of the service's sessions sits idle inside a transaction.
+        states = [
+            row[0]
+            for db in (world.q, world.p)
+            for row in db("SELECT state FROM pg_stat_activity WHERE application_name = 'consistency-manager-svc'")
+        ]
     finally:
         blocker.rollback()
         blocker.close()
         service_of(app).close()
     assert answer.status_code == 202
     assert answer.get_json()["result"] == "running"
+    assert "active" in states  # the cycle, waiting for the row lock
+    assert "idle in transaction" not in states
 
 
 def test_trigger_answers_503_with_the_error_when_the_cycle_fails(settings, auth) -> None:

@@ -308,3 +308,23 @@ def test_horizon_is_the_oldest_open_transaction_less_a_margin(svc, dbs) -> None:
     assert horizon.mode == "exact"
     assert horizon.bound < started
     assert (started - horizon.bound).total_seconds() == pytest.approx(1.0, abs=0.01)
+
+
+def test_the_backlog_is_read_in_bounded_batches(make_service, world: World, mocker) -> None:
+    import cycle
+
+    svc = make_service(batch_size=5)
+    svc.runner.prepare()
+    world.portfolio_for(ACCOUNT)
+    for _ in range(23):
+        world.request("withdrawal", ACCOUNT, "CANCELLED")
+    reads = mocker.spy(cycle, "read_queue")
+
+    summary = svc.runner.run()
+
+    calls = zip(reads.call_args_list, reads.spy_return_list, strict=True)
+    batch_reads = [(call.args[3]["limit"], len(rows)) for call, rows in calls if call.args[1] == "queue_read_batch"]
+    assert counts(summary, "withdrawal")["CANCELLED"] == 23
+    assert {limit for limit, _ in batch_reads} == {5}
+    assert sum(n for _, n in batch_reads) == 23  # the investment queue is empty
+    assert max(n for _, n in batch_reads) == 5

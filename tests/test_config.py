@@ -1,0 +1,96 @@
+"""Configuration: the seed's defaults, and a clear stop naming every bad variable."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from config import ConfigError, load_settings
+
+
+def problems(**environ: str) -> list[str]:
+    """Return the problems load_settings reports for an environment."""
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ)
+    return caught.value.problems
+
+
+def test_defaults_are_the_seeds() -> None:
+    settings = load_settings({})
+    assert settings.polling_interval == 30.0
+    assert settings.port == 8080
+    assert settings.tier_seed == (
+        (Decimal("1000000.0"), Decimal("1000000.0")),
+        (Decimal("2000000.0"), Decimal("2000000.0")),
+        (Decimal("500000.0"), Decimal("500000.0")),
+    )
+    assert settings.queue_db_uri == "postgresql://queue-admin:queue-pwd@localhost:5432/queue-db"
+    assert settings.portfolio_db_uri == ("postgresql://portfolio-admin:portfolio-pwd@localhost:5432/user-portfolio-db")
+    assert settings.api_token is None
+
+
+def test_values_are_read_and_parsed() -> None:
+    settings = load_settings(
+        {
+            "POLLING_INTERVAL": "0.5",
+            "PORT": "9090",
+            "TIER2_MV": "1999999.12345678",
+            "API_TOKEN": "a-token-of-sixteen+",
+            "BATCH_SIZE": "250",
+            "LOG_LEVEL": "debug",
+            "QUEUE_DB_URI": "postgres://u@db/q",
+        }
+    )
+    assert settings.polling_interval == 0.5
+    assert settings.port == 9090
+    assert settings.tier_seed[1] == (Decimal("2000000.0"), Decimal("1999999.12345678"))
+    assert settings.api_token == "a-token-of-sixteen+"
+    assert settings.batch_size == 250
+    assert settings.log_level == "DEBUG"
+    assert settings.queue_db_uri == "postgres://u@db/q"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("POLLING_INTERVAL", "soon", "POLLING_INTERVAL must be a number from 0.05 to 86400 (got 'soon')"),
+        ("POLLING_INTERVAL", "0", "POLLING_INTERVAL must be a number from 0.05 to 86400 (got '0')"),
+        ("POLLING_INTERVAL", "nan", "POLLING_INTERVAL must be a number from 0.05 to 86400 (got 'nan')"),
+        ("PORT", "80.5", "PORT must be a whole number from 1 to 65535 (got '80.5')"),
+        ("PORT", "70000", "PORT must be a whole number from 1 to 65535 (got '70000')"),
+        ("TIER1", "0", "TIER1 must be greater than 0"),
+        ("TIER2", "abc", "TIER2 must be a decimal number (got 'abc')"),
+        ("TIER3_MV", "-1", "TIER3_MV must be 0 or more"),
+        ("TIER1_MV", "Infinity", "TIER1_MV must be a decimal number (got 'Infinity')"),
+        ("TIER1", "0.123456789", "TIER1 must have at most 8 decimal places"),
+        ("TIER1", "1e12", "TIER1 must be less than 1000000000000"),
+        ("BATCH_SIZE", "0", "BATCH_SIZE must be a whole number from 1 to 100000 (got '0')"),
+        ("LOG_LEVEL", "LOUD", "LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR (got 'LOUD')"),
+        ("DB_POOL_SIZE", "1", "DB_POOL_SIZE must be a whole number from 2 to 100 (got '1')"),
+        ("API_TOKEN", "short", "API_TOKEN must be at least 16 characters"),
+    ],
+)
+def test_each_bad_value_is_named(name: str, value: str, message: str) -> None:
+    assert problems(**{name: value}) == [message]
+
+
+def test_every_problem_is_reported_at_once_and_credentials_are_not_echoed() -> None:
+    found = problems(
+        QUEUE_DB_URI="mysql://user:hunter2@db/q",
+        USER_PORTFOLIO_DB_URI="nonsense-with-secret",
+        RECONCILE_INTERVAL="-5",
+        TRIGGER_WAIT="forever",
+    )
+    assert [p.split(" ")[0] for p in found] == [
+        "QUEUE_DB_URI",
+        "USER_PORTFOLIO_DB_URI",
+        "RECONCILE_INTERVAL",
+        "TRIGGER_WAIT",
+    ]
+    assert "hunter2" not in " ".join(found)
+    assert "secret" not in " ".join(found)
+
+
+def test_blank_values_mean_the_default() -> None:
+    assert load_settings({"POLLING_INTERVAL": " ", "PORT": ""}).port == 8080
