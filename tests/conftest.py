@@ -110,6 +110,22 @@ def app(settings: Settings):
 
 
 @pytest.fixture
+def make_app(settings: Settings) -> Iterator:
+    """A factory of apps with some settings changed; closes them all."""
+    from consistency_manager_svc import create_app, service_of
+
+    made = []
+
+    def make(**overrides: object):
+        made.append(create_app(replace(settings, **overrides)))
+        return made[-1]
+
+    yield make
+    for flask_app in made:
+        service_of(flask_app).close()
+
+
+@pytest.fixture
 def client(app):
     """A test client of the app."""
     return app.test_client()

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from decimal import Decimal
 
 import pytest
 
-from consistency_manager_svc import create_app, service_of
+from consistency_manager_svc import service_of
 from cycle import CYCLE_LOCK_KEY
 from tests.conftest import API_TOKEN
 from tests.world import World
@@ -40,14 +39,11 @@ def test_ready_when_both_databases_answer_and_state_is_migrated(client) -> None:
     assert answer.get_json()["checks"] == {"queue-db": "ok", "user-portfolio-db": "ok"}
 
 
-def test_not_ready_names_the_failing_database_without_its_password(settings, world: World) -> None:
+def test_not_ready_names_the_failing_database_without_its_password(make_app, world: World) -> None:
     world.p("DROP SCHEMA consistency CASCADE")
     unreachable = f"postgresql://svc:{PASSWORD}@127.0.0.1:1/queue-db"
-    app = create_app(replace(settings, queue_db_uri=unreachable))
-    try:
-        answer = app.test_client().get("/ready")
-    finally:
-        service_of(app).close()
+    app = make_app(queue_db_uri=unreachable)
+    answer = app.test_client().get("/ready")
     assert answer.status_code == 503
     checks = answer.get_json()["checks"]
     assert checks["queue-db"].startswith("unreachable: ")
@@ -127,12 +123,9 @@ def test_post_endpoints_need_the_bearer_token(client, world: World, headers, pat
     assert stored_tiers(world) == before
 
 
-def test_post_endpoints_are_disabled_without_an_api_token(settings) -> None:
-    app = create_app(replace(settings, api_token=None))
-    try:
-        answer = app.test_client().post("/api/v1/consistency/trigger", headers={"Authorization": "Bearer x"})
-    finally:
-        service_of(app).close()
+def test_post_endpoints_are_disabled_without_an_api_token(make_app) -> None:
+    app = make_app(api_token=None)
+    answer = app.test_client().post("/api/v1/consistency/trigger", headers={"Authorization": "Bearer x"})
     assert answer.status_code == 401
     assert "API_TOKEN is not set" in answer.get_json()["error"]
 
@@ -243,22 +236,19 @@ def test_unknown_paths_and_methods_answer_json(client) -> None:
     assert "error" in wrong.get_json()
 
 
-def test_status_is_503_not_500_when_the_portfolio_database_is_down(settings) -> None:
+def test_status_is_503_not_500_when_the_portfolio_database_is_down(make_app) -> None:
     unreachable = f"postgresql://svc:{PASSWORD}@127.0.0.1:1/user-portfolio-db"
-    app = create_app(replace(settings, portfolio_db_uri=unreachable))
-    try:
-        answer = app.test_client().get("/api/v1/consistency/status")
-    finally:
-        service_of(app).close()
+    app = make_app(portfolio_db_uri=unreachable)
+    answer = app.test_client().get("/api/v1/consistency/status")
     assert answer.status_code == 503
     assert answer.get_json()["error"].startswith("user-portfolio-db is unavailable")
     assert PASSWORD not in answer.get_data(as_text=True)
 
 
-def test_trigger_answers_202_while_a_slow_cycle_is_still_running(settings, world: World, auth, dbs) -> None:
+def test_trigger_answers_202_while_a_slow_cycle_is_still_running(make_app, world: World, auth, dbs) -> None:
     import psycopg2
 
-    app = create_app(replace(settings, trigger_wait=0.5, db_lock_timeout=4.0))
+    app = make_app(trigger_wait=0.5, db_lock_timeout=4.0)
     service_of(app).runner.prepare()
     world.portfolio_for(ACCOUNT)
     world.request("investment", ACCOUNT)
@@ -278,19 +268,16 @@ def test_trigger_answers_202_while_a_slow_cycle_is_still_running(settings, world
     finally:
         blocker.rollback()
         blocker.close()
-        service_of(app).close()
+        service_of(app).poller.stop()
     assert answer.status_code == 202
     assert answer.get_json()["result"] == "running"
     assert "active" in states  # the cycle, waiting for the row lock
     assert "idle in transaction" not in states
 
 
-def test_trigger_answers_503_with_the_error_when_the_cycle_fails(settings, auth) -> None:
-    app = create_app(replace(settings, queue_db_uri=f"postgresql://svc:{PASSWORD}@127.0.0.1:1/queue-db"))
-    try:
-        answer = app.test_client().post("/api/v1/consistency/trigger", headers=auth)
-    finally:
-        service_of(app).close()
+def test_trigger_answers_503_with_the_error_when_the_cycle_fails(make_app, auth) -> None:
+    app = make_app(queue_db_uri=f"postgresql://svc:{PASSWORD}@127.0.0.1:1/queue-db")
+    answer = app.test_client().post("/api/v1/consistency/trigger", headers=auth)
     assert answer.status_code == 503
     body = answer.get_json()
     assert body["result"] == "error"

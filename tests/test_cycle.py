@@ -246,15 +246,11 @@ def test_a_restart_resumes_from_the_stored_watermark(make_service, world: World)
     assert world.applied() == 3
 
 
-def test_the_watermark_never_passes_an_open_writer_transaction(svc, world: World, dbs) -> None:
+def test_the_watermark_never_passes_an_open_writer_transaction(svc, world: World) -> None:
     world.portfolio_for(ACCOUNT)
     world.set_tiers(TIER1_MV="1100000")
     late = world.enqueue("investment", ACCOUNT)
-    writer = psycopg2.connect(dbs[0])
-    with writer.cursor() as cur:
-        cur.execute("UPDATE investment_queue SET status = 'COMPLETED' WHERE queue_id = %s", (late.queue_id,))
-        cur.execute("SELECT updated_at FROM investment_queue WHERE queue_id = %s", (late.queue_id,))
-        late_updated_at = cur.fetchone()[0]
+    writer = world.finish_uncommitted(late)
     try:
         # Later entries commit and are applied promptly, over several cycles.
         prompt = []
@@ -264,12 +260,11 @@ def test_the_watermark_never_passes_an_open_writer_transaction(svc, world: World
             assert summary["mode"] == "exact"
             assert counts(summary, "investment")["COMPLETED"] == 1
             watermark = world.p("SELECT updated_at FROM consistency.watermarks WHERE queue = 'investment'")[0][0]
-            assert watermark < late_updated_at
+            assert watermark < writer.updated_at
         assert all(world.txn_status(r.uuid) == "PROCESSED" for r in prompt)
         assert world.txn_status(late.uuid) == "PENDING"
     finally:
         writer.commit()
-        writer.close()
 
     summary = svc.runner.run()
 
@@ -278,15 +273,12 @@ def test_the_watermark_never_passes_an_open_writer_transaction(svc, world: World
     assert world.amounts(ACCOUNT)["tier1_value"] == expected("1000.00", *[("1100000", "1000000")] * 4)
 
 
-def test_a_rolled_back_completion_is_never_applied(svc, world: World, dbs) -> None:
+def test_a_rolled_back_completion_is_never_applied(svc, world: World) -> None:
     world.portfolio_for(ACCOUNT)
     request = world.enqueue("investment", ACCOUNT)
-    writer = psycopg2.connect(dbs[0])
-    with writer.cursor() as cur:
-        cur.execute("UPDATE investment_queue SET status = 'COMPLETED' WHERE queue_id = %s", (request.queue_id,))
+    writer = world.finish_uncommitted(request)
     svc.runner.run()
     writer.rollback()
-    writer.close()
 
     svc.runner.run()
 

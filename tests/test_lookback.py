@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from dataclasses import replace
 from urllib.parse import urlsplit
 
-import psycopg2
 import pytest
 
 from service import build_service
@@ -46,16 +45,12 @@ def limited_service(pg, dbs, settings, limited_role, world: World) -> Iterator:
     svc.close()
 
 
-def test_a_late_commit_older_than_the_lookback_is_found_by_reconciliation(limited_service, world: World, dbs):
+def test_a_late_commit_older_than_the_lookback_is_found_by_reconciliation(limited_service, world: World) -> None:
     svc = limited_service
     world.portfolio_for(ACCOUNT)
     world.set_tiers(TIER1_MV="1100000")
     late = world.enqueue("investment", ACCOUNT)
-    writer = psycopg2.connect(dbs[0])
-    with writer.cursor() as cur:
-        cur.execute("UPDATE investment_queue SET status = 'COMPLETED' WHERE queue_id = %s", (late.queue_id,))
-        cur.execute("SELECT updated_at FROM investment_queue WHERE queue_id = %s", (late.queue_id,))
-        late_updated_at = cur.fetchone()[0]
+    writer = world.finish_uncommitted(late)
     try:
         world.request("investment", ACCOUNT)
         first = svc.runner.run()
@@ -67,10 +62,9 @@ def test_a_late_commit_older_than_the_lookback_is_found_by_reconciliation(limite
         second = svc.runner.run()
         assert second["counts"]["investment"]["COMPLETED"] == 1
         watermark = world.p("SELECT updated_at FROM consistency.watermarks WHERE queue = 'investment'")[0][0]
-        assert watermark > late_updated_at  # the look-back alone has moved past the late entry
+        assert watermark > writer.updated_at  # the look-back alone has moved past the late entry
     finally:
         writer.commit()
-        writer.close()
 
     missed = svc.runner.run()
     assert missed["reconciled"] is False

@@ -24,10 +24,34 @@ class Request:
     account: str
 
 
+class OpenWriter:
+    """A queue-db transaction that has settled a request and not committed yet: a late commit."""
+
+    def __init__(self, queue_uri: str, request: Request, status: str) -> None:
+        self.conn = psycopg2.connect(queue_uri)
+        with self.conn.cursor() as cur:
+            cur.execute(
+                f"UPDATE {TABLES[request.queue]} SET status = %s WHERE queue_id = %s RETURNING updated_at",
+                (status, request.queue_id),
+            )
+            self.updated_at = cur.fetchone()[0]
+
+    def commit(self) -> None:
+        """Commit, late."""
+        self.conn.commit()
+        self.conn.close()
+
+    def rollback(self) -> None:
+        """Roll back: the settlement never happened."""
+        self.conn.rollback()
+        self.conn.close()
+
+
 class World:
     """Direct connections to a test's two databases, with helpers that tell the test's story."""
 
     def __init__(self, queue_uri: str, portfolio_uri: str) -> None:
+        self.queue_uri = queue_uri
         self.queue = psycopg2.connect(queue_uri)
         self.queue.autocommit = True
         self.portfolio = psycopg2.connect(portfolio_uri)
@@ -95,6 +119,10 @@ class World:
             (status, request.queue_id),
         )
         return request
+
+    def finish_uncommitted(self, request: Request, status: str = "COMPLETED") -> OpenWriter:
+        """Settle a request in a writer transaction that stays open until the test ends it."""
+        return OpenWriter(self.queue_uri, request, status)
 
     def request(self, queue: str, account: str, status: str = "COMPLETED", txn: bool = True) -> Request:
         """Queue a request and take it straight to a status."""
