@@ -43,9 +43,9 @@ class Entry:
     """One queue row as the service reads it."""
 
     queue_id: int
-    account_number: str
-    uuid: str
-    status: str
+    account_number: str | None
+    uuid: str | None
+    status: str | None
     updated_at: datetime
 
     @property
@@ -77,11 +77,11 @@ class Plan:
         return counts
 
 
-def is_uuid(text: str) -> bool:
+def is_uuid(text: str | None) -> bool:
     """Tell whether a queue entry's uuid is a well-formed UUID."""
     try:
         uuidlib.UUID(text)
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, TypeError):
         return False
     return True
 
@@ -160,7 +160,7 @@ def apply_batch(
     if not terminal:
         return Counter()
     claimed = _claim(cur, queue, terminal, retrying)
-    todo = [e for e in terminal if e.uuid in claimed]
+    todo = [e for e in terminal if e.queue_id in claimed]
     if not todo:
         return Counter()
     plan = plan_batch(queue, todo, _transactions(cur, todo), _lock_portfolios(cur, queue, todo), factors)
@@ -190,8 +190,8 @@ def apply_one_by_one(
     return counts
 
 
-def _claim(cur: psycopg2.extensions.cursor, queue: Queue, entries: list[Entry], retrying: bool) -> set[str]:
-    """Record entries as applied; return the uuids this transaction recorded first."""
+def _claim(cur: psycopg2.extensions.cursor, queue: Queue, entries: list[Entry], retrying: bool) -> set[int]:
+    """Record entries as applied; return the queue_ids this transaction recorded first."""
     cur.execute(
         query("claim_entries"),
         {
@@ -225,10 +225,10 @@ def _lock_portfolios(cur: psycopg2.extensions.cursor, queue: Queue, entries: lis
 def _write(cur: psycopg2.extensions.cursor, queue: Queue, plan: Plan) -> None:
     """Store a plan: release and park the blocked entries, mirror statuses, update portfolios."""
     if plan.parked:
-        cur.execute(query("unclaim_entries"), {"queue": queue.name, "uuids": [e.uuid for e, _ in plan.parked]})
+        cur.execute(query("unclaim_entries"), {"queue": queue.name, "queue_ids": [e.queue_id for e, _ in plan.parked]})
         park(cur, queue, plan.parked)
     if plan.applied:
-        cur.execute(query("unpark_entries"), {"queue": queue.name, "uuids": [e.uuid for e in plan.applied]})
+        cur.execute(query("unpark_entries"), {"queue": queue.name, "queue_ids": [e.queue_id for e in plan.applied]})
         cur.execute(
             query("mirror_transaction_status"),
             {

@@ -17,7 +17,7 @@ from psycopg2.extras import Json
 
 import migrations
 import tiers
-from apply import QUEUES, TERMINAL, Entry, Queue, apply_batch, apply_one_by_one
+from apply import QUEUES, TERMINAL, Entry, Queue, apply_batch, apply_one_by_one, park
 from config import Settings
 from db import Database, DatabaseError, in_transaction
 from queries import query, table_query
@@ -75,7 +75,6 @@ class CycleRunner:
         self.queue_db = queue_db
         self.portfolio_db = portfolio_db
         self.mode: str | None = None
-        self.heartbeat = time.monotonic()
         self._prepared = False
         self._last_reconcile = float("-inf")
 
@@ -165,7 +164,6 @@ class CycleRunner:
             if batch:
                 yield batch
                 after = batch[-1].position
-            self.heartbeat = time.monotonic()
             if len(batch) < size:
                 return
 
@@ -210,7 +208,8 @@ class CycleRunner:
             if not parked:
                 return counts
             after = parked[-1].position
-            current = read_queue(qconn, "queue_select_by_uuid", queue.table, {"uuids": [e.uuid for e in parked]})
+            ids = {"queue_ids": [e.queue_id for e in parked]}
+            current = read_queue(qconn, "queue_select_by_id", queue.table, ids)
             counts += self._settle(pconn, queue, parked, current, factors)
             if len(parked) < size:
                 return counts
@@ -225,11 +224,15 @@ class CycleRunner:
     ) -> Counter[str]:
         """Apply parked entries whose rows are still terminal; release those that no longer are."""
         terminal = sorted((e for e in current if e.status in TERMINAL), key=lambda e: e.position)
-        reopened = [e.uuid for e in current if e.status not in TERMINAL]
-        if reopened:
-            # Their next change moves updated_at past the watermark, so the cycle will read them again.
-            with in_transaction(pconn) as cur:
-                cur.execute(query("unpark_entries"), {"queue": queue.name, "uuids": reopened})
+        reopened = [e.queue_id for e in current if e.status not in TERMINAL]
+        found = {e.queue_id for e in current}
+        gone = [(e, "the queue entry no longer exists") for e in parked if e.queue_id not in found]
+        with in_transaction(pconn) as cur:
+            if reopened:
+                # Their next change moves updated_at past the watermark, so the cycle will read them again.
+                cur.execute(query("unpark_entries"), {"queue": queue.name, "queue_ids": reopened})
+            if gone:
+                park(cur, queue, gone)
         return self._apply(pconn, queue, terminal, factors, retrying=True) if terminal else Counter()
 
     def _reconcile_due(self) -> bool:
@@ -252,13 +255,13 @@ class CycleRunner:
                 return counts
             after_id = batch[-1].queue_id
             with in_transaction(pconn) as cur:
-                cur.execute(query("filter_unapplied"), {"queue": queue.name, "uuids": [e.uuid for e in batch]})
+                ids = [e.queue_id for e in batch]
+                cur.execute(query("filter_unapplied"), {"queue": queue.name, "queue_ids": ids})
                 missing = {row[0] for row in cur.fetchall()}
-            found = sorted((e for e in batch if e.uuid in missing), key=lambda e: e.position)
+            found = sorted((e for e in batch if e.queue_id in missing), key=lambda e: e.position)
             if found:
                 counts["reconciled"] += len(found)
                 counts += self._apply(pconn, queue, found, factors)
-            self.heartbeat = time.monotonic()
             if len(batch) < size:
                 return counts
 

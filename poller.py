@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +26,6 @@ class Poller:
         self._served = 0
         self._thread: threading.Thread | None = None
         self.last_summary: Summary | None = None
-        self.heartbeat = time.monotonic()
 
     def start(self) -> None:
         """Start the thread; the first cycle runs at once."""
@@ -52,7 +50,6 @@ class Poller:
         """Run one cycle in the calling thread and remember its summary."""
         summary = self._cycle(lock_wait)
         self.last_summary = summary
-        self.heartbeat = time.monotonic()
         return summary
 
     def trigger(self) -> Summary | None:

@@ -11,11 +11,11 @@ $$ LANGUAGE plpgsql;
 
 CREATE TABLE IF NOT EXISTS investment_queue (
     queue_id       SERIAL PRIMARY KEY,
-    account_number VARCHAR(20) NOT NULL,
+    account_number VARCHAR(20),
     tier_1         DECIMAL(20, 8) NOT NULL DEFAULT 0,
     tier_2         DECIMAL(20, 8) NOT NULL DEFAULT 0,
     tier_3         DECIMAL(20, 8) NOT NULL DEFAULT 0,
-    uuid           VARCHAR(36) NOT NULL UNIQUE,
+    uuid           VARCHAR(36) UNIQUE,
     status         VARCHAR(20) NOT NULL DEFAULT 'PENDING'
                    CHECK (status IN ('PENDING', 'PROCESSING', 'COMPLETED', 'FAILED', 'CANCELLED')),
     created_at     TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP,
@@ -25,11 +25,11 @@ CREATE TABLE IF NOT EXISTS investment_queue (
 
 CREATE TABLE IF NOT EXISTS withdrawal_queue (
     queue_id       SERIAL PRIMARY KEY,
-    account_number VARCHAR(20) NOT NULL,
+    account_number VARCHAR(20),
     tier_1         DECIMAL(20, 8) NOT NULL DEFAULT 0,
     tier_2         DECIMAL(20, 8) NOT NULL DEFAULT 0,
     tier_3         DECIMAL(20, 8) NOT NULL DEFAULT 0,
-    uuid           VARCHAR(36) NOT NULL UNIQUE,
+    uuid           VARCHAR(36) UNIQUE,
     status         VARCHAR(20) NOT NULL DEFAULT 'PENDING'
                    CHECK (status IN ('PENDING', 'PROCESSING', 'COMPLETED', 'FAILED', 'CANCELLED')),
     created_at     TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP,

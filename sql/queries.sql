@@ -29,10 +29,10 @@ SELECT queue_id, account_number, uuid, status, updated_at
  ORDER BY queue_id
  LIMIT %(limit)s;
 
--- queue_select_by_uuid: the current rows of a queue for a set of entry uuids
+-- queue_select_by_id: the current rows of a queue for a set of queue_ids
 SELECT queue_id, account_number, uuid, status, updated_at
   FROM {table}
- WHERE uuid = ANY(%(uuids)s::text[]);
+ WHERE queue_id = ANY(%(queue_ids)s::integer[]);
 
 -- queue_has_watermark_index: whether a queue table has an index that starts with (updated_at, queue_id)
 SELECT EXISTS (
@@ -119,19 +119,19 @@ UPDATE consistency.watermarks
    AND (updated_at, queue_id) < (%(ts)s::timestamptz, %(id)s::integer);
 
 -- claim_entries: record entries as applied; returns those no one had recorded before (and, unless retrying them, that are not parked)
-INSERT INTO consistency.applied_entries (queue, uuid, queue_id, status)
-SELECT %(queue)s, e.uuid, e.queue_id, e.status
-  FROM unnest(%(uuids)s::text[], %(queue_ids)s::integer[], %(statuses)s::text[])
-       AS e(uuid, queue_id, status)
+INSERT INTO consistency.applied_entries (queue, queue_id, uuid, status)
+SELECT %(queue)s, e.queue_id, e.uuid, e.status
+  FROM unnest(%(queue_ids)s::integer[], %(uuids)s::text[], %(statuses)s::text[])
+       AS e(queue_id, uuid, status)
  WHERE %(retrying)s
     OR NOT EXISTS (SELECT 1 FROM consistency.parked_entries p
-                    WHERE p.queue = %(queue)s AND p.uuid = e.uuid)
- ORDER BY e.uuid
-    ON CONFLICT (queue, uuid) DO NOTHING
-RETURNING uuid;
+                    WHERE p.queue = %(queue)s AND p.queue_id = e.queue_id)
+ ORDER BY e.queue_id
+    ON CONFLICT (queue, queue_id) DO NOTHING
+RETURNING queue_id;
 
 -- unclaim_entries: drop this transaction's records for entries that had to be parked
-DELETE FROM consistency.applied_entries WHERE queue = %(queue)s AND uuid = ANY(%(uuids)s::text[]);
+DELETE FROM consistency.applied_entries WHERE queue = %(queue)s AND queue_id = ANY(%(queue_ids)s::integer[]);
 
 -- savepoint: mark a point to return to if one entry is rejected
 SAVEPOINT entry;
@@ -142,11 +142,13 @@ ROLLBACK TO SAVEPOINT entry;
 -- release_savepoint: keep the entry's work
 RELEASE SAVEPOINT entry;
 
--- filter_unapplied: of the given entries, those with no applied record
-SELECT u.uuid
-  FROM unnest(%(uuids)s::text[]) AS u(uuid)
+-- filter_unapplied: of the given entries, those neither applied nor parked
+SELECT e.queue_id
+  FROM unnest(%(queue_ids)s::integer[]) AS e(queue_id)
  WHERE NOT EXISTS (SELECT 1 FROM consistency.applied_entries a
-                    WHERE a.queue = %(queue)s AND a.uuid = u.uuid);
+                    WHERE a.queue = %(queue)s AND a.queue_id = e.queue_id)
+   AND NOT EXISTS (SELECT 1 FROM consistency.parked_entries p
+                    WHERE p.queue = %(queue)s AND p.queue_id = e.queue_id);
 
 -- select_transactions: the portfolio transactions for a set of entry ids
 SELECT id::text, accountid, transaction_type
@@ -186,13 +188,13 @@ UPDATE portfolio_transactions t
 
 -- park_entries: keep entries that cannot be applied yet, with the reason, for a retry
 INSERT INTO consistency.parked_entries
-       (queue, uuid, queue_id, account_number, status, updated_at, reason)
+       (queue, queue_id, uuid, account_number, status, updated_at, reason)
 SELECT %(queue)s, e.*
-  FROM unnest(%(uuids)s::text[], %(queue_ids)s::integer[], %(accounts)s::text[],
+  FROM unnest(%(queue_ids)s::integer[], %(uuids)s::text[], %(accounts)s::text[],
               %(statuses)s::text[], %(updated)s::timestamptz[], %(reasons)s::text[])
-       AS e(uuid, queue_id, account_number, status, updated_at, reason)
-    ON CONFLICT (queue, uuid) DO UPDATE
-   SET queue_id = EXCLUDED.queue_id,
+       AS e(queue_id, uuid, account_number, status, updated_at, reason)
+    ON CONFLICT (queue, queue_id) DO UPDATE
+   SET uuid = EXCLUDED.uuid,
        account_number = EXCLUDED.account_number,
        status = EXCLUDED.status,
        updated_at = EXCLUDED.updated_at,
@@ -201,7 +203,7 @@ SELECT %(queue)s, e.*
        last_attempt_at = CURRENT_TIMESTAMP;
 
 -- unpark_entries: forget parked entries that have now been applied
-DELETE FROM consistency.parked_entries WHERE queue = %(queue)s AND uuid = ANY(%(uuids)s::text[]);
+DELETE FROM consistency.parked_entries WHERE queue = %(queue)s AND queue_id = ANY(%(queue_ids)s::integer[]);
 
 -- select_parked_batch: the next parked entries of a queue after a position, for a retry
 SELECT queue_id, account_number, uuid, status, updated_at

@@ -153,3 +153,35 @@ def test_parked_entries_are_listed_by_the_api(client, world: World) -> None:
     assert entry["reason"] == f"no portfolio for account {ACCOUNT}"
     assert entry["status"] == "COMPLETED"
     assert client.get("/api/v1/consistency/status").get_json()["parked_entries"] == 1
+
+
+def test_entries_without_uuid_or_account_are_parked_and_the_rest_applied(svc, world: World) -> None:
+    world.portfolio_for(ACCOUNT)
+    no_uuid = world.q(
+        "INSERT INTO investment_queue (account_number, uuid, status) VALUES (%s, NULL, 'COMPLETED') RETURNING queue_id",
+        (ACCOUNT,),
+    )[0][0]
+    no_account = world.q(
+        "INSERT INTO withdrawal_queue (account_number, uuid, status) VALUES (NULL, %s, 'FAILED') RETURNING queue_id",
+        (world.transaction_for("withdrawal", ACCOUNT),),
+    )[0][0]
+    fine = world.request("investment", ACCOUNT)
+
+    assert svc.runner.run()["result"] == "ok"
+
+    reasons = {(q, i): r for q, i, r in world.p("SELECT queue, queue_id, reason FROM consistency.parked_entries")}
+    assert reasons == {
+        ("investment", no_uuid): "uuid is not a valid UUID",
+        ("withdrawal", no_account): f"portfolio transaction belongs to account {ACCOUNT}",
+    }
+    assert world.txn_status(fine.uuid) == "PROCESSED"
+
+
+def test_a_parked_entry_whose_queue_row_is_deleted_says_so(svc, world: World) -> None:
+    request = world.request("investment", ACCOUNT, txn=False)
+    svc.runner.run()
+    world.q("DELETE FROM investment_queue WHERE queue_id = %s", (request.queue_id,))
+
+    svc.runner.run()
+
+    assert world.parked() == {request.uuid: "the queue entry no longer exists"}

@@ -28,28 +28,29 @@ INSERT INTO consistency.watermarks (queue, updated_at, queue_id)
 VALUES ('investment', '1970-01-01 00:00:00+00', 0), ('withdrawal', '1970-01-01 00:00:00+00', 0);
 
 -- One row per queue entry whose terminal status has been applied: the exactly-once record.
+-- An entry is identified by its queue and queue_id, the queue table's primary key.
 CREATE TABLE consistency.applied_entries (
     queue      TEXT NOT NULL,
-    uuid       TEXT NOT NULL,
     queue_id   INTEGER NOT NULL,
+    uuid       TEXT,
     status     TEXT NOT NULL,
     applied_at TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP,
-    PRIMARY KEY (queue, uuid)
+    PRIMARY KEY (queue, queue_id)
 );
 
 -- Terminal entries that could not be applied yet, retried every cycle.
 CREATE TABLE consistency.parked_entries (
     queue           TEXT NOT NULL,
-    uuid            TEXT NOT NULL,
     queue_id        INTEGER NOT NULL,
-    account_number  TEXT NOT NULL,
+    uuid            TEXT,
+    account_number  TEXT,
     status          TEXT NOT NULL,
     updated_at      TIMESTAMPTZ NOT NULL,
     reason          TEXT NOT NULL,
     attempts        INTEGER NOT NULL DEFAULT 1,
     parked_at       TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP,
     last_attempt_at TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP,
-    PRIMARY KEY (queue, uuid)
+    PRIMARY KEY (queue, queue_id)
 );
 
 -- The summary of the last finished cycle, shared by every process.
