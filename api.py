@@ -15,6 +15,7 @@ from werkzeug.exceptions import HTTPException
 
 import tiers
 from db import DatabaseError
+from openapi import SPEC
 from service import Service
 
 log = logging.getLogger(__name__)
@@ -53,10 +54,9 @@ def require_token(view: Callable[..., Any]) -> Callable[..., Any]:
 
 @bp.get("/health")
 def health() -> Any:
-    """Liveness: the process answers and its poller thread runs; never touches a database."""
-    if service().poller.is_alive():
-        return jsonify({"status": "ok", "poller": "running"})
-    return jsonify({"status": "failing", "poller": "stopped"}), 503
+    """Liveness: the poller thread runs and is not stuck inside a cycle; never touches a database."""
+    state = service().liveness()
+    return jsonify(state), 200 if state["status"] == "ok" else 503
 
 
 @bp.get("/ready")
@@ -65,6 +65,12 @@ def ready() -> Any:
     checks = service().readiness()
     ok = all(result == "ok" for result in checks.values())
     return jsonify({"status": "ready" if ok else "not ready", "checks": checks}), 200 if ok else 503
+
+
+@bp.get("/api/v1/openapi.json")
+def openapi_document() -> Any:
+    """The OpenAPI 3 document of this API."""
+    return jsonify(SPEC)
 
 
 @bp.get("/api/v1/consistency/status")
@@ -126,8 +132,12 @@ def parse_json(data: bytes) -> Any:
 
 @bp.app_errorhandler(HTTPException)
 def http_error(err: HTTPException) -> Any:
-    """Answer HTTP errors (404, 405, 413, ...) in JSON."""
-    return error(err.code or 500, err.description or err.name)
+    """Answer HTTP errors (404, 405, 413, ...) in JSON, keeping headers such as Allow."""
+    response, status = error(err.code or 500, err.description or err.name)
+    for name, value in err.get_headers():
+        if name.lower() != "content-type":
+            response.headers[name] = value
+    return response, status
 
 
 @bp.app_errorhandler(DatabaseError)

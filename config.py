@@ -54,6 +54,7 @@ class Settings:
     lookback_window: float = 300.0
     reconcile_interval: float = 300.0
     trigger_wait: float = 10.0
+    liveness_timeout: float = 120.0
     log_level: str = "INFO"
     db_pool_size: int = 4
     db_connect_timeout: int = 5
@@ -67,7 +68,7 @@ def check_tier_value(name: str, value: Decimal) -> str | None:
         return f"{name} must be 0 or more"
     if not name.endswith("_MV") and value <= 0:
         return f"{name} must be greater than 0"
-    if abs(value) >= TIER_LIMIT:
+    if value.copy_abs() >= TIER_LIMIT:  # copy_abs is exact: abs() could overflow on a huge exponent
         return f"{name} must be less than {TIER_LIMIT:f}"
     if value.as_tuple().exponent < -TIER_PLACES:  # type: ignore[operator]
         return f"{name} must have at most {TIER_PLACES} decimal places"
@@ -155,6 +156,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         lookback_window=env.number("LOOKBACK_WINDOW", 300.0, 1, 7 * 86400),
         reconcile_interval=env.number("RECONCILE_INTERVAL", 300.0, 1, 7 * 86400),
         trigger_wait=env.number("TRIGGER_WAIT", 10.0, 0.1, 600),
+        liveness_timeout=env.number("LIVENESS_TIMEOUT", 120.0, 1, 86400),
         log_level=env.get("LOG_LEVEL", "INFO", _log_level, "one of " + ", ".join(LOG_LEVELS)),
         db_pool_size=env.integer("DB_POOL_SIZE", 4, 2, 100),
         db_connect_timeout=env.integer("DB_CONNECT_TIMEOUT", 5, 1, 300),

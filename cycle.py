@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ import tiers
 from apply import QUEUES, TERMINAL, Entry, Queue, apply_batch, apply_one_by_one, park
 from config import Settings
 from db import Database, DatabaseError, in_transaction
+from poller import Heartbeat
 from queries import query, table_query
 
 log = logging.getLogger(__name__)
@@ -70,10 +72,19 @@ def read_queue(queue_conn: Connection, name: str, table: str, params: dict[str, 
 class CycleRunner:
     """Runs the cycle against the two databases, one applier at a time across all processes."""
 
-    def __init__(self, settings: Settings, queue_db: Database, portfolio_db: Database) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        queue_db: Database,
+        portfolio_db: Database,
+        stopping: threading.Event,
+        heartbeat: Heartbeat,
+    ) -> None:
         self.settings = settings
         self.queue_db = queue_db
         self.portfolio_db = portfolio_db
+        self.stopping = stopping
+        self.heartbeat = heartbeat
         self.mode: str | None = None
         self._prepared = False
         self._last_reconcile = float("-inf")
@@ -125,12 +136,11 @@ class CycleRunner:
         }
         horizon = read_horizon(qconn, self.settings.lookback_window)
         self._note_mode(horizon.mode)
-        counts: dict[str, Counter[str]] = {}
+        counts: dict[str, Counter[str]] = {queue.name: Counter() for queue in QUEUES}
         for queue in QUEUES:
-            applied = self._retry_parked(pconn, qconn, queue, factors[queue.name])
-            applied += self._drain(pconn, qconn, queue, factors[queue.name], horizon)
-            counts[queue.name] = applied
-        reconciled = horizon.mode == LOOKBACK and self._reconcile_due()
+            counts[queue.name] += self._retry_parked(pconn, qconn, queue, factors[queue.name])
+            counts[queue.name] += self._drain(pconn, qconn, queue, factors[queue.name], horizon)
+        reconciled = horizon.mode == LOOKBACK and not self.stopping.is_set() and self._reconcile_due()
         if reconciled:
             for queue in QUEUES:
                 counts[queue.name] += self._reconcile(pconn, qconn, queue, factors[queue.name])
@@ -139,6 +149,7 @@ class CycleRunner:
             "horizon": horizon.bound.isoformat(),
             "reconciled": reconciled,
             "counts": {name: {key: c[key] for key in COUNT_KEYS} for name, c in counts.items()},
+            "stopped_early": self.stopping.is_set(),
             "error": None,
         }
 
@@ -158,12 +169,13 @@ class CycleRunner:
     def _batches(self, qconn: Connection, queue: Queue, after: Position) -> Iterator[list[Entry]]:
         """Yield the entries after a position in bounded batches, so memory stays flat."""
         size = self.settings.batch_size
-        while True:
+        while not self.stopping.is_set():
             params = {"after_ts": after[0], "after_id": after[1], "limit": size}
             batch = read_queue(qconn, "queue_read_batch", queue.table, params)
             if batch:
                 yield batch
                 after = batch[-1].position
+            self.heartbeat.beat()
             if len(batch) < size:
                 return
 
@@ -200,7 +212,7 @@ class CycleRunner:
         counts: Counter[str] = Counter()
         after: Position = (datetime(1970, 1, 1, tzinfo=UTC), 0)
         size = self.settings.batch_size
-        while True:
+        while not self.stopping.is_set():
             with in_transaction(pconn) as cur:
                 params = {"queue": queue.name, "after_ts": after[0], "after_id": after[1], "limit": size}
                 cur.execute(query("select_parked_batch"), params)
@@ -211,8 +223,10 @@ class CycleRunner:
             ids = {"queue_ids": [e.queue_id for e in parked]}
             current = read_queue(qconn, "queue_select_by_id", queue.table, ids)
             counts += self._settle(pconn, queue, parked, current, factors)
+            self.heartbeat.beat()
             if len(parked) < size:
                 return counts
+        return counts
 
     def _settle(
         self,
@@ -248,7 +262,7 @@ class CycleRunner:
         """Find terminal entries with no applied record, such as late commits behind the look-back."""
         counts: Counter[str] = Counter()
         after_id, size = 0, self.settings.batch_size
-        while True:
+        while not self.stopping.is_set():
             params = {"after_id": after_id, "limit": size}
             batch = read_queue(qconn, "queue_read_terminal", queue.table, params)
             if not batch:
@@ -262,8 +276,10 @@ class CycleRunner:
             if found:
                 counts["reconciled"] += len(found)
                 counts += self._apply(pconn, queue, found, factors)
+            self.heartbeat.beat()
             if len(batch) < size:
                 return counts
+        return counts
 
     def _note_mode(self, mode: str) -> None:
         """Log loudly which watermark mode is in force whenever it changes."""

@@ -33,7 +33,11 @@ LATEST_VERSION = available_migrations()[-1][0]
 def migrate(cur: psycopg2.extensions.cursor) -> list[int]:
     """Apply the missing migrations in one transaction, serialised across processes."""
     cur.execute(query("migration_lock"), {"key": MIGRATION_LOCK_KEY})
-    cur.execute(query("create_state_schema"))
+    cur.execute(query("state_schema_present"))
+    if not cur.fetchone()[0]:
+        # Needs CREATE on the database; schema/grants.sql creates the schema instead, for least privilege.
+        cur.execute(query("create_state_schema"))
+    cur.execute(query("create_migration_ledger"))
     cur.execute(query("applied_migrations"))
     done = {row[0] for row in cur.fetchall()}
     applied = []

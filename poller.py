@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -12,15 +13,44 @@ log = logging.getLogger(__name__)
 Summary = dict[str, Any]
 
 
+class Heartbeat:
+    """When the poller last made progress, so liveness can tell a slow cycle from a stuck one."""
+
+    def __init__(self) -> None:
+        self._busy = False
+        self._last = time.monotonic()
+
+    def beat(self) -> None:
+        """Note progress: a cycle started, or finished a batch."""
+        self._last = time.monotonic()
+
+    def set_busy(self, busy: bool) -> None:
+        """Note that a cycle started (True) or ended (False)."""
+        self._busy = busy
+        self.beat()
+
+    def stalled_for(self) -> float:
+        """Return the seconds a running cycle has gone without progress; 0 between cycles."""
+        return time.monotonic() - self._last if self._busy else 0.0
+
+
 class Poller:
     """Runs `cycle(lock_wait)` in a daemon thread; stop() and trigger() wake it at once."""
 
-    def __init__(self, cycle: Callable[[float], Summary], interval: float, trigger_wait: float) -> None:
+    def __init__(
+        self,
+        cycle: Callable[[float], Summary],
+        interval: float,
+        trigger_wait: float,
+        stopping: threading.Event,
+        heartbeat: Heartbeat,
+    ) -> None:
         self._cycle = cycle
         self._interval = interval
         self._trigger_wait = trigger_wait
         self._wake = threading.Event()
-        self._stopping = threading.Event()
+        self._stopping = stopping
+        self.heartbeat = heartbeat
         self._done = threading.Condition()
         self._requested = 0
         self._served = 0
@@ -48,7 +78,11 @@ class Poller:
 
     def run_once(self, lock_wait: float = 0.0) -> Summary:
         """Run one cycle in the calling thread and remember its summary."""
-        summary = self._cycle(lock_wait)
+        self.heartbeat.set_busy(True)
+        try:
+            summary = self._cycle(lock_wait)
+        finally:
+            self.heartbeat.set_busy(False)
         self.last_summary = summary
         return summary
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -11,7 +12,7 @@ import tiers
 from config import Settings
 from cycle import CycleRunner
 from db import Database, DatabaseError
-from poller import Poller
+from poller import Heartbeat, Poller
 from queries import query
 
 QUEUE_DB, PORTFOLIO_DB = "queue-db", "user-portfolio-db"
@@ -26,6 +27,15 @@ class Service:
     portfolio_db: Database
     runner: CycleRunner
     poller: Poller
+
+    def liveness(self) -> dict[str, Any]:
+        """Tell whether the poller thread runs and, inside a cycle, has made progress recently."""
+        stalled = self.poller.heartbeat.stalled_for()
+        if not self.poller.is_alive():
+            return {"status": "failing", "poller": "stopped"}
+        if stalled > self.settings.liveness_timeout:
+            return {"status": "failing", "poller": "stuck", "seconds_without_progress": round(stalled, 1)}
+        return {"status": "ok", "poller": "running"}
 
     def readiness(self) -> dict[str, str]:
         """Check each dependency; return 'ok' or the problem for each."""
@@ -106,6 +116,7 @@ def build_service(settings: Settings) -> Service:
     """Wire the databases, the cycle runner and the poller together; nothing connects yet."""
     queue_db = Database(QUEUE_DB, settings.queue_db_uri, settings)
     portfolio_db = Database(PORTFOLIO_DB, settings.portfolio_db_uri, settings)
-    runner = CycleRunner(settings, queue_db, portfolio_db)
-    poller = Poller(runner.run, settings.polling_interval, settings.trigger_wait)
+    stopping, heartbeat = threading.Event(), Heartbeat()
+    runner = CycleRunner(settings, queue_db, portfolio_db, stopping, heartbeat)
+    poller = Poller(runner.run, settings.polling_interval, settings.trigger_wait, stopping, heartbeat)
     return Service(settings, queue_db, portfolio_db, runner, poller)

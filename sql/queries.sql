@@ -48,8 +48,13 @@ SELECT EXISTS (
 -- migration_lock: serialise migrations across processes until the transaction ends
 SELECT pg_advisory_xact_lock(%(key)s);
 
--- create_state_schema: the service's own schema and its migration ledger
+-- state_schema_present: whether the service's own schema exists (an operator may create it beforehand)
+SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'consistency');
+
+-- create_state_schema: the service's own schema
 CREATE SCHEMA IF NOT EXISTS consistency;
+
+-- create_migration_ledger: the table of applied migrations
 CREATE TABLE IF NOT EXISTS consistency.schema_migrations (
     version    INTEGER PRIMARY KEY,
     name       TEXT NOT NULL,

@@ -100,16 +100,18 @@ def with_user(uri: str, user: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}@{host}"))
 
 
-def grant_least_privilege(uri: str, role: str, queue_db: str, portfolio_db: str) -> None:
-    """Give a role only what the service needs: read the queues, update the portfolios, own its schema."""
-    admin(uri, f'GRANT CONNECT ON DATABASE "{queue_db}" TO {role}')
-    admin(uri, f'GRANT CONNECT, CREATE ON DATABASE "{portfolio_db}" TO {role}')
-    for dbname, statement in (
-        (queue_db, f"GRANT SELECT ON investment_queue, withdrawal_queue TO {role}"),
-        (portfolio_db, f"GRANT SELECT, UPDATE ON user_portfolios, portfolio_transactions TO {role}"),
-    ):
-        conn = psycopg2.connect(with_database(uri, dbname))
+def apply_grants(uri: str, role: str, queue_db: str, portfolio_db: str, read_all_stats: bool = False) -> None:
+    """Run schema/grants.sql for a role, as psql would with its three variables set."""
+    names = {"service_role": role, "queue_db": queue_db, "portfolio_db": portfolio_db}
+    text = (ROOT / "schema" / "grants.sql").read_text()
+    if read_all_stats:
+        text = text.replace("-- GRANT pg_read_all_stats", "GRANT pg_read_all_stats")
+    for section in text.split("\\connect ")[1:]:
+        target, _, statements = section.partition("\n")
+        for name, value in names.items():
+            statements = statements.replace(f':"{name}"', f'"{value}"')
+        conn = psycopg2.connect(with_database(uri, names[target.strip()[2:-1]]))
         with conn.cursor() as cur:
-            cur.execute(statement)
+            cur.execute(statements)
         conn.commit()
         conn.close()

@@ -176,6 +176,8 @@ def test_update_tier_values_keeps_decimal_precision_of_json_numbers(client, worl
         (b'{"TIER1_MV": -0.01}', "TIER1_MV"),
         (b'{"TIER2": 1e12}', "TIER2"),
         (b'{"TIER2": 1e999999}', "TIER2"),
+        (b'{"TIER2": "387128767E04304522"}', "TIER2"),  # found by schemathesis: abs() overflowed
+        (b'{"TIER2_MV": 1e-999999999}', "TIER2_MV"),
         (b'{"TIER2": 1.123456789}', "TIER2"),
         (b'{"TIER4": 1}', "TIER4"),
         (b'{"TIER1": 5, "tier1": 5}', "tier1"),

@@ -30,7 +30,7 @@ def limited_service(pg, dbs, settings, limited_role, world: World) -> Iterator:
     """The service running as the limited role, with a 1 s look-back and a 3 s reconciliation interval."""
     names = [urlsplit(uri).path.lstrip("/") for uri in dbs]
     world.p("DROP SCHEMA consistency CASCADE")  # the service creates its own schema as the limited role
-    pgtest.grant_least_privilege(pg, limited_role, *names)
+    pgtest.apply_grants(pg, limited_role, *names)
     svc = build_service(
         replace(
             settings,

@@ -1,0 +1,201 @@
+"""The OpenAPI 3 document of the HTTP API, served at /api/v1/openapi.json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cycle import COUNT_KEYS
+from tiers import TIER_KEYS
+
+
+def _json(schema: str, description: str) -> dict[str, Any]:
+    """A JSON response described by a named schema."""
+    reference = {"$ref": f"#/components/schemas/{schema}"}
+    return {"description": description, "content": {"application/json": {"schema": reference}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    """JSON error responses for the given status codes."""
+    meaning = {
+        400: "bad input; `field` names what is wrong",
+        401: "missing or wrong bearer token, or API_TOKEN unset on the server",
+        409: "another process held the cycle turn for longer than TRIGGER_WAIT",
+        413: "body larger than 4 KiB",
+        415: "body is not JSON",
+        503: "a database is unavailable, or the cycle failed",
+    }
+    return {str(code): _json("Error", meaning[code]) for code in codes}
+
+
+_DECIMAL_STRING = r"^\s*[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*$"
+_TIER_VALUE = {
+    "oneOf": [{"type": "number"}, {"type": "string", "pattern": _DECIMAL_STRING}],
+    "description": "pool values (TIERn) > 0, market values (TIERn_MV) >= 0; below 10^12, at most 8 decimals",
+}
+_COUNTS = {
+    "type": "object",
+    "properties": {key: {"type": "integer"} for key in COUNT_KEYS},
+}
+_SUMMARY = {
+    "type": "object",
+    "required": ["result", "started_at"],
+    "properties": {
+        "result": {"type": "string", "enum": ["ok", "error", "skipped"]},
+        "started_at": {"type": "string", "format": "date-time"},
+        "duration_ms": {"type": "number"},
+        "mode": {"type": "string", "enum": ["exact", "lookback"]},
+        "horizon": {"type": "string", "format": "date-time"},
+        "reconciled": {"type": "boolean"},
+        "stopped_early": {"type": "boolean"},
+        "counts": {"type": "object", "additionalProperties": _COUNTS},
+        "error": {"type": ["string", "null"]},
+    },
+}
+
+SPEC: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {"title": "Consistency Manager Service", "version": "1.0.0"},
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "schemas": {
+            "Error": {
+                "type": "object",
+                "required": ["error"],
+                "properties": {"error": {"type": "string"}, "field": {"type": "string"}, "result": {"type": "string"}},
+            },
+            "Liveness": {
+                "type": "object",
+                "required": ["status", "poller"],
+                "properties": {
+                    "status": {"type": "string", "enum": ["ok", "failing"]},
+                    "poller": {"type": "string", "enum": ["running", "stopped", "stuck"]},
+                    "seconds_without_progress": {"type": "number"},
+                },
+            },
+            "Readiness": {
+                "type": "object",
+                "required": ["status", "checks"],
+                "properties": {
+                    "status": {"type": "string", "enum": ["ready", "not ready"]},
+                    "checks": {"type": "object", "additionalProperties": {"type": "string"}},
+                },
+            },
+            "Tiers": {
+                "type": "object",
+                "required": [*TIER_KEYS, "deltas"],
+                "properties": {
+                    **{key: {"type": "string"} for key in TIER_KEYS},
+                    "deltas": {"type": "object", "additionalProperties": {"type": "string"}},
+                },
+            },
+            "Status": {
+                "type": "object",
+                "required": ["tiers", "watermarks", "mode", "parked_entries", "polling_interval", "last_cycle"],
+                "properties": {
+                    "tiers": {"$ref": "#/components/schemas/Tiers"},
+                    "watermarks": {"type": "object"},
+                    "mode": {"type": ["string", "null"]},
+                    "parked_entries": {"type": "integer"},
+                    "polling_interval": {"type": "number"},
+                    "last_cycle": {"oneOf": [{"$ref": "#/components/schemas/CycleSummary"}, {"type": "null"}]},
+                    "this_process": {"type": "object"},
+                },
+            },
+            "CycleSummary": _SUMMARY,
+            "Running": {
+                "type": "object",
+                "required": ["result", "message"],
+                "properties": {"result": {"const": "running"}, "message": {"type": "string"}},
+            },
+            "Parked": {
+                "type": "object",
+                "required": ["count", "entries"],
+                "properties": {"count": {"type": "integer"}, "entries": {"type": "array", "items": {"type": "object"}}},
+            },
+            "TierUpdate": {
+                "type": "object",
+                "minProperties": 1,
+                "additionalProperties": False,
+                "properties": {key: _TIER_VALUE for key in TIER_KEYS},
+            },
+        },
+    },
+    "paths": {
+        "/health": {
+            "get": {
+                "summary": "Liveness: the poller thread runs and is not stuck",
+                "responses": {"200": _json("Liveness", "alive"), "503": _json("Liveness", "poller stopped or stuck")},
+            }
+        },
+        "/ready": {
+            "get": {
+                "summary": "Readiness: both databases answer and the state schema is migrated",
+                "responses": {"200": _json("Readiness", "ready"), "503": _json("Readiness", "not ready")},
+            }
+        },
+        "/api/v1/consistency/status": {
+            "get": {
+                "summary": "Tier values and deltas, watermarks, mode, parked count and the last cycle",
+                "responses": {"200": _json("Status", "the current state"), **_errors(503)},
+            }
+        },
+        "/api/v1/consistency/parked": {
+            "get": {
+                "summary": "Parked entries, oldest first",
+                "parameters": [
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                    }
+                ],
+                "responses": {"200": _json("Parked", "parked entries"), **_errors(400, 503)},
+            }
+        },
+        "/api/v1/consistency/trigger": {
+            "post": {
+                "summary": "Run a cycle now and return its summary",
+                "security": [{"bearer": []}],
+                "responses": {
+                    "200": _json("CycleSummary", "the cycle ran"),
+                    "202": _json("Running", "the cycle is still running after TRIGGER_WAIT"),
+                    **_errors(401, 409, 503),
+                },
+            }
+        },
+        "/api/v1/consistency/update-tier-values": {
+            "post": {
+                "summary": "Change any of the six tier values, all or nothing",
+                "security": [{"bearer": []}],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/TierUpdate"}}},
+                },
+                "responses": {
+                    "200": {
+                        "description": "the new values and deltas",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["tiers"],
+                                    "properties": {"tiers": {"$ref": "#/components/schemas/Tiers"}},
+                                }
+                            }
+                        },
+                    },
+                    **_errors(400, 401, 413, 415, 503),
+                },
+            }
+        },
+        "/api/v1/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "responses": {
+                    "200": {"description": "OpenAPI 3", "content": {"application/json": {"schema": {"type": "object"}}}}
+                },
+            }
+        },
+    },
+}
