@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 from collections.abc import Callable
 from decimal import Decimal
 from functools import wraps
@@ -83,7 +84,8 @@ def status() -> Any:
 def parked() -> Any:
     """The parked entries, oldest first, with their reasons."""
     raw = request.args.get("limit", "100")
-    if not raw.isdigit() or not 1 <= int(raw) <= PARKED_LIMIT_MAX:
+    # ASCII digits only: str.isdigit() also takes '¹', which int() refuses (found by schemathesis).
+    if not re.fullmatch(r"[0-9]{1,4}", raw) or not 1 <= int(raw) <= PARKED_LIMIT_MAX:
         return error(400, f"limit: must be a whole number from 1 to {PARKED_LIMIT_MAX}", field="limit")
     return jsonify(service().parked(int(raw)))
 

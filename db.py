@@ -31,6 +31,15 @@ def mask_uri(uri: str) -> str:
     return _URI_PASSWORD.sub(r"\1***@", uri)
 
 
+class _LazyPool(psycopg2.pool.ThreadedConnectionPool):
+    """A psycopg2 pool that connects only when asked, yet keeps returned connections for reuse."""
+
+    def __init__(self, size: int, **connect_kwargs: object) -> None:
+        super().__init__(0, size, **connect_kwargs)  # no connection at start: the database may be down
+        # psycopg2 closes every returned connection beyond minconn; keep up to `size` of them instead.
+        self.minconn = size
+
+
 class Database:
     """A psycopg2 pool for one database that hands out connections and transactions."""
 
@@ -41,8 +50,7 @@ class Database:
         self._size = settings.db_pool_size
         self._slots = threading.BoundedSemaphore(settings.db_pool_size)
         self._wait = float(settings.db_connect_timeout)
-        self._pool = psycopg2.pool.ThreadedConnectionPool(
-            0,
+        self._pool = _LazyPool(
             settings.db_pool_size,
             dsn=uri,
             connect_timeout=settings.db_connect_timeout,

@@ -27,11 +27,18 @@ def _errors(*codes: int) -> dict[str, Any]:
     return {str(code): _json("Error", meaning[code]) for code in codes}
 
 
-_DECIMAL_STRING = r"^\s*[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*$"
-_TIER_VALUE = {
-    "oneOf": [{"type": "number"}, {"type": "string", "pattern": _DECIMAL_STRING}],
-    "description": "pool values (TIERn) > 0, market values (TIERn_MV) >= 0; below 10^12, at most 8 decimals",
-}
+# A decimal below 10^12 with at most 8 places; pool values must also be greater than 0.
+_DECIMAL_STRING = r"^\s*\+?\d{1,12}(\.\d{0,8})?\s*$"
+
+
+def _tier_value(low: dict[str, int]) -> dict[str, Any]:
+    """A tier value: a JSON number or a numeric string."""
+    number = {"type": "number", **low, "exclusiveMaximum": 10**12}
+    return {"oneOf": [number, {"type": "string", "pattern": _DECIMAL_STRING}]}
+
+
+_POOL = _tier_value({"exclusiveMinimum": 0})
+_MARKET = _tier_value({"minimum": 0})
 _COUNTS = {
     "type": "object",
     "properties": {key: {"type": "integer"} for key in COUNT_KEYS},
@@ -116,7 +123,7 @@ SPEC: dict[str, Any] = {
                 "type": "object",
                 "minProperties": 1,
                 "additionalProperties": False,
-                "properties": {key: _TIER_VALUE for key in TIER_KEYS},
+                "properties": {key: _MARKET if key.endswith("_MV") else _POOL for key in TIER_KEYS},
             },
         },
     },

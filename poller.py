@@ -11,6 +11,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 Summary = dict[str, Any]
+# How long stop() waits for the current batch; gunicorn's graceful_timeout must be longer.
+STOP_TIMEOUT = 10.0
 
 
 class Heartbeat:
@@ -65,7 +67,7 @@ class Poller:
         self._thread = threading.Thread(target=self._loop, name="consistency-poller", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Ask the thread to stop after its current batch and wait for it; safe from any thread, any time."""
         self._stopping.set()
         self._wake.set()

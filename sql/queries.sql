@@ -167,7 +167,7 @@ SELECT accountid,
   FROM user_portfolios
  WHERE accountid = ANY(%(accounts)s::text[])
  ORDER BY accountid
-   FOR UPDATE;
+   FOR NO KEY UPDATE;  -- what UPDATE itself takes: foreign-key inserts of transactions are not blocked
 
 -- update_portfolio_values: set new tier values, with total_value as their sum
 UPDATE user_portfolios p

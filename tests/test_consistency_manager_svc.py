@@ -222,7 +222,7 @@ def test_an_oversized_body_gets_413(client, auth) -> None:
     assert "error" in answer.get_json()
 
 
-@pytest.mark.parametrize("limit", ["0", "1001", "abc", "-1"])
+@pytest.mark.parametrize("limit", ["0", "1001", "abc", "-1", "\u00b9", "\u0661", "9" * 5000, ""])
 def test_parked_rejects_a_bad_limit(client, limit) -> None:
     answer = client.get(f"/api/v1/consistency/parked?limit={limit}")
     assert answer.status_code == 400

@@ -180,3 +180,13 @@ def test_bad_configuration_stops_the_start_naming_every_variable(command) -> Non
     assert "PORT must be a whole number from 1 to 65535" in result.stderr
     assert "QUEUE_DB_URI must be a postgresql:// URI (got a value that is not shown)" in result.stderr
     assert "pw" not in result.stderr
+
+
+def test_gunicorn_waits_for_the_poller_to_finish_its_batch_within_kubernetes_default_grace() -> None:
+    import runpy
+
+    from poller import STOP_TIMEOUT
+
+    conf = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+    assert conf["preload_app"] is False
+    assert STOP_TIMEOUT < conf["graceful_timeout"] < 30  # Kubernetes' default terminationGracePeriodSeconds

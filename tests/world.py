@@ -52,9 +52,11 @@ class World:
 
     def __init__(self, queue_uri: str, portfolio_uri: str) -> None:
         self.queue_uri = queue_uri
-        self.queue = psycopg2.connect(queue_uri)
+        self.portfolio_uri = portfolio_uri
+        # A lock wait that never ends would hang the run; 20 s is far beyond any test's need.
+        self.queue = psycopg2.connect(queue_uri, options="-c lock_timeout=20000")
         self.queue.autocommit = True
-        self.portfolio = psycopg2.connect(portfolio_uri)
+        self.portfolio = psycopg2.connect(portfolio_uri, options="-c lock_timeout=20000")
         self.portfolio.autocommit = True
 
     def close(self) -> None:

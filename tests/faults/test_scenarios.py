@@ -1,0 +1,297 @@
+"""Fault injection: real service processes under kills, races, late commits, outages and locks, then the model check."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import psycopg2
+
+from tests import pgtest
+from tests.faults.cluster import Cluster
+from tests.faults.conftest import Stage, record
+from tests.faults.harness import (
+    Replica,
+    Writers,
+    bulk_backlog,
+    check_model,
+    open_portfolios,
+    wait_caught_up,
+    wait_until,
+)
+from tests.world import World
+
+ACCOUNTS = [f"40000{n:05d}" for n in range(40)]
+
+
+def assert_model(world: World, scenario: str, **figures: object) -> None:
+    """Run the model check, record its figures and fail on any mismatch."""
+    report = check_model(world)
+    record(scenario, report, **figures)
+    assert report.mismatches == [], report.mismatches[:20]
+    assert report.completed > 0
+
+
+def in_a_transaction(world: World) -> bool:
+    """Tell whether a service session on user-portfolio-db is inside a transaction right now."""
+    rows = world.p(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND application_name = 'consistency-manager-svc' AND state IN ('active', 'idle in transaction')"
+    )
+    return rows[0][0] > 0
+
+
+def test_sigkill_storm_loses_and_doubles_nothing(stage: Stage, world: World) -> None:
+    open_portfolios(world, ACCOUNTS)
+    bulk_backlog(world, ACCOUNTS, 12000)
+    rng = random.Random(1)
+    writers = Writers(world, ACCOUNTS).start()
+    kills = mid_transaction = 0
+    try:
+        while kills < 12:
+            replica = stage.replica(workers=2)
+            wait_until(lambda r=replica: r.get("/health")[0] == 200, 30, "the replica to start")
+            time.sleep(rng.uniform(0.05, 0.6))
+            mid_transaction += in_a_transaction(world)
+            replica.kill_group()
+            kills += 1
+    finally:
+        writers.stop()
+    stage.replica(workers=2).wait_ready()
+    wait_caught_up(world)
+    assert_model(world, "sigkill storm", kills=kills, kills_mid_transaction=mid_transaction)
+    assert mid_transaction >= 3  # the kills really did land inside cycles
+
+
+def test_two_replicas_of_three_workers_with_a_master_killed(stage: Stage, world: World) -> None:
+    open_portfolios(world, ACCOUNTS)
+    first, second = stage.replica(workers=3), stage.replica(workers=3)
+    first.wait_ready()
+    second.wait_ready()
+    writers = Writers(world, ACCOUNTS, threads=3).start()
+    try:
+        time.sleep(3)
+        first.kill_master()
+        time.sleep(3)
+    finally:
+        writers.stop()
+    wait_caught_up(world)
+    assert second.terminate() == 0
+    assert_model(world, "many appliers", replicas=2, workers_each=3, masters_killed=1)
+
+
+def late_writers(world: World, hold: float, rounds: int, stats: dict) -> None:
+    """Settle entries in transactions held open for `hold` seconds; commit two of three, roll back the third."""
+    for n in range(rounds):
+        request = world.enqueue("investment" if n % 2 else "withdrawal", ACCOUNTS[n % len(ACCOUNTS)])
+        writer = world.finish_uncommitted(request)
+        later = world.request("investment", ACCOUNTS[(n + 1) % len(ACCOUNTS)])
+        deadline = time.monotonic() + hold
+        while time.monotonic() < deadline and world.txn_status(later.uuid) != "PROCESSED":
+            time.sleep(0.05)
+        stats["later_applied_while_open"] += world.txn_status(later.uuid) == "PROCESSED"
+        time.sleep(max(0.0, deadline - time.monotonic()))
+        if n % 3 == 2:
+            writer.rollback()
+            stats["rolled_back"] += 1
+        else:
+            writer.commit()
+            stats["late_commits"] += 1
+
+
+def test_late_and_rolled_back_writers(stage: Stage, world: World) -> None:
+    open_portfolios(world, ACCOUNTS)
+    stage.replica(workers=2, POLLING_INTERVAL="0.3").wait_ready()
+    stats = {"late_commits": 0, "rolled_back": 0, "later_applied_while_open": 0}
+    writers = Writers(world, ACCOUNTS).start()
+    try:
+        late_writers(world, hold=1.0, rounds=6, stats=stats)  # 1.0 s > 3 polling intervals
+    finally:
+        writers.stop()
+    wait_caught_up(world)
+    assert stats["later_applied_while_open"] == 6
+    assert_model(world, "late and rolled back", hold_s=1.0, **stats)
+
+
+def test_least_privilege_lookback_loses_nothing(lookback_stage: Stage, world: World) -> None:
+    open_portfolios(world, ACCOUNTS)
+    replica = lookback_stage.replica(workers=2, LOOKBACK_WINDOW="1", RECONCILE_INTERVAL="2", POLLING_INTERVAL="0.3")
+    replica.wait_ready()
+    assert replica.get("/api/v1/consistency/status")[1]["mode"] == "lookback"
+    stats = {"late_commits": 0, "rolled_back": 0, "later_applied_while_open": 0}
+    writers = Writers(world, ACCOUNTS).start()
+    try:
+        late_writers(world, hold=2.5, rounds=4, stats=stats)  # held longer than the 1 s look-back
+    finally:
+        writers.stop()
+    wait_caught_up(world, timeout=30)
+    reconciled = world.p("SELECT count(*) FROM consistency.applied_entries")[0][0]
+    assert_model(world, "least privilege", lookback_s=1, hold_s=2.5, applied=reconciled, **stats)
+
+
+def test_database_outage_recovers_without_restart(exact_role: str, tmp_path) -> None:
+    cluster = Cluster()
+    try:
+        pgtest.admin(cluster.uri, f"CREATE ROLE {exact_role} LOGIN")
+        names = []
+        for prefix, ddl in (("outage_queue", "queue_db.sql"), ("outage_portfolio", "user_portfolio_db.sql")):
+            names.append(pgtest.create_template(cluster.uri, prefix, pgtest.ROOT / "schema" / ddl))
+        pgtest.apply_grants(cluster.uri, exact_role, *names, read_all_stats=True)
+        dbs = (pgtest.with_database(cluster.uri, names[0]), pgtest.with_database(cluster.uri, names[1]))
+        world = World(*dbs)
+        stage = Stage(cluster.uri, dbs, exact_role, world, tmp_path)
+        try:
+            _outage(stage, world, cluster)
+        finally:
+            for replica in stage.replicas:
+                replica.cleanup()
+            world.close()
+            print(stage.log_text()[-6000:])
+    finally:
+        cluster.destroy()
+
+
+def _outage(stage: Stage, world: World, cluster: Cluster) -> None:
+    """Stop the server mid-run; probes must tell the truth, and the service must recover by itself."""
+    open_portfolios(world, ACCOUNTS)
+    replica = stage.replica(workers=2)
+    replica.wait_ready()
+    writers = Writers(world, ACCOUNTS).start()
+    time.sleep(2)
+    cluster.stop()
+    world.close()
+    health, ready = [], []
+    for _ in range(10):
+        health.append(replica.get("/health")[0])
+        ready.append(replica.get("/ready")[0])
+        time.sleep(0.3)
+    cluster.start()
+    replica.wait_ready(timeout=30)
+    time.sleep(2)
+    writers.stop()
+    world.__init__(*stage.dbs)
+    wait_caught_up(world)
+    assert set(health) == {200}
+    assert set(ready) == {503}
+    assert replica.process.poll() is None  # the same process throughout
+    assert stage.log_text().count("Booting worker") == 2  # and the same two workers: none restarted
+    assert_model(world, "database outage", outage_s=3, writer_errors=writers.errors, restarts=0)
+
+
+def last_error(replica: Replica) -> str:
+    """Return the error of the last cycle this replica's worker attempted, if any."""
+    status = replica.get("/api/v1/consistency/status")[1]
+    attempt = status.get("this_process", {}).get("last_attempt") or {}
+    return attempt.get("error") or ""
+
+
+def test_stuck_database_fails_cleanly_and_liveness_sees_a_stuck_poller(stage: Stage, world: World) -> None:
+    open_portfolios(world, ACCOUNTS)
+    blocker = psycopg2.connect(stage.dbs[1])
+    with blocker.cursor() as cur:
+        cur.execute("SELECT 1 FROM user_portfolios WHERE accountid = %s FOR NO KEY UPDATE", (ACCOUNTS[0],))
+    timed = stage.replica(workers=1, DB_LOCK_TIMEOUT="0.5", DB_STATEMENT_TIMEOUT="1", LIVENESS_TIMEOUT="5")
+    timed.wait_ready()
+    writers = Writers(world, ACCOUNTS).start()
+    request = world.request("investment", ACCOUNTS[0])
+    wait_until(lambda: "lock timeout" in last_error(timed), 15, "a cycle to fail on the lock")
+    failing_cycles_health = timed.get("/health")[0]
+    assert timed.terminate() == 0
+
+    patient = stage.replica(workers=1, DB_LOCK_TIMEOUT="600", DB_STATEMENT_TIMEOUT="600", LIVENESS_TIMEOUT="2")
+    wait_until(lambda: patient.get("/health")[1].get("poller") == "stuck", 20, "liveness to report a stuck poller")
+    stuck = patient.get("/health")
+    blocker.rollback()
+    blocker.close()
+    wait_until(lambda: world.txn_status(request.uuid) == "PROCESSED", 20, "the blocked entry to apply")
+    wait_until(lambda: patient.get("/health")[0] == 200, 10, "liveness to recover")
+    writers.stop()
+    wait_caught_up(world)
+    assert failing_cycles_health == 200
+    assert stuck[0] == 503
+    assert_model(world, "stuck database", lock_timeout_s=0.5, liveness_timeout_s=2)
+
+
+def test_sigterm_stops_within_ten_seconds_mid_backlog(stage: Stage, world: World) -> None:
+    accounts = [f"41000{n:05d}" for n in range(200)]  # ~50 completions each: no tier value overflows
+    open_portfolios(world, accounts)
+    bulk_backlog(world, accounts, 30000)
+    replica = stage.replica(workers=2, BATCH_SIZE="200")
+    wait_until(lambda: world.applied() > 1000, 30, "the drain to be under way")
+    started = time.monotonic()
+    code = replica.terminate(timeout=10)
+    took = time.monotonic() - started
+    applied_at_stop = world.applied()
+    assert code == 0
+    assert took < 10
+    assert applied_at_stop < settled_count(world)  # it stopped mid-backlog
+    stage.replica(workers=2).wait_ready()
+    wait_caught_up(world)
+    assert_model(world, "graceful stop", stop_s=round(took, 2), applied_at_stop=applied_at_stop)
+
+
+def settled_count(world: World) -> int:
+    """Count terminal queue entries."""
+    from tests.faults.harness import settled_in_queues
+
+    return settled_in_queues(world)
+
+
+def test_parked_entries_apply_once_when_fixed_under_writers(stage: Stage, world: World) -> None:
+    open_portfolios(world, ACCOUNTS)
+    stage.replica(workers=2).wait_ready()
+    newcomer = "4999999999"
+    writers = Writers(world, ACCOUNTS).start()
+    try:
+        waiting = [
+            world.request(queue, newcomer, status, txn=False)
+            for queue, status in (
+                ("investment", "COMPLETED"),
+                ("investment", "COMPLETED"),
+                ("withdrawal", "COMPLETED"),
+                ("withdrawal", "CANCELLED"),
+            )
+        ]
+        wait_until(lambda: len(world.parked()) == len(waiting), 10, "the newcomer's entries to be parked")
+        time.sleep(1)
+        world.portfolio_for(newcomer, ("1000.00", "2000.00", "3000.00"), ("100.00", "200.00", "300.00"))
+        for request in waiting:
+            world.transaction_for(request.queue, newcomer, request.uuid)
+        wait_until(lambda: world.parked() == {}, 10, "the parked entries to apply")
+        time.sleep(1)
+    finally:
+        writers.stop()
+    wait_caught_up(world)
+    assert [world.txn_status(r.uuid) for r in waiting] == ["PROCESSED", "PROCESSED", "PROCESSED", "CANCELLED"]
+    assert_model(world, "parked then fixed", parked=len(waiting))
+
+
+def test_no_credential_in_any_answer_or_log_line(stage: Stage, world: World) -> None:
+    password = "Pa55-w0rd-in-the-uri"
+    replica = stage.replica(
+        workers=2,
+        QUEUE_DB_URI=f"postgresql://svc:{password}@127.0.0.1:1/queue-db",
+        USER_PORTFOLIO_DB_URI=f"postgresql://svc:{password}@127.0.0.1:1/user-portfolio-db",
+        LOG_LEVEL="DEBUG",
+    )
+    wait_until(lambda: replica.get("/health")[0] == 200, 30, "the replica to start")
+    answers = [
+        replica.get(path, method)
+        for path, method in (
+            ("/health", "GET"),
+            ("/ready", "GET"),
+            ("/api/v1/consistency/status", "GET"),
+            ("/api/v1/consistency/parked", "GET"),
+            ("/api/v1/consistency/trigger", "POST"),
+            ("/api/v1/openapi.json", "GET"),
+        )
+    ]
+    time.sleep(1)
+    assert replica.terminate() == 0
+    logs = stage.log_text()
+    assert [code for code, _ in answers] == [200, 503, 503, 503, 503, 200]
+    assert "unreachable" in str(answers[1][1])
+    assert password not in str(answers)
+    assert password not in logs
+    assert "fault-token" not in logs  # the bearer token is never logged either
+    assert "consistency cycle failed" in logs

@@ -1,0 +1,54 @@
+"""The pool wrapper: broken connections are discarded, driver errors become DatabaseError without credentials."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from db import Database, DatabaseError, mask_uri
+from tests.world import World
+
+
+def backend_pid(db: Database) -> int:
+    """Return the server process behind the connection the pool lends next."""
+    with db.transaction() as cur:
+        cur.execute("SELECT pg_backend_pid()")
+        return cur.fetchone()[0]
+
+
+def test_a_broken_pooled_connection_is_discarded_and_the_next_call_reconnects(settings, world: World) -> None:
+    db = Database("user-portfolio-db", settings.portfolio_db_uri, settings)
+    try:
+        pid = backend_pid(db)
+        world.p("SELECT pg_terminate_backend(%s, 5000)", (pid,))  # waits until it is gone
+
+        with pytest.raises(DatabaseError) as failed:
+            backend_pid(db)
+        assert failed.value.database == "user-portfolio-db"
+        assert backend_pid(db) != pid
+    finally:
+        db.close()
+
+
+def test_errors_and_uris_never_show_a_password(settings) -> None:
+    uri = "postgresql://svc:pw-0123-secret@127.0.0.1:1/queue-db"
+    db = Database("queue-db", uri, replace(settings, db_connect_timeout=1))
+    with pytest.raises(DatabaseError) as failed:
+        backend_pid(db)
+    assert "pw-0123-secret" not in str(failed.value)
+    assert mask_uri(uri) == "postgresql://svc:***@127.0.0.1:1/queue-db"
+    assert db.redact(f"could not use {uri} with pw-0123-secret") == (
+        "could not use postgresql://svc:***@127.0.0.1:1/queue-db with ***"
+    )
+    db.close()
+
+
+def test_a_busy_pool_waits_then_says_so(settings) -> None:
+    db = Database("queue-db", settings.queue_db_uri, replace(settings, db_pool_size=2, db_connect_timeout=1))
+    try:
+        with db.connection(), db.connection(), pytest.raises(DatabaseError, match="no free connection within 1s"):
+            backend_pid(db)
+        assert backend_pid(db) > 0
+    finally:
+        db.close()
