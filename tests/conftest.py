@@ -44,6 +44,20 @@ def templates(pg: str) -> Iterator[tuple[str, str]]:
         pgtest.drop(pg, name)
 
 
+@pytest.fixture(scope="session")
+def exact_role(pg: str) -> Iterator[str]:
+    """A login role for schema/grants.sql with pg_read_all_stats: exact watermark mode."""
+    with pgtest.login_role(pg, "cm_exact") as role:
+        yield role
+
+
+@pytest.fixture(scope="session")
+def lookback_role(pg: str) -> Iterator[str]:
+    """A login role for schema/grants.sql alone: neither superuser nor pg_read_all_stats, so look-back mode."""
+    with pgtest.login_role(pg, "cm_lookback") as role:
+        yield role
+
+
 @pytest.fixture
 def dbs(pg: str, templates: tuple[str, str]) -> Iterator[tuple[str, str]]:
     """Fresh queue-db and user-portfolio-db for one test, as URIs."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 import itertools
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -115,3 +116,14 @@ def apply_grants(uri: str, role: str, queue_db: str, portfolio_db: str, read_all
             cur.execute(statements)
         conn.commit()
         conn.close()
+
+
+@contextmanager
+def login_role(uri: str, prefix: str) -> Iterator[str]:
+    """Create a login role (trust authentication, no password) for the block, then drop it."""
+    role = unique_name(prefix)
+    admin(uri, f"CREATE ROLE {role} LOGIN")
+    try:
+        yield role
+    finally:
+        admin(uri, f"DROP ROLE IF EXISTS {role}")

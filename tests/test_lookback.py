@@ -16,26 +16,17 @@ from tests.world import World, expected
 ACCOUNT = "1000000001"
 
 
-@pytest.fixture(scope="session")
-def limited_role(pg: str) -> Iterator[str]:
-    """A login role that is neither superuser nor in pg_read_all_stats."""
-    role = pgtest.unique_name("cm_limited")
-    pgtest.admin(pg, f"CREATE ROLE {role} LOGIN")
-    yield role
-    pgtest.admin(pg, f"DROP ROLE IF EXISTS {role}")
-
-
 @pytest.fixture
-def limited_service(pg, dbs, settings, limited_role, world: World) -> Iterator:
+def limited_service(pg, dbs, settings, lookback_role, world: World) -> Iterator:
     """The service running as the limited role, with a 1 s look-back and a 3 s reconciliation interval."""
     names = [urlsplit(uri).path.lstrip("/") for uri in dbs]
     world.p("DROP SCHEMA consistency CASCADE")  # the service creates its own schema as the limited role
-    pgtest.apply_grants(pg, limited_role, *names)
+    pgtest.apply_grants(pg, lookback_role, *names)
     svc = build_service(
         replace(
             settings,
-            queue_db_uri=pgtest.with_user(dbs[0], limited_role),
-            portfolio_db_uri=pgtest.with_user(dbs[1], limited_role),
+            queue_db_uri=pgtest.with_user(dbs[0], lookback_role),
+            portfolio_db_uri=pgtest.with_user(dbs[1], lookback_role),
             lookback_window=1.0,
             reconcile_interval=3.0,
         )

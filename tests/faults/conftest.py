@@ -16,24 +16,6 @@ from tests.world import World
 FIGURES: list[str] = []
 
 
-@pytest.fixture(scope="session")
-def exact_role(pg: str) -> Iterator[str]:
-    """A login role that will get schema/grants.sql with pg_read_all_stats: exact watermark mode."""
-    role = pgtest.unique_name("cm_exact")
-    pgtest.admin(pg, f"CREATE ROLE {role} LOGIN")
-    yield role
-    pgtest.admin(pg, f"DROP ROLE IF EXISTS {role}")
-
-
-@pytest.fixture(scope="session")
-def lookback_role(pg: str) -> Iterator[str]:
-    """A login role that will get schema/grants.sql only: look-back mode."""
-    role = pgtest.unique_name("cm_lookback")
-    pgtest.admin(pg, f"CREATE ROLE {role} LOGIN")
-    yield role
-    pgtest.admin(pg, f"DROP ROLE IF EXISTS {role}")
-
-
 @dataclass
 class Stage:
     """A scenario's stage: the databases, the service's role, and the replicas it started."""
