@@ -261,20 +261,22 @@ def test_trigger_answers_202_while_a_slow_cycle_is_still_running(make_app, world
     try:
         time.sleep(0.5)  # let the start-up cycle reach the locked row
         answer = app.test_client().post("/api/v1/consistency/trigger", headers=auth)
-        # Blocked mid-cycle, none of the service's sessions sits idle inside a transaction.
-        states = [
-            row[0]
-            for db in (world.q, world.p)
-            for row in db("SELECT state FROM pg_stat_activity WHERE application_name = 'consistency-manager-svc'")
-        ]
+        # Blocked mid-cycle: the cycle waits on user-portfolio-db, and its queue-db reading session is not
+        # left idle inside a transaction (that would hold back every replica's horizon).
+        sessions = (
+            "SELECT state FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = 'consistency-manager-svc'"
+        )
+        reading = [row[0] for row in world.q(sessions)]
+        writing = [row[0] for row in world.p(sessions)]
     finally:
         blocker.rollback()
         blocker.close()
         service_of(app).poller.stop()
     assert answer.status_code == 202
     assert answer.get_json()["result"] == "running"
-    assert "active" in states  # the cycle, waiting for the row lock
-    assert "idle in transaction" not in states
+    assert "active" in writing  # the cycle, waiting for the row lock
+    assert reading and "idle in transaction" not in reading
 
 
 def test_trigger_answers_503_with_the_error_when_the_cycle_fails(make_app, auth) -> None:
