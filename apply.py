@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid as uuidlib
 from collections import Counter
 from collections.abc import Sequence
@@ -77,18 +78,17 @@ class Plan:
         return counts
 
 
-def is_uuid(text: str | None) -> bool:
-    """Tell whether a queue entry's uuid is a well-formed UUID."""
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def canonical_uuid(text: str | None) -> str | None:
+    """Return a queue entry's uuid in PostgreSQL's text form, or None if it is not a UUID."""
+    if text is not None and _CANONICAL_UUID.fullmatch(text):
+        return text  # the usual form, checked without building a UUID
     try:
-        uuidlib.UUID(text)
+        return str(uuidlib.UUID(text))
     except (ValueError, AttributeError, TypeError):
-        return False
-    return True
-
-
-def canonical_uuid(text: str) -> str:
-    """Return a well-formed UUID in PostgreSQL's text form."""
-    return str(uuidlib.UUID(text))
+        return None
 
 
 def plan_batch(
@@ -124,9 +124,10 @@ def _blocker(
     """Return why an entry cannot be applied now, or None."""
     if entry.status == "COMPLETED" and entry.account_number not in amounts:
         return f"no portfolio for account {entry.account_number}"
-    if not is_uuid(entry.uuid):
+    entry_id = canonical_uuid(entry.uuid)
+    if entry_id is None:
         return "uuid is not a valid UUID"
-    txn = transactions.get(canonical_uuid(entry.uuid))
+    txn = transactions.get(entry_id)
     if txn is None:
         return "no portfolio transaction with this id"
     if txn.accountid != entry.account_number:
@@ -207,7 +208,7 @@ def _claim(cur: psycopg2.extensions.cursor, queue: Queue, entries: list[Entry], 
 
 def _transactions(cur: psycopg2.extensions.cursor, entries: list[Entry]) -> dict[str, Transaction]:
     """Fetch the portfolio transactions of the entries, by normalised id."""
-    ids = [canonical_uuid(e.uuid) for e in entries if is_uuid(e.uuid)]
+    ids = [entry_id for entry_id in map(canonical_uuid, (e.uuid for e in entries)) if entry_id]
     cur.execute(query("select_transactions"), {"ids": ids})
     return {row[0]: Transaction(row[1], row[2]) for row in cur.fetchall()}
 
