@@ -1,0 +1,40 @@
+"""An idle cycle reads the queues by index range scans only, however large the queue tables grow."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from queries import table_query
+from tests.world import World
+
+
+def plan_nodes(plan: dict) -> list[dict]:
+    """Flatten an EXPLAIN (FORMAT JSON) plan into its nodes."""
+    nodes = [plan]
+    for child in plan.get("Plans", []):
+        nodes.extend(plan_nodes(child))
+    return nodes
+
+
+@pytest.mark.parametrize("table", ["investment_queue", "withdrawal_queue"])
+def test_reading_after_the_watermark_is_an_index_range_scan(world: World, table: str) -> None:
+    world.q(
+        f"INSERT INTO {table} (account_number, uuid, status, updated_at)"
+        " SELECT '1000000001', md5(n::text), 'COMPLETED', now() - (200000 - n) * interval '1 second'"
+        " FROM generate_series(1, 200000) AS n"
+    )
+    world.q(f"ANALYZE {table}")
+    watermark = world.q(f"SELECT updated_at, queue_id FROM {table} ORDER BY updated_at DESC, queue_id DESC LIMIT 1")[0]
+    with world.queue.cursor() as cur:
+        statement = table_query("queue_read_batch", table).as_string(cur)
+        cur.execute(
+            "EXPLAIN (FORMAT JSON) " + statement, {"after_ts": watermark[0], "after_id": watermark[1], "limit": 5000}
+        )
+        raw = cur.fetchone()[0]
+    nodes = plan_nodes((raw if isinstance(raw, list) else json.loads(raw))[0]["Plan"])
+    scans = [n for n in nodes if "Scan" in n["Node Type"]]
+    assert [n["Node Type"] for n in scans] == ["Index Scan"]
+    assert scans[0]["Index Name"] == f"{table}_updated_at_queue_id"
+    assert "Index Cond" in scans[0]  # a range on (updated_at, queue_id), not a full index walk
