@@ -14,6 +14,7 @@ from fractions import Fraction
 import psycopg2
 import psycopg2.extensions
 
+from db import pg_array
 from money import AMOUNT_LIMIT, scale
 from queries import query
 
@@ -198,9 +199,9 @@ def _claim(cur: psycopg2.extensions.cursor, queue: Queue, entries: list[Entry], 
         {
             "queue": queue.name,
             "retrying": retrying,
-            "uuids": [e.uuid for e in entries],
-            "queue_ids": [e.queue_id for e in entries],
-            "statuses": [e.status for e in entries],
+            "uuids": pg_array(e.uuid for e in entries),
+            "queue_ids": pg_array(e.queue_id for e in entries),
+            "statuses": pg_array(e.status for e in entries),
         },
     )
     return {row[0] for row in cur.fetchall()}
@@ -209,7 +210,7 @@ def _claim(cur: psycopg2.extensions.cursor, queue: Queue, entries: list[Entry], 
 def _transactions(cur: psycopg2.extensions.cursor, entries: list[Entry]) -> dict[str, Transaction]:
     """Fetch the portfolio transactions of the entries, by normalised id."""
     ids = [entry_id for entry_id in map(canonical_uuid, (e.uuid for e in entries)) if entry_id]
-    cur.execute(query("select_transactions"), {"ids": ids})
+    cur.execute(query("select_transactions"), {"ids": pg_array(ids)})
     return {row[0]: Transaction(row[1], row[2]) for row in cur.fetchall()}
 
 
@@ -218,7 +219,7 @@ def _lock_portfolios(cur: psycopg2.extensions.cursor, queue: Queue, entries: lis
     accounts = sorted({e.account_number for e in entries if e.status == "COMPLETED"})
     if not accounts:
         return {}
-    cur.execute(query("lock_portfolios"), {"accounts": accounts})
+    cur.execute(query("lock_portfolios"), {"accounts": pg_array(accounts)})
     columns = slice(1, 4) if queue.portfolio_columns == "values" else slice(4, 7)
     return {row[0]: tuple(row[columns]) for row in cur.fetchall()}  # type: ignore[misc]
 
@@ -226,22 +227,27 @@ def _lock_portfolios(cur: psycopg2.extensions.cursor, queue: Queue, entries: lis
 def _write(cur: psycopg2.extensions.cursor, queue: Queue, plan: Plan) -> None:
     """Store a plan: release and park the blocked entries, mirror statuses, update portfolios."""
     if plan.parked:
-        cur.execute(query("unclaim_entries"), {"queue": queue.name, "queue_ids": [e.queue_id for e, _ in plan.parked]})
+        parked_ids = pg_array(e.queue_id for e, _ in plan.parked)
+        cur.execute(query("unclaim_entries"), {"queue": queue.name, "queue_ids": parked_ids})
         park(cur, queue, plan.parked)
     if plan.applied:
-        cur.execute(query("unpark_entries"), {"queue": queue.name, "queue_ids": [e.queue_id for e in plan.applied]})
+        applied_ids = pg_array(e.queue_id for e in plan.applied)
+        cur.execute(query("unpark_entries"), {"queue": queue.name, "queue_ids": applied_ids})
         cur.execute(
             query("mirror_transaction_status"),
             {
-                "ids": [canonical_uuid(e.uuid) for e in plan.applied],
-                "statuses": [MIRRORED_STATUS[e.status] for e in plan.applied],
+                "ids": pg_array(canonical_uuid(e.uuid) for e in plan.applied),
+                "statuses": pg_array(MIRRORED_STATUS[e.status] for e in plan.applied),
             },
         )
     if plan.amounts:
         accounts = sorted(plan.amounts)
         cur.execute(
             query(f"update_portfolio_{queue.portfolio_columns}"),
-            {"accounts": accounts, **{f"t{n}": [plan.amounts[a][n - 1] for a in accounts] for n in (1, 2, 3)}},
+            {
+                "accounts": pg_array(accounts),
+                **{f"t{n}": pg_array(plan.amounts[a][n - 1] for a in accounts) for n in (1, 2, 3)},
+            },
         )
 
 
@@ -251,11 +257,11 @@ def park(cur: psycopg2.extensions.cursor, queue: Queue, parked: list[tuple[Entry
         query("park_entries"),
         {
             "queue": queue.name,
-            "uuids": [e.uuid for e, _ in parked],
-            "queue_ids": [e.queue_id for e, _ in parked],
-            "accounts": [e.account_number for e, _ in parked],
-            "statuses": [e.status for e, _ in parked],
-            "updated": [e.updated_at for e, _ in parked],
-            "reasons": [reason for _, reason in parked],
+            "uuids": pg_array(e.uuid for e, _ in parked),
+            "queue_ids": pg_array(e.queue_id for e, _ in parked),
+            "accounts": pg_array(e.account_number for e, _ in parked),
+            "statuses": pg_array(e.status for e, _ in parked),
+            "updated": pg_array(e.updated_at for e, _ in parked),
+            "reasons": pg_array(reason for _, reason in parked),
         },
     )

@@ -20,7 +20,7 @@ import migrations
 import tiers
 from apply import QUEUES, TERMINAL, Entry, Queue, apply_batch, apply_one_by_one, park
 from config import Settings
-from db import Database, DatabaseError, in_transaction
+from db import Database, DatabaseError, in_transaction, pg_array
 from poller import Heartbeat
 from queries import query, table_query
 
@@ -220,7 +220,7 @@ class CycleRunner:
             if not parked:
                 return counts
             after = parked[-1].position
-            ids = {"queue_ids": [e.queue_id for e in parked]}
+            ids = {"queue_ids": pg_array(e.queue_id for e in parked)}
             current = read_queue(qconn, "queue_select_by_id", queue.table, ids)
             counts += self._settle(pconn, queue, parked, current, factors)
             self.heartbeat.beat()
@@ -244,7 +244,7 @@ class CycleRunner:
         with in_transaction(pconn) as cur:
             if reopened:
                 # Their next change moves updated_at past the watermark, so the cycle will read them again.
-                cur.execute(query("unpark_entries"), {"queue": queue.name, "queue_ids": reopened})
+                cur.execute(query("unpark_entries"), {"queue": queue.name, "queue_ids": pg_array(reopened)})
             if gone:
                 park(cur, queue, gone)
         return self._apply(pconn, queue, terminal, factors, retrying=True) if terminal else Counter()
@@ -269,7 +269,7 @@ class CycleRunner:
                 return counts
             after_id = batch[-1].queue_id
             with in_transaction(pconn) as cur:
-                ids = [e.queue_id for e in batch]
+                ids = pg_array(e.queue_id for e in batch)
                 cur.execute(query("filter_unapplied"), {"queue": queue.name, "queue_ids": ids})
                 missing = {row[0] for row in cur.fetchall()}
             found = sorted((e for e in batch if e.queue_id in missing), key=lambda e: e.position)

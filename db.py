@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
+from datetime import datetime
 from urllib.parse import urlsplit
 
 import psycopg2
@@ -24,6 +25,23 @@ class DatabaseError(Exception):
         super().__init__(f"{database}: {message}")
         self.database = database
         self.detail = message
+
+
+def pg_array(values: Iterable[object]) -> str:
+    """Write values as one PostgreSQL array literal, cast in SQL with ::type[].
+
+    psycopg2 sends a list as ARRAY[...] with one constant per element, which the server parses one by
+    one; a single literal is read in one go, several times faster for batch-sized arrays.
+    """
+    return "{" + ",".join(_array_element(value) for value in values) + "}"
+
+
+def _array_element(value: object) -> str:
+    """Quote one array element, or write NULL."""
+    if value is None:
+        return "NULL"
+    text = value.isoformat() if isinstance(value, datetime) else str(value)
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def mask_uri(uri: str) -> str:

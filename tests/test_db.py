@@ -52,3 +52,18 @@ def test_a_busy_pool_waits_then_says_so(settings) -> None:
         assert backend_pid(db) > 0
     finally:
         db.close()
+
+
+def test_array_literals_round_trip_any_text(world: World) -> None:
+    from datetime import UTC, datetime
+    from decimal import Decimal
+
+    from db import pg_array
+
+    nasty = ["plain", "", "NULL", None, "a,b", "{x}", 'say "hi"', "back\\slash", " padded ", "it's", "ü€"]
+    assert world.p("SELECT %s::text[]", (pg_array(nasty),))[0][0] == nasty
+    amounts = [Decimal("1E+6"), Decimal("-0.01"), Decimal("12345678901.23")]
+    assert world.p("SELECT %s::numeric[]", (pg_array(amounts),))[0][0] == amounts
+    moments = [datetime(2026, 11, 28, 12, 0, 0, 123456, tzinfo=UTC)]
+    assert world.p("SELECT %s::timestamptz[]", (pg_array(moments),))[0][0] == moments
+    assert world.p("SELECT %s::integer[]", (pg_array([]),))[0][0] == []
