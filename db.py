@@ -33,15 +33,19 @@ def pg_array(values: Iterable[object]) -> str:
     psycopg2 sends a list as ARRAY[...] with one constant per element, which the server parses one by
     one; a single literal is read in one go, several times faster for batch-sized arrays.
     """
-    return "{" + ",".join(_array_element(value) for value in values) + "}"
+    return "{" + ",".join(map(_array_element, values)) + "}"
 
 
 def _array_element(value: object) -> str:
     """Quote one array element, or write NULL."""
     if value is None:
         return "NULL"
+    if isinstance(value, int):
+        return str(value)
     text = value.isoformat() if isinstance(value, datetime) else str(value)
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if '"' in text or "\\" in text:
+        text = text.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
 
 
 def mask_uri(uri: str) -> str:

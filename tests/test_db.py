@@ -67,3 +67,4 @@ def test_array_literals_round_trip_any_text(world: World) -> None:
     moments = [datetime(2026, 11, 28, 12, 0, 0, 123456, tzinfo=UTC)]
     assert world.p("SELECT %s::timestamptz[]", (pg_array(moments),))[0][0] == moments
     assert world.p("SELECT %s::integer[]", (pg_array([]),))[0][0] == []
+    assert world.p("SELECT %s::integer[]", (pg_array([1, -2, 2**31 - 1]),))[0][0] == [1, -2, 2**31 - 1]
