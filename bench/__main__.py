@@ -26,15 +26,6 @@ def fresh_copy(server: str, templates: tuple[str, str]) -> tuple[str, str, list[
     return pgtest.with_database(server, names[0]), pgtest.with_database(server, names[1]), names
 
 
-def free_port() -> int:
-    """Return a TCP port nothing listens on."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def worker_peak_rss_mb(master: int) -> float:
     """Return the highest peak RSS among a gunicorn master's workers, in MB."""
     peaks = []
@@ -47,7 +38,7 @@ def worker_peak_rss_mb(master: int) -> float:
 
 def run_service(queue_uri: str, portfolio_uri: str, batch_size: int) -> tuple[float, float]:
     """Start the service under gunicorn; its start-up cycle drains the backlog. Return seconds and peak RSS."""
-    port = free_port()
+    port = pgtest.free_port()
     env = {
         **os.environ,
         **TIERS,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,6 +25,13 @@ def with_database(uri: str, dbname: str) -> str:
     """Return the server URI aimed at another database."""
     parts = urlsplit(uri)
     return urlunsplit(parts._replace(path=f"/{dbname}"))
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def reachable(uri: str) -> bool:

@@ -6,7 +6,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import API_TOKEN
-from tests.pgtest import ROOT
+from tests.faults.harness import wait_until
+from tests.pgtest import ROOT, free_port
 from tests.world import World, expected
 
 ACCOUNTS = [f"30000000{n:02d}" for n in range(6)]
@@ -30,13 +30,6 @@ TIERS = [
     (2, "2000000", "1950000", "2000.00", "200.00"),
     (3, "500000", "525000", "3000.00", "300.00"),
 ]
-
-
-def free_port() -> int:
-    """Return a TCP port nothing listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def call(port: int, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
@@ -51,19 +44,6 @@ def call(port: int, method: str, path: str, body: dict | None = None) -> tuple[i
             return answer.status, json.loads(answer.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
-
-
-def wait_until(check, timeout: float, what: str) -> None:
-    """Poll until check() is true, or fail naming what was awaited."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except (OSError, urllib.error.URLError):
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @contextmanager

@@ -7,10 +7,11 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
+
+from tests.pgtest import free_port
 
 
 def _bindir() -> Path:
@@ -36,13 +37,6 @@ def _server_user() -> str | None:
     raise RuntimeError("running as root, but there is no 'postgres' or 'pgserver' user to run PostgreSQL as")
 
 
-def _free_port() -> int:
-    """Return a TCP port nothing listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Cluster:
     """A PostgreSQL server in a temporary directory, stopped and started at will with pg_ctl."""
 
@@ -51,7 +45,7 @@ class Cluster:
         self.user = _server_user()
         self.root = Path(tempfile.mkdtemp(prefix="cm-outage-"))
         self.data = self.root / "data"
-        self.port = _free_port()
+        self.port = free_port()
         if self.user:
             record = pwd.getpwnam(self.user)
             os.chown(self.root, record.pw_uid, record.pw_gid)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psycopg2
 
-from tests.pgtest import ROOT
+from tests.pgtest import ROOT, free_port
 from tests.world import TABLES, TYPES, World, expected
 
 API_TOKEN = "fault-token-0123456789abcdef"
@@ -38,15 +38,6 @@ START_VALUES = ("1000.00", "2000.00", "3000.00")
 START_ALLOCATIONS = ("100.00", "200.00", "300.00")
 MIRRORED = {"COMPLETED": "PROCESSED", "FAILED": "FAILED", "CANCELLED": "CANCELLED"}
 TERMINAL = tuple(MIRRORED)
-
-
-def free_port() -> int:
-    """Return a TCP port nothing listens on."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def service_env(queue_uri: str, portfolio_uri: str, **extra: str) -> dict[str, str]:
