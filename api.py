@@ -17,7 +17,7 @@ from werkzeug.exceptions import HTTPException
 import tiers
 from db import DatabaseError
 from openapi import SPEC
-from service import Service
+from service import Service, service_of
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ PARKED_LIMIT_MAX = 1000
 
 def service() -> Service:
     """Return the service this app serves."""
-    return current_app.extensions["consistency"]
+    return service_of(current_app)  # type: ignore[arg-type]
 
 
 def error(status: int, message: str, **extra: Any) -> tuple[Response, int]:

@@ -11,7 +11,7 @@ from flask import Flask
 
 from api import bp
 from config import Settings, load_settings, load_settings_or_exit
-from service import Service, build_service
+from service import EXTENSION, build_service, service_of
 
 MAX_BODY_BYTES = 4096
 
@@ -33,14 +33,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    app.extensions["consistency"] = build_service(settings)
+    app.extensions[EXTENSION] = build_service(settings)
     app.register_blueprint(bp)
     return app
-
-
-def service_of(flask_app: Flask) -> Service:
-    """Return the service behind an app."""
-    return flask_app.extensions["consistency"]
 
 
 app = create_app(load_settings_or_exit())

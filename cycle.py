@@ -20,7 +20,7 @@ import migrations
 import tiers
 from apply import QUEUES, TERMINAL, Entry, Queue, apply_batch, apply_one_by_one, park
 from config import Settings
-from db import Database, DatabaseError, in_transaction, pg_array
+from db import Database, DatabaseError, first_line, in_transaction, pg_array
 from poller import Heartbeat
 from queries import query, table_query
 
@@ -241,12 +241,13 @@ class CycleRunner:
         reopened = [e.queue_id for e in current if e.status not in TERMINAL]
         found = {e.queue_id for e in current}
         gone = [(e, "the queue entry no longer exists") for e in parked if e.queue_id not in found]
-        with in_transaction(pconn) as cur:
-            if reopened:
-                # Their next change moves updated_at past the watermark, so the cycle will read them again.
-                cur.execute(query("unpark_entries"), {"queue": queue.name, "queue_ids": pg_array(reopened)})
-            if gone:
-                park(cur, queue, gone)
+        if reopened or gone:
+            with in_transaction(pconn) as cur:
+                if reopened:
+                    # Their next change moves updated_at past the watermark, so the cycle will read them again.
+                    cur.execute(query("unpark_entries"), {"queue": queue.name, "queue_ids": pg_array(reopened)})
+                if gone:
+                    park(cur, queue, gone)
         return self._apply(pconn, queue, terminal, factors, retrying=True) if terminal else Counter()
 
     def _reconcile_due(self) -> bool:
@@ -305,8 +306,7 @@ class CycleRunner:
 
     def _describe(self, err: Exception) -> str:
         """Describe a cycle failure without any credential."""
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return self.portfolio_db.redact(self.queue_db.redact(text))
+        return self.portfolio_db.redact(self.queue_db.redact(first_line(err)))
 
 
 def _take_turn(pconn: Connection, wait: float) -> bool:

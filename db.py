@@ -107,9 +107,9 @@ class Database:
             yield conn
         except (psycopg2.OperationalError, psycopg2.InterfaceError) as err:
             broken = True
-            raise DatabaseError(self.name, self.redact(_first_line(err))) from err
+            raise DatabaseError(self.name, self.redact(first_line(err))) from err
         except psycopg2.Error as err:
-            raise DatabaseError(self.name, self.redact(_first_line(err))) from err
+            raise DatabaseError(self.name, self.redact(first_line(err))) from err
         finally:
             if conn is not None:
                 self._release(conn, broken or bool(conn.closed))
@@ -152,7 +152,7 @@ def in_transaction(conn: psycopg2.extensions.connection) -> Iterator[psycopg2.ex
         raise
 
 
-def _first_line(err: Exception) -> str:
-    """Return the first line of a driver error, which carries its meaning."""
+def first_line(err: Exception) -> str:
+    """Return the first line of an error message, which carries its meaning."""
     text = str(err).strip() or type(err).__name__
     return text.splitlines()[0]

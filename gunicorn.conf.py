@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from config import load_settings_or_exit
+from service import service_of
 
 _settings = load_settings_or_exit()
 
@@ -26,9 +27,9 @@ loglevel = _settings.log_level.lower()
 
 def post_worker_init(worker: Any) -> None:
     """Start the poller of a freshly booted worker."""
-    worker.wsgi.extensions["consistency"].poller.start()
+    service_of(worker.wsgi).poller.start()
 
 
 def worker_exit(server: Any, worker: Any) -> None:
     """Stop the poller of an exiting worker and close its pools."""
-    worker.wsgi.extensions["consistency"].close()
+    service_of(worker.wsgi).close()

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from flask import Flask
+
 import migrations
 import tiers
 from config import Settings
@@ -16,6 +18,7 @@ from poller import Heartbeat, Poller
 from queries import query
 
 QUEUE_DB, PORTFOLIO_DB = "queue-db", "user-portfolio-db"
+EXTENSION = "consistency"  # the key of the service in app.extensions
 
 
 @dataclass
@@ -110,6 +113,11 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Decimal):
         return str(value)
     return value
+
+
+def service_of(flask_app: Flask) -> Service:
+    """Return the service behind a Flask app."""
+    return flask_app.extensions[EXTENSION]
 
 
 def build_service(settings: Settings) -> Service:

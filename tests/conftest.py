@@ -115,7 +115,8 @@ def world(dbs: tuple[str, str]) -> Iterator[World]:
 @pytest.fixture
 def app(settings: Settings):
     """The Flask app on the test's databases, state prepared, poller not started."""
-    from consistency_manager_svc import create_app, service_of
+    from consistency_manager_svc import create_app
+    from service import service_of
 
     flask_app = create_app(settings)
     service_of(flask_app).runner.prepare()
@@ -126,7 +127,8 @@ def app(settings: Settings):
 @pytest.fixture
 def make_app(settings: Settings) -> Iterator:
     """A factory of apps with some settings changed; closes them all."""
-    from consistency_manager_svc import create_app, service_of
+    from consistency_manager_svc import create_app
+    from service import service_of
 
     made = []
 

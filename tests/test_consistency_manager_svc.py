@@ -7,8 +7,8 @@ from decimal import Decimal
 
 import pytest
 
-from consistency_manager_svc import service_of
 from cycle import CYCLE_LOCK_KEY
+from service import service_of
 from tests.conftest import API_TOKEN
 from tests.world import World
 

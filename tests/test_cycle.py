@@ -320,3 +320,14 @@ def test_the_backlog_is_read_in_bounded_batches(make_service, world: World, mock
     assert {limit for limit, _ in batch_reads} == {5}
     assert sum(n for _, n in batch_reads) == 23  # the investment queue is empty
     assert max(n for _, n in batch_reads) == 5
+
+
+def test_the_watermark_mode_is_logged_loudly_once(svc, world: World, caplog) -> None:
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    svc.runner.run()
+    svc.runner.run()
+    announced = [r.getMessage() for r in caplog.records if r.getMessage().startswith("watermark mode:")]
+    assert announced == ["watermark mode: exact (bounded by the oldest open queue-db transaction)"]
+    assert all(r.levelno == logging.WARNING for r in caplog.records if r.getMessage() in announced)

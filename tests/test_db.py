@@ -68,3 +68,33 @@ def test_array_literals_round_trip_any_text(world: World) -> None:
     assert world.p("SELECT %s::timestamptz[]", (pg_array(moments),))[0][0] == moments
     assert world.p("SELECT %s::integer[]", (pg_array([]),))[0][0] == []
     assert world.p("SELECT %s::integer[]", (pg_array([1, -2, 2**31 - 1]),))[0][0] == [1, -2, 2**31 - 1]
+
+
+def test_every_connection_carries_the_configured_timeouts(settings) -> None:
+    db = Database("queue-db", settings.queue_db_uri, replace(settings, db_statement_timeout=0.5, db_lock_timeout=0.25))
+    try:
+        with db.transaction() as cur:
+            cur.execute("SELECT current_setting('statement_timeout'), current_setting('lock_timeout'),"
+                        " current_setting('idle_in_transaction_session_timeout')")  # fmt: skip
+            assert cur.fetchone() == ("500ms", "250ms", "1min")
+            assert cur.connection.info.dsn_parameters["connect_timeout"] == str(settings.db_connect_timeout)
+        with pytest.raises(DatabaseError, match="statement timeout"), db.transaction() as cur:
+            cur.execute("SELECT pg_sleep(2)")
+    finally:
+        db.close()
+
+
+def test_the_portfolio_lock_lets_other_services_insert_transactions(settings, world: World) -> None:
+    from queries import query
+
+    world.portfolio_for("1000000001")
+    db = Database("user-portfolio-db", settings.portfolio_db_uri, settings)
+    try:
+        with db.transaction() as cur:
+            cur.execute(query("lock_portfolios"), {"accounts": "{1000000001}"})
+            assert len(cur.fetchall()) == 1
+            # The portfolio service's foreign-key insert must not wait for the cycle's row lock.
+            world.p("SET lock_timeout = '1s'")
+            world.transaction_for("investment", "1000000001")
+    finally:
+        db.close()

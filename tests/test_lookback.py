@@ -36,7 +36,7 @@ def limited_service(pg, dbs, settings, lookback_role, world: World) -> Iterator:
     svc.close()
 
 
-def test_a_late_commit_older_than_the_lookback_is_found_by_reconciliation(limited_service, world: World) -> None:
+def test_a_late_commit_older_than_the_lookback_is_found_by_reconciliation(limited_service, world: World, caplog):
     svc = limited_service
     world.portfolio_for(ACCOUNT)
     world.set_tiers(TIER1_MV="1100000")
@@ -46,6 +46,7 @@ def test_a_late_commit_older_than_the_lookback_is_found_by_reconciliation(limite
         world.request("investment", ACCOUNT)
         first = svc.runner.run()
         assert first["mode"] == "lookback"
+        assert any(r.getMessage().startswith("watermark mode: lookback") for r in caplog.records)
         assert first["reconciled"] is True
         assert first["counts"]["investment"]["COMPLETED"] == 1
         time.sleep(1.3)  # the writer now holds its transaction longer than the look-back window

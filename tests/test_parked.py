@@ -137,7 +137,7 @@ def test_a_parked_entry_reopened_by_the_queue_is_released_and_read_again(svc, wo
 
 
 def test_parked_entries_are_listed_by_the_api(client, world: World) -> None:
-    from consistency_manager_svc import service_of
+    from service import service_of
 
     orphan = world.request("investment", ACCOUNT, txn=False)
     service_of(client.application).runner.run()
