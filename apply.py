@@ -1,28 +1,24 @@
-"""Applies one batch of queue entries to user-portfolio-db, exactly once, parking what cannot apply."""
+"""Applies batches of queue entries to user-portfolio-db, exactly once, parking what cannot apply.
+
+The work itself is set-based SQL: consistency.apply_batch in sql/migrations/0002_set_based_apply.sql.
+"""
 
 from __future__ import annotations
 
-import re
-import uuid as uuidlib
+import io
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
 from fractions import Fraction
 
 import psycopg2
 import psycopg2.extensions
 
 from db import pg_array
-from money import AMOUNT_LIMIT, scale
-from queries import query
+from queries import query, table_query
 
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
-# A queue entry's outcome becomes the portfolio transaction's status.
-MIRRORED_STATUS = {"COMPLETED": "PROCESSED", "FAILED": "FAILED", "CANCELLED": "CANCELLED"}
-
-Amounts = tuple[Decimal, Decimal, Decimal]
 
 
 @dataclass(frozen=True)
@@ -56,125 +52,88 @@ class Entry:
         return (self.updated_at, self.queue_id)
 
 
-@dataclass(frozen=True)
-class Transaction:
-    """The parts of a portfolio_transactions row the service checks."""
-
-    accountid: str
-    transaction_type: str
-
-
-@dataclass
-class Plan:
-    """What applying a batch does: entries applied, entries parked, and new portfolio amounts."""
-
-    applied: list[Entry] = field(default_factory=list)
-    parked: list[tuple[Entry, str]] = field(default_factory=list)
-    amounts: dict[str, Amounts] = field(default_factory=dict)
-
-    def counts(self) -> Counter[str]:
-        """Count the batch's outcomes: one key per applied status, plus 'parked'."""
-        counts = Counter(entry.status for entry in self.applied)
-        counts["parked"] += len(self.parked)
-        return counts
+def factor_arrays(factors: Sequence[Fraction]) -> dict[str, str]:
+    """Write exact tier factors as the numerator and denominator arrays apply_batch takes."""
+    return {
+        "numerators": pg_array(f.numerator for f in factors),
+        "denominators": pg_array(f.denominator for f in factors),
+    }
 
 
-_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+def create_batch_table(cur: psycopg2.extensions.cursor) -> None:
+    """Make sure this session has its batch table; it empties itself at every commit."""
+    cur.execute(query("create_batch_table"))
 
 
-def canonical_uuid(text: str | None) -> str | None:
-    """Return a queue entry's uuid in PostgreSQL's text form, or None if it is not a UUID."""
-    if text is not None and _CANONICAL_UUID.fullmatch(text):
-        return text  # the usual form, checked without building a UUID
-    try:
-        return str(uuidlib.UUID(text))
-    except (ValueError, AttributeError, TypeError):
-        return None
+def copy_batch(cur: psycopg2.extensions.cursor, queue: Queue, after: tuple[datetime, int], limit: int) -> bytes:
+    """Read the next entries of a queue-db queue after a position, as COPY text for the batch table."""
+    params = {"after_ts": after[0], "after_id": after[1], "limit": limit}
+    buffer = io.BytesIO()
+    cur.copy_expert(cur.mogrify(table_query("queue_copy_batch", queue.table), params).decode(), buffer)
+    return buffer.getvalue()
 
 
-def plan_batch(
-    queue: Queue,
-    entries: Sequence[Entry],
-    transactions: dict[str, Transaction],
-    portfolios: dict[str, Amounts],
-    factors: tuple[Fraction, Fraction, Fraction],
-) -> Plan:
-    """Decide each entry's fate in order, compounding completed entries on their account's amounts."""
-    plan = Plan()
-    amounts = dict(portfolios)
-    for entry in entries:
-        reason = _blocker(queue, entry, transactions, amounts)
-        if reason is None and entry.status == "COMPLETED":
-            new = tuple(
-                scale(amount, factor) for amount, factor in zip(amounts[entry.account_number], factors, strict=True)
-            )
-            reason = _amount_problem(new)  # type: ignore[arg-type]
-            if reason is None:
-                amounts[entry.account_number] = new  # type: ignore[assignment]
-                plan.amounts[entry.account_number] = new  # type: ignore[assignment]
-        if reason is None:
-            plan.applied.append(entry)
-        else:
-            plan.parked.append((entry, reason))
-    return plan
+def load_copied(cur: psycopg2.extensions.cursor, data: bytes) -> tuple[int, tuple[datetime, int] | None]:
+    """Load COPY text into the batch table; return how many entries it holds and the last one's position."""
+    create_batch_table(cur)
+    cur.copy_expert(query("copy_into_batch"), io.BytesIO(data))
+    cur.execute(query("batch_extent"))
+    row = cur.fetchone()
+    return (row[0], (row[1], row[2])) if row else (0, None)
 
 
-def _blocker(
-    queue: Queue, entry: Entry, transactions: dict[str, Transaction], amounts: dict[str, Amounts]
-) -> str | None:
-    """Return why an entry cannot be applied now, or None."""
-    if entry.status == "COMPLETED" and entry.account_number not in amounts:
-        return f"no portfolio for account {entry.account_number}"
-    entry_id = canonical_uuid(entry.uuid)
-    if entry_id is None:
-        return "uuid is not a valid UUID"
-    txn = transactions.get(entry_id)
-    if txn is None:
-        return "no portfolio transaction with this id"
-    if txn.accountid != entry.account_number:
-        return f"portfolio transaction belongs to account {txn.accountid}"
-    if txn.transaction_type != queue.transaction_type:
-        return f"portfolio transaction is {txn.transaction_type}, expected {queue.transaction_type}"
-    return None
+def load_entries(cur: psycopg2.extensions.cursor, entries: Sequence[Entry]) -> None:
+    """Load entries read in Python into the batch table."""
+    create_batch_table(cur)
+    cur.execute(
+        query("load_batch_entries"),
+        {
+            "queue_ids": pg_array(e.queue_id for e in entries),
+            "accounts": pg_array(e.account_number for e in entries),
+            "uuids": pg_array(e.uuid for e in entries),
+            "statuses": pg_array(e.status for e in entries),
+            "updated": pg_array(e.updated_at for e in entries),
+        },
+    )
 
 
-def _amount_problem(amounts: Amounts) -> str | None:
-    """Return why new tier amounts cannot be stored, or None."""
-    if any(amount < 0 for amount in amounts):
-        return "result would be negative"
-    if sum(amounts) >= AMOUNT_LIMIT:
-        return "result would overflow NUMERIC(15,2)"
-    return None
+def apply_loaded(
+    cur: psycopg2.extensions.cursor, queue: Queue, factors: Sequence[Fraction], retrying: bool = False
+) -> Counter[str]:
+    """Apply the batch table's terminal entries once each, in the caller's transaction, and count outcomes.
+
+    Entries parked before are left to the parked retry (retrying=True), which reads their rows afresh.
+    """
+    params = {
+        "queue": queue.name,
+        "transaction_type": queue.transaction_type,
+        "columns": queue.portfolio_columns,
+        "retrying": retrying,
+        **factor_arrays(factors),
+    }
+    cur.execute(query("apply_batch"), params)
+    return Counter(dict(cur.fetchall()))
 
 
 def apply_batch(
     cur: psycopg2.extensions.cursor,
     queue: Queue,
     entries: Sequence[Entry],
-    factors: tuple[Fraction, Fraction, Fraction],
+    factors: Sequence[Fraction],
     retrying: bool = False,
 ) -> Counter[str]:
-    """Apply a batch's terminal entries once each, in the caller's transaction, and count outcomes.
-
-    Parked entries are left to the parked retry (retrying=True), which reads their rows afresh.
-    """
-    terminal = [e for e in entries if e.status in TERMINAL]
-    if not terminal:
+    """Apply entries read in Python, in the caller's transaction, and count outcomes."""
+    if not entries:
         return Counter()
-    claimed = _claim(cur, queue, terminal, retrying)
-    todo = [e for e in terminal if e.queue_id in claimed]
-    if not todo:
-        return Counter()
-    plan = plan_batch(queue, todo, _transactions(cur, todo), _lock_portfolios(cur, queue, todo), factors)
-    _write(cur, queue, plan)
-    return plan.counts()
+    load_entries(cur, entries)
+    return apply_loaded(cur, queue, factors, retrying)
 
 
 def apply_one_by_one(
     cur: psycopg2.extensions.cursor,
     queue: Queue,
     entries: Sequence[Entry],
-    factors: tuple[Fraction, Fraction, Fraction],
+    factors: Sequence[Fraction],
     retrying: bool = False,
 ) -> Counter[str]:
     """Apply entries one at a time, parking any the database itself rejects."""
@@ -190,65 +149,6 @@ def apply_one_by_one(
             counts["parked"] += 1
         cur.execute(query("release_savepoint"))
     return counts
-
-
-def _claim(cur: psycopg2.extensions.cursor, queue: Queue, entries: list[Entry], retrying: bool) -> set[int]:
-    """Record entries as applied; return the queue_ids this transaction recorded first."""
-    cur.execute(
-        query("claim_entries"),
-        {
-            "queue": queue.name,
-            "retrying": retrying,
-            "uuids": pg_array(e.uuid for e in entries),
-            "queue_ids": pg_array(e.queue_id for e in entries),
-            "statuses": pg_array(e.status for e in entries),
-        },
-    )
-    return {row[0] for row in cur.fetchall()}
-
-
-def _transactions(cur: psycopg2.extensions.cursor, entries: list[Entry]) -> dict[str, Transaction]:
-    """Fetch the portfolio transactions of the entries, by normalised id."""
-    ids = [entry_id for entry_id in map(canonical_uuid, (e.uuid for e in entries)) if entry_id]
-    cur.execute(query("select_transactions"), {"ids": pg_array(ids)})
-    return {row[0]: Transaction(row[1], row[2]) for row in cur.fetchall()}
-
-
-def _lock_portfolios(cur: psycopg2.extensions.cursor, queue: Queue, entries: list[Entry]) -> dict[str, Amounts]:
-    """Lock the portfolios of the completed entries and return the amounts the queue changes."""
-    accounts = sorted({e.account_number for e in entries if e.status == "COMPLETED"})
-    if not accounts:
-        return {}
-    cur.execute(query("lock_portfolios"), {"accounts": pg_array(accounts)})
-    columns = slice(1, 4) if queue.portfolio_columns == "values" else slice(4, 7)
-    return {row[0]: tuple(row[columns]) for row in cur.fetchall()}  # type: ignore[misc]
-
-
-def _write(cur: psycopg2.extensions.cursor, queue: Queue, plan: Plan) -> None:
-    """Store a plan: release and park the blocked entries, mirror statuses, update portfolios."""
-    if plan.parked:
-        parked_ids = pg_array(e.queue_id for e, _ in plan.parked)
-        cur.execute(query("unclaim_entries"), {"queue": queue.name, "queue_ids": parked_ids})
-        park(cur, queue, plan.parked)
-    if plan.applied:
-        applied_ids = pg_array(e.queue_id for e in plan.applied)
-        cur.execute(query("unpark_entries"), {"queue": queue.name, "queue_ids": applied_ids})
-        cur.execute(
-            query("mirror_transaction_status"),
-            {
-                "ids": pg_array(canonical_uuid(e.uuid) for e in plan.applied),
-                "statuses": pg_array(MIRRORED_STATUS[e.status] for e in plan.applied),
-            },
-        )
-    if plan.amounts:
-        accounts = sorted(plan.amounts)
-        cur.execute(
-            query(f"update_portfolio_{queue.portfolio_columns}"),
-            {
-                "accounts": pg_array(accounts),
-                **{f"t{n}": pg_array(plan.amounts[a][n - 1] for a in accounts) for n in (1, 2, 3)},
-            },
-        )
 
 
 def park(cur: psycopg2.extensions.cursor, queue: Queue, parked: list[tuple[Entry, str]]) -> None:

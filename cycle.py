@@ -6,7 +6,6 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from fractions import Fraction
@@ -18,7 +17,18 @@ from psycopg2.extras import Json
 
 import migrations
 import tiers
-from apply import QUEUES, TERMINAL, Entry, Queue, apply_batch, apply_one_by_one, park
+from apply import (
+    QUEUES,
+    TERMINAL,
+    Entry,
+    Queue,
+    apply_batch,
+    apply_loaded,
+    apply_one_by_one,
+    copy_batch,
+    load_copied,
+    park,
+)
 from config import Settings
 from db import Database, DatabaseError, first_line, in_transaction, pg_array
 from poller import Heartbeat
@@ -161,23 +171,56 @@ class CycleRunner:
             cur.execute(query("select_watermark"), {"queue": queue.name})
             after: Position = cur.fetchone()
         counts: Counter[str] = Counter({"read": 0})
-        for batch in self._batches(qconn, queue, after):
-            counts["read"] += len(batch)
-            counts += self._apply(pconn, queue, batch, factors, min(batch[-1].position, horizon.position))
-        return counts
-
-    def _batches(self, qconn: Connection, queue: Queue, after: Position) -> Iterator[list[Entry]]:
-        """Yield the entries after a position in bounded batches, so memory stays flat."""
         size = self.settings.batch_size
         while not self.stopping.is_set():
-            params = {"after_ts": after[0], "after_id": after[1], "limit": size}
-            batch = read_queue(qconn, "queue_read_batch", queue.table, params)
-            if batch:
-                yield batch
-                after = batch[-1].position
+            with qconn.cursor() as qcur:
+                data = copy_batch(qcur, queue, after, size)
+            read, last, applied = self._apply_copied(pconn, qconn, queue, data, factors, after, horizon)
             self.heartbeat.beat()
-            if len(batch) < size:
-                return
+            counts["read"] += read
+            counts += applied
+            if read < size:
+                break
+            after = last  # type: ignore[assignment]
+        return counts
+
+    def _apply_copied(
+        self,
+        pconn: Connection,
+        qconn: Connection,
+        queue: Queue,
+        data: bytes,
+        factors: tuple[Fraction, ...],
+        after: Position,
+        horizon: Horizon,
+    ) -> tuple[int, Position | None, Counter[str]]:
+        """Apply a batch copied out of queue-db and move the watermark; return its size, end and outcomes."""
+        read, last = 0, None
+        try:
+            with in_transaction(pconn) as cur:
+                read, last = load_copied(cur, data)
+                if last is None:
+                    return 0, None, Counter()
+                counts = apply_loaded(cur, queue, factors)
+                self._advance(cur, queue, min(last, horizon.position))
+            return read, last, counts
+        except (psycopg2.IntegrityError, psycopg2.DataError) as err:
+            if last is None:
+                raise
+            log.warning(
+                "a %s batch was rejected (%s); applying it entry by entry", queue.name, err.diag.message_primary
+            )
+        params = {"after_ts": after[0], "after_id": after[1], "last_ts": last[0], "last_id": last[1]}
+        entries = read_queue(qconn, "queue_read_range", queue.table, params)
+        with in_transaction(pconn) as cur:
+            counts = apply_one_by_one(cur, queue, entries, factors)
+            self._advance(cur, queue, min(last, horizon.position))
+        return read, last, counts
+
+    @staticmethod
+    def _advance(cur: psycopg2.extensions.cursor, queue: Queue, watermark: Position) -> None:
+        """Step 8: move a queue's watermark, in the transaction that applied the entries before it."""
+        cur.execute(query("advance_watermark"), {"queue": queue.name, "ts": watermark[0], "id": watermark[1]})
 
     def _apply(
         self,
@@ -185,17 +228,13 @@ class CycleRunner:
         queue: Queue,
         entries: list[Entry],
         factors: tuple[Fraction, ...],
-        watermark: Position | None = None,
         retrying: bool = False,
     ) -> Counter[str]:
-        """Apply entries in one transaction that also moves the watermark; isolate database rejections."""
+        """Apply entries in one transaction; isolate the ones the database rejects."""
         for method in (apply_batch, apply_one_by_one):
             try:
                 with in_transaction(pconn) as cur:
                     counts = method(cur, queue, entries, factors, retrying)  # type: ignore[arg-type]
-                    if watermark is not None:
-                        params = {"queue": queue.name, "ts": watermark[0], "id": watermark[1]}
-                        cur.execute(query("advance_watermark"), params)
                 return counts
             except (psycopg2.IntegrityError, psycopg2.DataError) as err:
                 if method is apply_one_by_one:

@@ -9,11 +9,18 @@ from fractions import Fraction
 
 import psycopg2
 
-from money import scale
-
 QUEUES = (("investment", "investment_queue", "value"), ("withdrawal", "withdrawal_queue", "allocation"))
 MIRROR = {"COMPLETED": "PROCESSED", "FAILED": "FAILED", "CANCELLED": "CANCELLED"}
 RECORD = "CREATE TABLE IF NOT EXISTS bench_applied (queue text, queue_id int, PRIMARY KEY (queue, queue_id))"
+
+
+def scale(amount: Decimal, factor: Fraction) -> Decimal:
+    """Multiply an amount by an exact factor, rounded half away from zero to cents, in Python."""
+    numerator = int(amount.scaleb(2)) * factor.numerator
+    cents, remainder = divmod(abs(numerator), factor.denominator)
+    if 2 * remainder >= factor.denominator:
+        cents += 1
+    return Decimal(-cents if numerator < 0 else cents).scaleb(-2)
 
 
 def factors(tiers: dict[str, str], kind: str) -> list[Fraction]:

@@ -14,13 +14,6 @@ SELECT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
            AND backend_type = 'client backend') AS oldest_xact_start,
        clock_timestamp() AS now;
 
--- queue_read_batch: the next entries of a queue after a position, in (updated_at, queue_id) order
-SELECT queue_id, account_number, uuid, status, updated_at
-  FROM {table}
- WHERE (updated_at, queue_id) > (%(after_ts)s, %(after_id)s)
- ORDER BY updated_at, queue_id
- LIMIT %(limit)s;
-
 -- queue_read_terminal: terminal entries of a queue after a queue_id, for the reconciliation sweep
 SELECT queue_id, account_number, uuid, status, updated_at
   FROM {table}
@@ -28,6 +21,20 @@ SELECT queue_id, account_number, uuid, status, updated_at
    AND status IN ('COMPLETED', 'FAILED', 'CANCELLED')
  ORDER BY queue_id
  LIMIT %(limit)s;
+
+-- queue_copy_batch: the next entries of a queue after a position, as COPY text for pg_temp.cm_batch
+COPY (SELECT queue_id, account_number, uuid, status, updated_at
+        FROM {table}
+       WHERE (updated_at, queue_id) > (%(after_ts)s, %(after_id)s)
+       ORDER BY updated_at, queue_id
+       LIMIT %(limit)s) TO STDOUT;
+
+-- queue_read_range: the entries of a queue after one position and up to another, in order
+SELECT queue_id, account_number, uuid, status, updated_at
+  FROM {table}
+ WHERE (updated_at, queue_id) > (%(after_ts)s, %(after_id)s)
+   AND (updated_at, queue_id) <= (%(last_ts)s, %(last_id)s)
+ ORDER BY updated_at, queue_id;
 
 -- queue_select_by_id: the current rows of a queue for a set of queue_ids
 SELECT queue_id, account_number, uuid, status, updated_at
@@ -123,21 +130,6 @@ UPDATE consistency.watermarks
  WHERE queue = %(queue)s
    AND (updated_at, queue_id) < (%(ts)s::timestamptz, %(id)s::integer);
 
--- claim_entries: record entries as applied; returns those no one had recorded before (and, unless retrying them, that are not parked)
-INSERT INTO consistency.applied_entries (queue, queue_id, uuid, status)
-SELECT %(queue)s, e.queue_id, e.uuid, e.status
-  FROM unnest(%(queue_ids)s::integer[], %(uuids)s::text[], %(statuses)s::text[])
-       AS e(queue_id, uuid, status)
- WHERE %(retrying)s
-    OR NOT EXISTS (SELECT 1 FROM consistency.parked_entries p
-                    WHERE p.queue = %(queue)s AND p.queue_id = e.queue_id)
- ORDER BY e.queue_id
-    ON CONFLICT (queue, queue_id) DO NOTHING
-RETURNING queue_id;
-
--- unclaim_entries: drop this transaction's records for entries that had to be parked
-DELETE FROM consistency.applied_entries WHERE queue = %(queue)s AND queue_id = ANY(%(queue_ids)s::integer[]);
-
 -- savepoint: mark a point to return to if one entry is rejected
 SAVEPOINT entry;
 
@@ -147,6 +139,39 @@ ROLLBACK TO SAVEPOINT entry;
 -- release_savepoint: keep the entry's work
 RELEASE SAVEPOINT entry;
 
+-- create_batch_table: the session's table of entries to apply, emptied at every commit
+CREATE TEMP TABLE IF NOT EXISTS cm_batch (
+    queue_id       INTEGER NOT NULL,
+    account_number TEXT,
+    uuid           TEXT,
+    status         TEXT,
+    updated_at     TIMESTAMPTZ NOT NULL,
+    claimed        BOOLEAN NOT NULL DEFAULT FALSE,
+    txn_id         UUID,
+    txn_account    TEXT,
+    txn_type       TEXT,
+    reason         TEXT
+) ON COMMIT DELETE ROWS;
+
+-- copy_into_batch: load COPY text from queue_copy_batch into the batch table
+COPY pg_temp.cm_batch (queue_id, account_number, uuid, status, updated_at) FROM STDIN;
+
+-- load_batch_entries: load entries into the batch table from arrays
+INSERT INTO pg_temp.cm_batch (queue_id, account_number, uuid, status, updated_at)
+SELECT * FROM unnest(%(queue_ids)s::integer[], %(accounts)s::text[], %(uuids)s::text[],
+                     %(statuses)s::text[], %(updated)s::timestamptz[]);
+
+-- batch_extent: how many entries the batch table holds, and the last one's position
+SELECT count(*) OVER (), updated_at, queue_id
+  FROM pg_temp.cm_batch
+ ORDER BY updated_at DESC, queue_id DESC
+ LIMIT 1;
+
+-- apply_batch: apply the batch table's entries (see sql/migrations/0002_set_based_apply.sql)
+SELECT outcome, entries
+  FROM consistency.apply_batch(%(queue)s, %(transaction_type)s, %(columns)s, %(retrying)s,
+                               %(numerators)s::numeric[], %(denominators)s::numeric[]);
+
 -- filter_unapplied: of the given entries, those neither applied nor parked
 SELECT e.queue_id
   FROM unnest(%(queue_ids)s::integer[]) AS e(queue_id)
@@ -154,42 +179,6 @@ SELECT e.queue_id
                     WHERE a.queue = %(queue)s AND a.queue_id = e.queue_id)
    AND NOT EXISTS (SELECT 1 FROM consistency.parked_entries p
                     WHERE p.queue = %(queue)s AND p.queue_id = e.queue_id);
-
--- select_transactions: the portfolio transactions for a set of entry ids
-SELECT id::text, accountid, transaction_type
-  FROM portfolio_transactions
- WHERE id = ANY(%(ids)s::uuid[]);
-
--- lock_portfolios: the portfolios of a set of accounts, locked in a fixed order
-SELECT accountid,
-       tier1_value, tier2_value, tier3_value,
-       tier1_allocation, tier2_allocation, tier3_allocation
-  FROM user_portfolios
- WHERE accountid = ANY(%(accounts)s::text[])
- ORDER BY accountid
-   FOR NO KEY UPDATE;  -- what UPDATE itself takes: foreign-key inserts of transactions are not blocked
-
--- update_portfolio_values: set new tier values, with total_value as their sum
-UPDATE user_portfolios p
-   SET tier1_value = v.t1, tier2_value = v.t2, tier3_value = v.t3,
-       total_value = v.t1 + v.t2 + v.t3, updated_at = CURRENT_TIMESTAMP
-  FROM unnest(%(accounts)s::text[], %(t1)s::numeric[], %(t2)s::numeric[], %(t3)s::numeric[])
-       AS v(accountid, t1, t2, t3)
- WHERE p.accountid = v.accountid;
-
--- update_portfolio_allocations: set new tier allocations, with total_allocation as their sum
-UPDATE user_portfolios p
-   SET tier1_allocation = v.t1, tier2_allocation = v.t2, tier3_allocation = v.t3,
-       total_allocation = v.t1 + v.t2 + v.t3, updated_at = CURRENT_TIMESTAMP
-  FROM unnest(%(accounts)s::text[], %(t1)s::numeric[], %(t2)s::numeric[], %(t3)s::numeric[])
-       AS v(accountid, t1, t2, t3)
- WHERE p.accountid = v.accountid;
-
--- mirror_transaction_status: give portfolio transactions the outcome of their queue entries
-UPDATE portfolio_transactions t
-   SET status = v.status, updated_at = CURRENT_TIMESTAMP
-  FROM unnest(%(ids)s::uuid[], %(statuses)s::text[]) AS v(id, status)
- WHERE t.id = v.id;
 
 -- park_entries: keep entries that cannot be applied yet, with the reason, for a retry
 INSERT INTO consistency.parked_entries

@@ -7,6 +7,7 @@ from decimal import Decimal
 
 import pytest
 
+import migrations
 from cycle import CYCLE_LOCK_KEY
 from service import service_of
 from tests.conftest import API_TOKEN
@@ -47,7 +48,7 @@ def test_not_ready_names_the_failing_database_without_its_password(make_app, wor
     assert answer.status_code == 503
     checks = answer.get_json()["checks"]
     assert checks["queue-db"].startswith("unreachable: ")
-    assert checks["user-portfolio-db"] == "state schema at version None, needs 1"
+    assert checks["user-portfolio-db"] == f"state schema at version None, needs {migrations.LATEST_VERSION}"
     assert PASSWORD not in answer.get_data(as_text=True)
 
 

@@ -310,12 +310,12 @@ def test_the_backlog_is_read_in_bounded_batches(make_service, world: World, mock
     world.portfolio_for(ACCOUNT)
     for _ in range(23):
         world.request("withdrawal", ACCOUNT, "CANCELLED")
-    reads = mocker.spy(cycle, "read_queue")
+    reads = mocker.spy(cycle, "copy_batch")
 
     summary = svc.runner.run()
 
     calls = zip(reads.call_args_list, reads.spy_return_list, strict=True)
-    batch_reads = [(call.args[3]["limit"], len(rows)) for call, rows in calls if call.args[1] == "queue_read_batch"]
+    batch_reads = [(call.args[3], data.count(b"\n")) for call, data in calls if call.args[1].name == "withdrawal"]
     assert counts(summary, "withdrawal")["CANCELLED"] == 23
     assert {limit for limit, _ in batch_reads} == {5}
     assert sum(n for _, n in batch_reads) == 23  # the investment queue is empty

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 
+from apply import Entry
 from db import Database, DatabaseError, mask_uri
 from tests.world import World
 
@@ -85,16 +86,20 @@ def test_every_connection_carries_the_configured_timeouts(settings) -> None:
 
 
 def test_the_portfolio_lock_lets_other_services_insert_transactions(settings, world: World) -> None:
-    from queries import query
+    from apply import INVESTMENT, apply_batch
+    from tiers import load
 
     world.portfolio_for("1000000001")
+    request = world.request("investment", "1000000001")
+    (entry,) = world.q("SELECT queue_id, account_number, uuid, status, updated_at FROM investment_queue")
     db = Database("user-portfolio-db", settings.portfolio_db_uri, settings)
     try:
         with db.transaction() as cur:
-            cur.execute(query("lock_portfolios"), {"accounts": "{1000000001}"})
-            assert len(cur.fetchall()) == 1
+            factors = [t.invest_factor for t in load(cur)]
+            assert apply_batch(cur, INVESTMENT, [Entry(*entry)], factors) == {"COMPLETED": 1}
             # The portfolio service's foreign-key insert must not wait for the cycle's row lock.
             world.p("SET lock_timeout = '1s'")
             world.transaction_for("investment", "1000000001")
     finally:
         db.close()
+    assert world.txn_status(request.uuid) == "PROCESSED"

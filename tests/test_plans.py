@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -28,7 +29,8 @@ def test_reading_after_the_watermark_is_an_index_range_scan(world: World, table:
     world.q(f"ANALYZE {table}")
     watermark = world.q(f"SELECT updated_at, queue_id FROM {table} ORDER BY updated_at DESC, queue_id DESC LIMIT 1")[0]
     with world.queue.cursor() as cur:
-        statement = table_query("queue_read_batch", table).as_string(cur)
+        copy = table_query("queue_copy_batch", table).as_string(cur)
+        statement = re.fullmatch(r"COPY \((.*)\) TO STDOUT;", copy, re.DOTALL).group(1)
         cur.execute(
             "EXPLAIN (FORMAT JSON) " + statement, {"after_ts": watermark[0], "after_id": watermark[1], "limit": 5000}
         )

@@ -14,12 +14,23 @@ SERVICE_MODULES = sorted(p for p in ROOT.glob("*.py") if p.name not in {"demo.py
 
 
 def executed_statements(tree: ast.AST) -> list[ast.expr]:
-    """Return the first argument of every .execute(...) call."""
-    return [
+    """Return the statement of every .execute(...) and .copy_expert(...) call, seen through mogrify()."""
+    statements = [
         node.args[0]
         for node in ast.walk(tree)
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "execute"
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr in {"execute", "copy_expert"}
     ]
+    return [mogrified(statement) for statement in statements]
+
+
+def mogrified(statement: ast.expr) -> ast.expr:
+    """Return X for cur.mogrify(X, params).decode(), else the statement itself."""
+    match statement:
+        case ast.Call(func=ast.Attribute(attr="decode", value=ast.Call(func=ast.Attribute(attr="mogrify"), args=args))):
+            return args[0]
+    return statement
 
 
 @pytest.mark.parametrize("module", SERVICE_MODULES, ids=lambda p: p.name)

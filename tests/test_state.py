@@ -31,7 +31,9 @@ def test_migration_is_idempotent_and_safe_when_processes_start_together(make_ser
         t.join()
 
     assert errors == []
-    assert world.p("SELECT version FROM consistency.schema_migrations") == [(migrations.LATEST_VERSION,)]
+    assert world.p("SELECT version FROM consistency.schema_migrations") == [
+        (version,) for version, _, _ in migrations.available_migrations()
+    ]
     assert world.p("SELECT count(*) FROM consistency.tier_values") == [(3,)]
     assert world.p("SELECT count(*) FROM consistency.tier_value_history") == [(3,)]
     # Running it again changes nothing.
