@@ -16,6 +16,7 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2.extras import Json
 
+import metrics
 import migrations
 import tiers
 from apply import QUEUES, TERMINAL, Entry, Queue, apply_batch, apply_one_by_one, park
@@ -121,8 +122,7 @@ class CycleRunner:
                         _give_turn(pconn)
                     self._save(pconn, summary, clock)
         except (DatabaseError, psycopg2.Error, tiers.TiersNotStored) as err:
-            summary.update(result="error", error=self._describe(err))
-            log.error("consistency cycle failed: %s", summary["error"])
+            summary.update(result="error", error=self._describe(err))  # the poller logs the summary
         summary["duration_ms"] = round((time.monotonic() - clock) * 1000, 1)
         return summary
 
@@ -163,7 +163,9 @@ class CycleRunner:
         counts: Counter[str] = Counter({"read": 0})
         for batch in self._batches(qconn, queue, after):
             counts["read"] += len(batch)
-            counts += self._apply(pconn, queue, batch, factors, min(batch[-1].position, horizon.position))
+            done = self._apply(pconn, queue, batch, factors, min(batch[-1].position, horizon.position))
+            counts += done
+            metrics.observe_batch(batch[-1].updated_at, sum(done.values()))
         return counts
 
     def _batches(self, qconn: Connection, queue: Queue, after: Position) -> Iterator[list[Entry]]:
