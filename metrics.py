@@ -25,7 +25,11 @@ CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 CYCLES = Counter(
     "consistency_cycles", "Cycles by result: ok, error, or skipped (another process had the turn).", ["result"]
 )
-ENTRIES = Counter("consistency_entries", "Queue entries applied by queue and outcome, or parked.", ["queue", "outcome"])
+ENTRIES = Counter(
+    "consistency_entries",
+    "Queue entries applied, by queue and outcome; parked counts every parking, a retry's included.",
+    ["queue", "outcome"],
+)
 DURATION = Histogram(
     "consistency_cycle_duration_seconds",
     "Duration of the cycles this service ran (ok or error; skipped turns are not observed).",

@@ -107,6 +107,10 @@ def test_gunicorn_applies_concurrent_traffic_exactly_once(service_env, world: Wo
             return world.applied() == len(terminal) - len(orphans) and len(world.parked()) == len(orphans)
 
         wait_until(caught_up, 30, "every terminal entry to be applied or parked")
+        # No PROMETHEUS_MULTIPROC_DIR: the three workers share a directory gunicorn made for the run.
+        completed = sum(1 for _, account, status in terminal.values() if status == "COMPLETED" and account != ORPHAN)
+        wait_until(lambda: counted(scrape(port)[1], "COMPLETED") == completed, 15, "the metrics to count them")
+        assert counted(scrape(port)[1], "parked") >= len(orphans)  # each cycle's retry parks them again
         status_code, parked = call(port, "GET", "/api/v1/consistency/parked?limit=1000")
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0
@@ -127,6 +131,12 @@ def test_gunicorn_applies_concurrent_traffic_exactly_once(service_env, world: Wo
             assert got[f"tier{tier}_allocation"] == expected(allocation, *[(withdraw_num, pool)] * withdraws)
         assert got["total_value"] == got["tier1_value"] + got["tier2_value"] + got["tier3_value"]
         assert got["total_allocation"] == got["tier1_allocation"] + got["tier2_allocation"] + got["tier3_allocation"]
+
+
+def counted(samples: Samples, outcome: str) -> float:
+    """Return consistency_entries_total for an outcome, both queues together."""
+    total = "consistency_entries_total"
+    return sum(v for (name, labels), v in samples.items() if name == total and ("outcome", outcome) in labels)
 
 
 def scrape(port: int) -> tuple[dict[str, str], Samples]:

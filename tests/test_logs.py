@@ -106,7 +106,10 @@ def test_no_password_of_a_database_uri_appears_in_the_log(make_app, dbs: tuple[s
     text = output()
 
     assert (ok["result"], failed["result"]) == ("ok", "error")
-    assert [line["result"] for line in summaries(json_lines(text))] == ["ok", "error"]
+    assert [(line["level"], line["result"]) for line in summaries(json_lines(text))] == [
+        ("INFO", "ok"),
+        ("ERROR", "error"),
+    ]
     assert "postgres:***@127.0.0.1:1" in text
     assert PASSWORD not in text
 

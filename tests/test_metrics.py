@@ -104,6 +104,7 @@ def test_a_real_cycle_is_counted_by_result_queue_and_outcome(app, client, world:
 
 
 def test_a_skipped_turn_and_a_failed_cycle_are_counted_apart(app, client, make_app, world: World) -> None:
+    metrics.LAG.set(42)
     _, before = scrape(client)
     world.p("SELECT pg_advisory_lock(%s)", (CYCLE_LOCK_KEY,))
     try:
@@ -119,6 +120,7 @@ def test_a_skipped_turn_and_a_failed_cycle_are_counted_apart(app, client, make_a
     # Only cycles that ran are timed: the failed one.
     count = "consistency_cycle_duration_seconds_count"
     assert value(after, count) - value(before, count) == 1
+    assert value(after, "consistency_lag_seconds") == 42  # neither tells anything new about the lag
 
 
 def test_pool_gauge_counts_connections_lent_out(app, client) -> None:
