@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -48,7 +49,7 @@ def test_each_line_is_one_json_object_with_time_level_logger_message(output) -> 
     first, second = json_lines(output())
 
     assert first["level"] == "WARNING" and first["logger"] == "anything" and first["message"] == "a formatted line"
-    assert (first["queue"], first["n"]) == ("investment", 3)
+    assert (first["queue"], first["n"], first["pid"]) == ("investment", 3, os.getpid())
     assert datetime.fromisoformat(first["time"]).utcoffset() == timedelta(0)
     assert second["level"] == "ERROR" and "ValueError: boom" in second["exception"]
 
