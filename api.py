@@ -14,6 +14,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+import metrics
 import tiers
 from db import DatabaseError
 from openapi import SPEC
@@ -66,6 +67,13 @@ def ready() -> Any:
     checks = service().readiness()
     ok = all(result == "ok" for result in checks.values())
     return jsonify({"status": "ready" if ok else "not ready", "checks": checks}), 200 if ok else 503
+
+
+@bp.get("/metrics")
+def prometheus_metrics() -> Any:
+    """Prometheus metrics of every process of this service instance, in the text format."""
+    body = metrics.exposition(service().settings.metrics_dir)
+    return Response(body, mimetype=None, content_type=metrics.CONTENT_TYPE)
 
 
 @bp.get("/api/v1/openapi.json")

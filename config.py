@@ -28,6 +28,9 @@ TIER_DEFAULTS = {
 TIER_LIMIT = Decimal(10) ** 12
 TIER_PLACES = 8
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("json", "text")
+# prometheus_client reads this variable itself when it is imported: it switches it to multiprocess mode.
+METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class ConfigError(Exception):
@@ -56,6 +59,8 @@ class Settings:
     trigger_wait: float = 10.0
     liveness_timeout: float = 120.0
     log_level: str = "INFO"
+    log_format: str = "json"
+    metrics_dir: str | None = None
     db_pool_size: int = 4
     db_connect_timeout: int = 5
     db_statement_timeout: float = 30.0
@@ -158,6 +163,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         trigger_wait=env.number("TRIGGER_WAIT", 10.0, 0.1, 600),
         liveness_timeout=env.number("LIVENESS_TIMEOUT", 120.0, 1, 86400),
         log_level=env.get("LOG_LEVEL", "INFO", _log_level, "one of " + ", ".join(LOG_LEVELS)),
+        log_format=env.get("LOG_FORMAT", "json", _log_format, "one of " + ", ".join(LOG_FORMATS)),
+        metrics_dir=env.get(METRICS_DIR_VARIABLE, None, _directory, "an existing directory"),
         db_pool_size=env.integer("DB_POOL_SIZE", 4, 2, 100),
         db_connect_timeout=env.integer("DB_CONNECT_TIMEOUT", 5, 1, 300),
         db_statement_timeout=env.number("DB_STATEMENT_TIMEOUT", 30.0, 0.1, 3600),
@@ -191,6 +198,26 @@ def _log_level(raw: str) -> str:
     if level not in LOG_LEVELS:
         raise ValueError(raw)
     return level
+
+
+def _log_format(raw: str) -> str:
+    """Parse a log format name."""
+    fmt = raw.lower()
+    if fmt not in LOG_FORMATS:
+        raise ValueError(raw)
+    return fmt
+
+
+def _directory(raw: str) -> str:
+    """Accept the path of an existing directory."""
+    if not os.path.isdir(raw):
+        raise ValueError(raw)
+    return raw
+
+
+def share_metrics_dir(path: str) -> None:
+    """Name the directory where processes forked from now on keep their metrics (prometheus_client multiprocess)."""
+    os.environ[METRICS_DIR_VARIABLE] = path
 
 
 def parse_decimal(raw: str) -> Decimal:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from datetime import datetime
 from urllib.parse import urlsplit
@@ -48,6 +48,10 @@ def _array_element(value: object) -> str:
     return f'"{text}"'
 
 
+def _ignore(change: int) -> None:
+    """Take no note of a pool's lending."""
+
+
 def mask_uri(uri: str) -> str:
     """Return the URI with its password replaced by ***."""
     return _URI_PASSWORD.sub(r"\1***@", uri)
@@ -65,8 +69,10 @@ class _LazyPool(psycopg2.pool.ThreadedConnectionPool):
 class Database:
     """A psycopg2 pool for one database that hands out connections and transactions."""
 
-    def __init__(self, name: str, uri: str, settings: Settings) -> None:
+    def __init__(self, name: str, uri: str, settings: Settings, on_lend: Callable[[int], None] | None = None) -> None:
         self.name = name
+        # Told +1 when a connection is lent and -1 when it comes back: the pool's in-use metric.
+        self._on_lend = on_lend or _ignore
         self.uri = uri
         self._password = urlsplit(uri).password or ""
         self._size = settings.db_pool_size
@@ -103,6 +109,7 @@ class Database:
         broken = False
         try:
             conn = self._pool.getconn()
+            self._on_lend(1)
             conn.autocommit = autocommit
             yield conn
         except (psycopg2.OperationalError, psycopg2.InterfaceError) as err:
@@ -113,6 +120,7 @@ class Database:
         finally:
             if conn is not None:
                 self._release(conn, broken or bool(conn.closed))
+                self._on_lend(-1)
             self._slots.release()
 
     def _release(self, conn: psycopg2.extensions.connection, broken: bool) -> None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
 from flask import Flask
 
+import logs
+import metrics
 import migrations
 import tiers
 from config import Settings
@@ -115,6 +118,43 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def reported(runner: CycleRunner) -> Callable[[float], dict[str, Any]]:
+    """Wrap the cycle so that each one, however it ends, writes one summary line and updates the metrics."""
+
+    def run(lock_wait: float) -> dict[str, Any]:
+        """Run one cycle and report it."""
+        try:
+            summary = runner.run(lock_wait)
+        except Exception:
+            report({"result": "error", "error": "internal error; see the service log"})
+            raise
+        if summary["result"] == "ok":
+            report(summary, *progress(runner.portfolio_db))
+        else:
+            report(summary)
+        return summary
+
+    return run
+
+
+def report(summary: dict[str, Any], watermarks: dict[str, Any] | None = None, parked: int | None = None) -> None:
+    """Write a cycle's summary line and count it in the metrics."""
+    logs.log_cycle(summary, watermarks, parked)
+    metrics.observe_cycle(summary, parked)
+
+
+def progress(portfolio_db: Database) -> tuple[dict[str, Any] | None, int | None]:
+    """Read the stored watermarks and the parked count after a cycle; (None, None) if the database is down."""
+    try:
+        with portfolio_db.transaction() as cur:
+            cur.execute(query("select_watermarks"))
+            watermarks = {queue: {"updated_at": ts.isoformat(), "queue_id": queue_id} for queue, ts, queue_id, _ in cur}
+            cur.execute(query("count_parked"))
+            return watermarks, cur.fetchone()[0]
+    except DatabaseError:
+        return None, None
+
+
 def service_of(flask_app: Flask) -> Service:
     """Return the service behind a Flask app."""
     return flask_app.extensions[EXTENSION]
@@ -122,9 +162,9 @@ def service_of(flask_app: Flask) -> Service:
 
 def build_service(settings: Settings) -> Service:
     """Wire the databases, the cycle runner and the poller together; nothing connects yet."""
-    queue_db = Database(QUEUE_DB, settings.queue_db_uri, settings)
-    portfolio_db = Database(PORTFOLIO_DB, settings.portfolio_db_uri, settings)
+    queue_db = Database(QUEUE_DB, settings.queue_db_uri, settings, metrics.pool_tracker(QUEUE_DB))
+    portfolio_db = Database(PORTFOLIO_DB, settings.portfolio_db_uri, settings, metrics.pool_tracker(PORTFOLIO_DB))
     stopping, heartbeat = threading.Event(), Heartbeat()
     runner = CycleRunner(settings, queue_db, portfolio_db, stopping, heartbeat)
-    poller = Poller(runner.run, settings.polling_interval, settings.trigger_wait, stopping, heartbeat)
+    poller = Poller(reported(runner), settings.polling_interval, settings.trigger_wait, stopping, heartbeat)
     return Service(settings, queue_db, portfolio_db, runner, poller)

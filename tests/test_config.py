@@ -67,6 +67,12 @@ def test_values_are_read_and_parsed() -> None:
         ("TIER1", "1e12", "TIER1 must be less than 1000000000000"),
         ("BATCH_SIZE", "0", "BATCH_SIZE must be a whole number from 1 to 100000 (got '0')"),
         ("LOG_LEVEL", "LOUD", "LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR (got 'LOUD')"),
+        ("LOG_FORMAT", "xml", "LOG_FORMAT must be one of json, text (got 'xml')"),
+        (
+            "PROMETHEUS_MULTIPROC_DIR",
+            "/no/such/dir",
+            "PROMETHEUS_MULTIPROC_DIR must be an existing directory (got '/no/such/dir')",
+        ),
         ("DB_POOL_SIZE", "1", "DB_POOL_SIZE must be a whole number from 2 to 100 (got '1')"),
         ("API_TOKEN", "short", "API_TOKEN must be at least 16 characters"),
     ],
@@ -94,3 +100,14 @@ def test_every_problem_is_reported_at_once_and_credentials_are_not_echoed() -> N
 
 def test_blank_values_mean_the_default() -> None:
     assert load_settings({"POLLING_INTERVAL": " ", "PORT": ""}).port == 8080
+
+
+def test_logs_are_json_unless_text_is_asked_for() -> None:
+    assert load_settings({}).log_format == "json"
+    assert load_settings({"LOG_FORMAT": "Text"}).log_format == "text"
+    assert load_settings({"LOG_FORMAT": "json"}).log_format == "json"
+
+
+def test_metrics_are_per_process_unless_a_shared_directory_is_named(tmp_path) -> None:
+    assert load_settings({}).metrics_dir is None
+    assert load_settings({"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}).metrics_dir == str(tmp_path)

@@ -20,6 +20,7 @@ import pytest
 from tests.conftest import API_TOKEN
 from tests.faults.harness import wait_until
 from tests.pgtest import ROOT, free_port
+from tests.test_metrics import FAMILIES, Samples, parse
 from tests.world import World, expected
 
 ACCOUNTS = [f"30000000{n:02d}" for n in range(6)]
@@ -106,6 +107,10 @@ def test_gunicorn_applies_concurrent_traffic_exactly_once(service_env, world: Wo
             return world.applied() == len(terminal) - len(orphans) and len(world.parked()) == len(orphans)
 
         wait_until(caught_up, 30, "every terminal entry to be applied or parked")
+        # No PROMETHEUS_MULTIPROC_DIR: the three workers share a directory gunicorn made for the run.
+        completed = sum(1 for _, account, status in terminal.values() if status == "COMPLETED" and account != ORPHAN)
+        wait_until(lambda: counted(scrape(port)[1], "COMPLETED") == completed, 15, "the metrics to count them")
+        assert counted(scrape(port)[1], "parked") >= len(orphans)  # each cycle's retry parks them again
         status_code, parked = call(port, "GET", "/api/v1/consistency/parked?limit=1000")
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0
@@ -126,6 +131,52 @@ def test_gunicorn_applies_concurrent_traffic_exactly_once(service_env, world: Wo
             assert got[f"tier{tier}_allocation"] == expected(allocation, *[(withdraw_num, pool)] * withdraws)
         assert got["total_value"] == got["tier1_value"] + got["tier2_value"] + got["tier3_value"]
         assert got["total_allocation"] == got["tier1_allocation"] + got["tier2_allocation"] + got["tier3_allocation"]
+
+
+def counted(samples: Samples, outcome: str) -> float:
+    """Return consistency_entries_total for an outcome, both queues together."""
+    total = "consistency_entries_total"
+    return sum(v for (name, labels), v in samples.items() if name == total and ("outcome", outcome) in labels)
+
+
+def scrape(port: int) -> tuple[dict[str, str], Samples]:
+    """GET /metrics from whichever worker takes the connection, parsed."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=15) as answer:
+        return parse(answer.read().decode())
+
+
+def test_gunicorn_workers_share_their_metrics_and_log_only_json(service_env, world: World, tmp_path) -> None:
+    world.portfolio_for(ACCOUNTS[0])
+    for _ in range(5):
+        world.request("investment", ACCOUNTS[0])
+    world.request("withdrawal", ACCOUNTS[0], "FAILED")
+    shared = tmp_path / "metrics"
+    shared.mkdir()
+    (shared / "counter_999999.db").write_bytes(b"left over from an earlier run")  # unreadable: must be cleared
+    service_env.update(PROMETHEUS_MULTIPROC_DIR=str(shared), LOG_FORMAT="json")
+    port = int(service_env["PORT"])
+    command = [sys.executable, "-m", "gunicorn", "consistency_manager_svc:app"]  # gunicorn.conf.py: 2 workers
+    log = tmp_path / "gunicorn.log"
+    with running(command, service_env, log) as process:
+        wait_until(lambda: call(port, "GET", "/ready")[0] == 200, 30, "readiness")
+        completed = ("consistency_entries_total", frozenset({("queue", "investment"), ("outcome", "COMPLETED")}))
+        wait_until(lambda: scrape(port)[1][completed] == 5, 30, "the start-up cycle to be counted")
+        scrapes = [scrape(port) for _ in range(12)]  # each on a new connection, served by either worker
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+
+    writers = {path.stem.rsplit("_", 1)[-1] for path in shared.glob("*.db")}
+    assert len(writers) >= 2  # both workers keep their metrics in the shared directory
+    failed = ("consistency_entries_total", frozenset({("queue", "withdrawal"), ("outcome", "FAILED")}))
+    for types, samples in scrapes:
+        assert {name: types.get(name) for name in FAMILIES} == FAMILIES
+        assert (samples[completed], samples[failed]) == (5, 1)
+        assert samples[("consistency_cycles_total", frozenset({("result", "ok")}))] >= 1
+        assert samples[("consistency_last_success_timestamp_seconds", frozenset())] > 0
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    loggers = {line["logger"] for line in lines}
+    assert {"gunicorn.error", "gunicorn.access", "cycle"} <= loggers
+    assert any(line.get("event") == "cycle" and line["result"] == "ok" for line in lines)
 
 
 def test_python_entry_point_serves_the_api_and_stops_on_sigterm(service_env, world: World, tmp_path) -> None:

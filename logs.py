@@ -1,0 +1,122 @@
+"""Log lines: one JSON object per line (or the human text format), never a database password."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from db import mask_uri
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Attributes every LogRecord has; anything else on a record came from `extra=` and becomes a field.
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """Formats a record as one JSON object: time, level, logger, message, pid, then any extra fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Return the record as one line of JSON."""
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": mask_uri(record.getMessage()),
+            "pid": record.process,
+        }
+        line.update((key, value) for key, value in vars(record).items() if key not in _STANDARD)
+        if record.exc_info:
+            line["exception"] = mask_uri(self.formatException(record.exc_info))
+        return mask_uri(json.dumps(line, default=str, ensure_ascii=False))
+
+
+class TextFormatter(logging.Formatter):
+    """The human format for a terminal, with URI passwords masked as well."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Return the record as text."""
+        return mask_uri(super().format(record))
+
+
+def formatter(fmt: str) -> logging.Formatter:
+    """Return the formatter of a LOG_FORMAT value."""
+    return JsonFormatter() if fmt == "json" else TextFormatter()
+
+
+class StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to sys.stdout as it is when a line is written, so a redirected stdout gets every line."""
+
+    @property
+    def stream(self) -> Any:
+        """Return the current standard output."""
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        """Ignore the stream StreamHandler.__init__ sets."""
+
+
+def configure(level: str, fmt: str) -> None:
+    """Send every log line to stdout, at the configured level and in the configured format; safe to repeat."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, StdoutHandler)]:
+        root.removeHandler(handler)
+    handler = StdoutHandler()
+    handler.setFormatter(formatter(fmt))
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def gunicorn_config(level: str) -> dict[str, Any]:
+    """gunicorn's logconfig_dict for JSON: its error and access logs as JSON lines on stdout.
+
+    The root logger is left alone: each worker's app gives it its own handler (configure), and a second
+    one here would print every line twice.
+    """
+    own = {"handlers": ["stdout"], "propagate": False}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": JsonFormatter}},
+        "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"}},
+        "root": {"level": level, "handlers": []},
+        "loggers": {"gunicorn.error": {"level": level, **own}, "gunicorn.access": {"level": "INFO", **own}},
+    }
+
+
+def cycle_fields(summary: dict[str, Any], watermarks: dict[str, Any] | None, parked: int | None) -> dict[str, Any]:
+    """Return the fields of a cycle's summary line."""
+    fields = {"event": "cycle", **summary}
+    if watermarks is not None:
+        fields["watermarks"] = watermarks
+    if parked is not None:
+        fields["parked_entries"] = parked
+    return fields
+
+
+def cycle_message(summary: dict[str, Any]) -> str:
+    """Describe a cycle in one sentence for the text format."""
+    text = "consistency cycle " + {"error": "failed", "skipped": "skipped (another process has the turn)"}.get(
+        summary["result"], summary["result"]
+    )
+    if "duration_ms" in summary:
+        text += f" in {summary['duration_ms']:g} ms"
+    if summary.get("mode"):
+        text += f" ({summary['mode']} mode)"
+    for queue, counts in (summary.get("counts") or {}).items():
+        text += f"; {queue} " + " ".join(f"{key}={value}" for key, value in counts.items())
+    if summary.get("error"):
+        text += f"; error: {summary['error']}"
+    return text
+
+
+def log_cycle(summary: dict[str, Any], watermarks: dict[str, Any] | None = None, parked: int | None = None) -> None:
+    """Write a cycle's one summary line: INFO when it ran, ERROR when it failed, DEBUG when it skipped its turn."""
+    level = {"ok": logging.INFO, "error": logging.ERROR}.get(summary["result"], logging.DEBUG)
+    logging.getLogger("cycle").log(level, cycle_message(summary), extra=cycle_fields(summary, watermarks, parked))

@@ -1,0 +1,106 @@
+"""Prometheus metrics: their definitions, what updates them, and the text served at /metrics.
+
+Under gunicorn every worker is a process of its own. prometheus_client's multiprocess mode (switched on by
+PROMETHEUS_MULTIPROC_DIR, which gunicorn.conf.py sets before any worker imports this module) keeps each
+process's values in files in that directory, and a scrape of any worker adds them up.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.multiprocess import MultiProcessCollector
+
+QUEUES = ("investment", "withdrawal")
+OUTCOMES = ("COMPLETED", "FAILED", "CANCELLED", "parked")
+RESULTS = ("ok", "error", "skipped")
+DATABASES = ("queue-db", "user-portfolio-db")
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+
+CYCLES = Counter(
+    "consistency_cycles", "Cycles by result: ok, error, or skipped (another process had the turn).", ["result"]
+)
+ENTRIES = Counter(
+    "consistency_entries",
+    "Queue entries applied, by queue and outcome; parked counts every parking, a retry's included.",
+    ["queue", "outcome"],
+)
+DURATION = Histogram(
+    "consistency_cycle_duration_seconds",
+    "Duration of the cycles this service ran (ok or error; skipped turns are not observed).",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
+)
+LAG = Gauge(
+    "consistency_lag_seconds",
+    "Upper bound on the age of the oldest settled entry not yet applied; 0 after a cycle that drained both queues.",
+    multiprocess_mode="mostrecent",
+)
+PARKED = Gauge(
+    "consistency_parked_entries", "Entries parked at the end of the last cycle run.", multiprocess_mode="mostrecent"
+)
+LAST_SUCCESS = Gauge(
+    "consistency_last_success_timestamp_seconds", "Unix time the last ok cycle ended.", multiprocess_mode="max"
+)
+POOL_IN_USE = Gauge(
+    "consistency_db_pool_connections_in_use",
+    "Pooled connections lent out, per database, summed over live processes.",
+    ["database"],
+    multiprocess_mode="livesum",
+)
+
+# Every series exists from the start, so a rate over a fresh process reads 0 rather than nothing.
+for _result in RESULTS:
+    CYCLES.labels(result=_result)
+for _queue in QUEUES:
+    for _outcome in OUTCOMES:
+        ENTRIES.labels(queue=_queue, outcome=_outcome)
+for _database in DATABASES:
+    POOL_IN_USE.labels(database=_database)
+
+
+def observe_cycle(summary: dict[str, Any], parked: int | None = None) -> None:
+    """Count a finished cycle from its summary; `parked` is the parked count read after it, if known."""
+    result = summary["result"]
+    CYCLES.labels(result=result).inc()
+    if result != "skipped" and "duration_ms" in summary:
+        DURATION.observe(summary["duration_ms"] / 1000)
+    for queue, counts in (summary.get("counts") or {}).items():
+        for outcome in OUTCOMES:
+            if counts.get(outcome):
+                ENTRIES.labels(queue=queue, outcome=outcome).inc(counts[outcome])
+    if result == "ok":
+        LAST_SUCCESS.set(time.time())
+        if not summary.get("stopped_early"):
+            LAG.set(0)
+    if parked is not None:
+        PARKED.set(parked)
+
+
+def observe_batch(last_read: datetime, applied: int) -> None:
+    """After a batch of a drain applied or parked entries, set the lag to the age of the last entry it read.
+
+    Entries come in updated_at order, so every entry not read yet is younger than that one. A batch that
+    applied nothing only re-read entries already applied (the watermark trails what was read) and tells nothing.
+    """
+    if applied:
+        LAG.set(max(0.0, time.time() - last_read.timestamp()))
+
+
+def pool_tracker(database: str) -> Callable[[int], None]:
+    """Return what a database's pool calls with +1 when it lends a connection and -1 when it gets it back."""
+    gauge = POOL_IN_USE.labels(database=database)
+    return gauge.inc
+
+
+def exposition(metrics_dir: str | None) -> bytes:
+    """Return every metric in Prometheus text format: of all processes when they share a directory."""
+    if metrics_dir is None:
+        return generate_latest(REGISTRY)
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=metrics_dir)
+    return generate_latest(registry)

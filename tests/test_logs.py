@@ -1,0 +1,129 @@
+"""Log lines: one JSON object per line, one summary line per cycle, the text format, and no password."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+
+import pytest
+
+from consistency_manager_svc import configure_logging
+from cycle import CYCLE_LOCK_KEY
+from service import service_of
+from tests.world import World
+
+ACCOUNT = "4000000001"
+PASSWORD = "Log-pw-never-shown-42"
+
+
+@pytest.fixture
+def output(capsys) -> Iterator:
+    """Read what the service wrote to stdout since the last read; the text format is restored afterwards."""
+    capsys.readouterr()
+    yield lambda: capsys.readouterr().out
+    configure_logging("INFO", "text")
+
+
+def json_lines(text: str) -> list[dict]:
+    """Parse every line of the output as one JSON object."""
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def summaries(lines: list[dict]) -> list[dict]:
+    """Return the cycle summary lines."""
+    return [line for line in lines if line.get("event") == "cycle"]
+
+
+def test_each_line_is_one_json_object_with_time_level_logger_message(output) -> None:
+    configure_logging("INFO", "json")
+    logging.getLogger("anything").warning("a %s line", "formatted", extra={"queue": "investment", "n": 3})
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        logging.getLogger("anything").exception("it failed")
+
+    first, second = json_lines(output())
+
+    assert first["level"] == "WARNING" and first["logger"] == "anything" and first["message"] == "a formatted line"
+    assert (first["queue"], first["n"], first["pid"]) == ("investment", 3, os.getpid())
+    assert datetime.fromisoformat(first["time"]).utcoffset() == timedelta(0)
+    assert second["level"] == "ERROR" and "ValueError: boom" in second["exception"]
+
+
+def test_each_cycle_writes_exactly_one_summary_line_with_its_fields(app, world: World, output) -> None:
+    configure_logging("INFO", "json")
+    world.portfolio_for(ACCOUNT)
+    world.request("investment", ACCOUNT)
+    world.request("withdrawal", ACCOUNT, "FAILED")
+    poller = service_of(app).poller
+
+    summary = poller.run_once()
+    lines = json_lines(output())
+    poller.run_once()
+    again = json_lines(output())
+
+    [line] = summaries(lines)
+    assert len(summaries(again)) == 1
+    assert line["level"] == "INFO" and line["logger"] == "cycle"
+    assert line["result"] == "ok" and line["mode"] == "exact"
+    assert line["duration_ms"] == summary["duration_ms"]
+    assert line["counts"]["investment"]["COMPLETED"] == 1
+    assert line["counts"]["withdrawal"]["FAILED"] == 1
+    assert set(line["watermarks"]) == {"investment", "withdrawal"}
+    assert {"updated_at", "queue_id"} <= set(line["watermarks"]["investment"])
+    assert line["parked_entries"] == 0
+    assert line["message"].startswith("consistency cycle ok in ")
+
+
+def test_a_skipped_turn_writes_its_line_at_debug(app, world: World, output) -> None:
+    configure_logging("DEBUG", "json")
+    world.p("SELECT pg_advisory_lock(%s)", (CYCLE_LOCK_KEY,))
+    try:
+        service_of(app).poller.run_once()
+    finally:
+        world.p("SELECT pg_advisory_unlock(%s)", (CYCLE_LOCK_KEY,))
+    [line] = summaries(json_lines(output()))
+    assert (line["level"], line["result"]) == ("DEBUG", "skipped")
+
+
+def test_no_password_of_a_database_uri_appears_in_the_log(make_app, dbs: tuple[str, str], world: World, output):
+    with_password = [uri.replace("://postgres@", f"://postgres:{PASSWORD}@") for uri in dbs]
+    assert all(PASSWORD in uri for uri in with_password)  # the server trusts loopback, so these connect
+    app = make_app(queue_db_uri=with_password[0], portfolio_db_uri=with_password[1], log_level="DEBUG")
+    configure_logging("DEBUG", "json")
+    world.portfolio_for(ACCOUNT)
+    world.request("investment", ACCOUNT)
+    ok = service_of(app).poller.run_once()
+    unreachable = with_password[0].replace("127.0.0.1:5432", "127.0.0.1:1")
+    broken = make_app(queue_db_uri=unreachable, portfolio_db_uri=with_password[1], db_connect_timeout=1)
+    configure_logging("DEBUG", "json")
+    failed = service_of(broken).poller.run_once()
+    logging.getLogger("careless").info("connecting to %s", unreachable)  # a URI logged by mistake is masked
+
+    text = output()
+
+    assert (ok["result"], failed["result"]) == ("ok", "error")
+    assert [(line["level"], line["result"]) for line in summaries(json_lines(text))] == [
+        ("INFO", "ok"),
+        ("ERROR", "error"),
+    ]
+    assert "postgres:***@127.0.0.1:1" in text
+    assert PASSWORD not in text
+
+
+def test_text_format_is_for_a_terminal(app, world: World, output) -> None:
+    configure_logging("INFO", "text")
+    world.portfolio_for(ACCOUNT)
+    world.request("investment", ACCOUNT)
+    service_of(app).poller.run_once()
+
+    lines = output().splitlines()
+
+    [line] = [line for line in lines if " INFO cycle: " in line]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO cycle: consistency cycle ok in .*", line)
+    assert "investment read=1 COMPLETED=1" in line
+    assert not line.startswith("{")
