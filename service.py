@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
@@ -22,6 +22,8 @@ from queries import query
 
 QUEUE_DB, PORTFOLIO_DB = "queue-db", "user-portfolio-db"
 EXTENSION = "consistency"  # the key of the service in app.extensions
+# How old the state served by the status endpoint may be; every cycle this process runs refreshes it.
+STATE_MAX_AGE = 1.0
 
 
 @dataclass
@@ -32,7 +34,10 @@ class Service:
     queue_db: Database
     portfolio_db: Database
     runner: CycleRunner
-    poller: Poller
+    poller: Poller = field(init=False)
+    _state: dict[str, Any] | None = field(default=None, init=False)
+    _state_read_at: float = field(default=0.0, init=False)
+    _state_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     def liveness(self) -> dict[str, Any]:
         """Tell whether the poller thread runs and, inside a cycle, has made progress recently."""
@@ -64,7 +69,22 @@ class Service:
         return checks
 
     def status(self) -> dict[str, Any]:
-        """Describe tier values, watermarks, mode, parked count and the last cycle."""
+        """Describe tier values, watermarks, mode, parked count and the last cycle, from the kept snapshot."""
+        return {
+            **self.state(),
+            "polling_interval": self.settings.polling_interval,
+            "this_process": {"poller_alive": self.poller.is_alive(), "last_attempt": self.poller.last_summary},
+        }
+
+    def state(self) -> dict[str, Any]:
+        """Return the stored state as of at most STATE_MAX_AGE seconds ago, reading it again only when older."""
+        with self._state_lock:
+            if self._state is None or time.monotonic() - self._state_read_at > STATE_MAX_AGE:
+                self.refresh_state()
+            return self._state  # type: ignore[return-value]
+
+    def refresh_state(self) -> dict[str, Any]:
+        """Read the stored state in one transaction and keep it for status requests."""
         with self.portfolio_db.transaction() as cur:
             current = tiers.load(cur)
             cur.execute(query("select_watermarks"))
@@ -76,15 +96,34 @@ class Service:
             parked = cur.fetchone()[0]
             cur.execute(query("select_last_cycle"))
             row = cur.fetchone()
-        return {
+        self._state = {
             "tiers": tiers.tiers_json(current),
             "watermarks": watermarks,
             "mode": self.runner.mode or (row[0].get("mode") if row else None),
             "parked_entries": parked,
-            "polling_interval": self.settings.polling_interval,
             "last_cycle": row[0] if row else None,
-            "this_process": {"poller_alive": self.poller.is_alive(), "last_attempt": self.poller.last_summary},
         }
+        self._state_read_at = time.monotonic()
+        return self._state
+
+    def run_cycle(self, lock_wait: float) -> dict[str, Any]:
+        """Run one cycle, then read the state it left, write its summary line and count it in the metrics."""
+        try:
+            summary = self.runner.run(lock_wait)
+        except Exception:
+            report({"result": "error", "error": "internal error; see the service log"})
+            raise
+        try:
+            with self._state_lock:
+                state = self.refresh_state()
+        except DatabaseError:
+            report(summary)
+            return summary
+        if summary["result"] == "ok":
+            report(summary, state["watermarks"], state["parked_entries"])
+        else:
+            report(summary)
+        return summary
 
     def parked(self, limit: int) -> dict[str, Any]:
         """List parked entries, oldest first."""
@@ -100,6 +139,8 @@ class Service:
         """Store new tier values, all or nothing, and describe the result."""
         with self.portfolio_db.transaction() as cur:
             updated = tiers.update(cur, changes)
+        with self._state_lock:
+            self._state = None  # the next status request reads the new values
         return tiers.tiers_json(updated)
 
     def close(self) -> None:
@@ -118,41 +159,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def reported(runner: CycleRunner) -> Callable[[float], dict[str, Any]]:
-    """Wrap the cycle so that each one, however it ends, writes one summary line and updates the metrics."""
-
-    def run(lock_wait: float) -> dict[str, Any]:
-        """Run one cycle and report it."""
-        try:
-            summary = runner.run(lock_wait)
-        except Exception:
-            report({"result": "error", "error": "internal error; see the service log"})
-            raise
-        if summary["result"] == "ok":
-            report(summary, *progress(runner.portfolio_db))
-        else:
-            report(summary)
-        return summary
-
-    return run
-
-
 def report(summary: dict[str, Any], watermarks: dict[str, Any] | None = None, parked: int | None = None) -> None:
     """Write a cycle's summary line and count it in the metrics."""
     logs.log_cycle(summary, watermarks, parked)
     metrics.observe_cycle(summary, parked)
-
-
-def progress(portfolio_db: Database) -> tuple[dict[str, Any] | None, int | None]:
-    """Read the stored watermarks and the parked count after a cycle; (None, None) if the database is down."""
-    try:
-        with portfolio_db.transaction() as cur:
-            cur.execute(query("select_watermarks"))
-            watermarks = {queue: {"updated_at": ts.isoformat(), "queue_id": queue_id} for queue, ts, queue_id, _ in cur}
-            cur.execute(query("count_parked"))
-            return watermarks, cur.fetchone()[0]
-    except DatabaseError:
-        return None, None
 
 
 def service_of(flask_app: Flask) -> Service:
@@ -166,5 +176,6 @@ def build_service(settings: Settings) -> Service:
     portfolio_db = Database(PORTFOLIO_DB, settings.portfolio_db_uri, settings, metrics.pool_tracker(PORTFOLIO_DB))
     stopping, heartbeat = threading.Event(), Heartbeat()
     runner = CycleRunner(settings, queue_db, portfolio_db, stopping, heartbeat)
-    poller = Poller(reported(runner), settings.polling_interval, settings.trigger_wait, stopping, heartbeat)
-    return Service(settings, queue_db, portfolio_db, runner, poller)
+    service = Service(settings, queue_db, portfolio_db, runner)
+    service.poller = Poller(service.run_cycle, settings.polling_interval, settings.trigger_wait, stopping, heartbeat)
+    return service

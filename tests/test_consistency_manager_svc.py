@@ -74,6 +74,39 @@ def test_status_shows_tiers_deltas_watermarks_mode_and_the_last_cycle(app, clien
     assert "started_at" in last
 
 
+def test_status_is_served_from_the_kept_state_without_a_query_per_request(app, client, world: World, mocker) -> None:
+    svc = service_of(app)
+    svc.poller.run_once()  # a cycle, as the poller runs it, leaves the state read
+    reads = mocker.spy(svc.portfolio_db, "transaction")
+
+    answers = [client.get("/api/v1/consistency/status") for _ in range(50)]
+
+    assert {a.status_code for a in answers} == {200}
+    assert reads.call_count == 0
+
+
+def test_status_shows_this_process_s_changes_at_once_and_others_within_the_max_age(
+    app, client, world: World, auth, mocker
+) -> None:
+    import service
+
+    svc = service_of(app)
+    world.portfolio_for(ACCOUNT)
+    svc.poller.run_once()
+    world.request("investment", ACCOUNT)
+    svc.poller.run_once()
+    assert client.get("/api/v1/consistency/status").get_json()["last_cycle"]["counts"]["investment"]["COMPLETED"] == 1
+
+    client.post("/api/v1/consistency/update-tier-values", json={"TIER1_MV": "1100000"}, headers=auth)
+    assert client.get("/api/v1/consistency/status").get_json()["tiers"]["TIER1_MV"] == "1100000"
+
+    # Another process's change (here: straight to the database) shows once the kept state is older than allowed.
+    world.p("UPDATE consistency.tier_values SET market = 1200000 WHERE tier = 1")
+    assert client.get("/api/v1/consistency/status").get_json()["tiers"]["TIER1_MV"] == "1100000"
+    mocker.patch.object(service, "STATE_MAX_AGE", 0.0)
+    assert client.get("/api/v1/consistency/status").get_json()["tiers"]["TIER1_MV"] == "1200000"
+
+
 def test_trigger_runs_a_cycle_and_returns_its_result(app, client, world: World, auth) -> None:
     world.portfolio_for(ACCOUNT)
     request = world.request("investment", ACCOUNT)
