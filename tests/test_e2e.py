@@ -47,10 +47,10 @@ def call(port: int, method: str, path: str, body: dict | None = None) -> tuple[i
 
 
 @contextmanager
-def running(command: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
+def running(command: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT) -> Iterator[subprocess.Popen]:
     """Run the service as a child process, stopping it afterwards if the test has not."""
     with log.open("w") as out:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
             yield process
         finally:
