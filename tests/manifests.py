@@ -1,4 +1,4 @@
-"""Read the deployment files the tests hold the code to: the Dockerfile's final stage."""
+"""Read the deployment files the tests hold the code to: the Dockerfile's final stage and k8s/base."""
 
 from __future__ import annotations
 
@@ -8,10 +8,14 @@ import shlex
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from tests.pgtest import ROOT
 
 DOCKERFILE = ROOT / "Dockerfile"
+BASE_DEPLOYMENT = ROOT / "k8s" / "base" / "deployment.yaml"
 
 
 @dataclass
@@ -121,3 +125,13 @@ def assemble_workdir(stage: ImageStage, target: Path, root: Path = ROOT) -> Path
                     (into / relative.relative_to(base)).parent.mkdir(parents=True, exist_ok=True)
                     (into / relative.relative_to(base)).write_bytes((root / relative).read_bytes())
     return target / Path(stage.workdir).relative_to("/")
+
+
+def base_deployment() -> dict[str, Any]:
+    """Return the Deployment of k8s/base."""
+    return yaml.safe_load(BASE_DEPLOYMENT.read_text())
+
+
+def termination_grace_period() -> int:
+    """Return the base Deployment's terminationGracePeriodSeconds."""
+    return base_deployment()["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]

@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import API_TOKEN
 from tests.faults.harness import wait_until
+from tests.manifests import termination_grace_period
 from tests.pgtest import ROOT, free_port
 from tests.world import World, expected
 
@@ -162,11 +163,12 @@ def test_bad_configuration_stops_the_start_naming_every_variable(command) -> Non
     assert "pw" not in result.stderr
 
 
-def test_gunicorn_waits_for_the_poller_to_finish_its_batch_within_kubernetes_default_grace() -> None:
+def test_gunicorn_waits_for_the_poller_to_finish_its_batch_within_the_deployments_grace_period() -> None:
     import runpy
 
     from poller import STOP_TIMEOUT
 
     conf = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
     assert conf["preload_app"] is False
-    assert STOP_TIMEOUT < conf["graceful_timeout"] < 30  # Kubernetes' default terminationGracePeriodSeconds
+    assert STOP_TIMEOUT < conf["graceful_timeout"] < termination_grace_period()  # k8s/base/deployment.yaml
+    assert STOP_TIMEOUT + conf["graceful_timeout"] <= termination_grace_period()

@@ -8,6 +8,7 @@ port, the venv of the tests standing in for the image's /opt/venv.
 from __future__ import annotations
 
 import os
+import runpy
 import signal
 import sys
 import time
@@ -18,11 +19,12 @@ import pytest
 
 from tests import pgtest
 from tests.faults.harness import wait_until
-from tests.manifests import DOCKERFILE, ImageStage, assemble_workdir, final_stage
+from tests.manifests import DOCKERFILE, ImageStage, assemble_workdir, base_deployment, final_stage
+from tests.manifests import termination_grace_period as grace_period
 from tests.test_e2e import call, running
 
 STAGE = final_stage(DOCKERFILE.read_text())
-GRACE = 30  # Kubernetes' default terminationGracePeriodSeconds
+IMAGE_TMP = "/tmp"  # noqa: S108 - the image's temp folder, not one the tests use
 
 
 @pytest.fixture
@@ -55,8 +57,8 @@ def test_the_image_command_serves_and_stops_cleanly_on_sigterm(fresh_dbs, tmp_pa
         assert call(port, "GET", "/health") == (200, {"status": "ok", "poller": "running"})
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=GRACE) == 0
-    assert time.monotonic() - started < GRACE
+        assert process.wait(timeout=grace_period()) == 0
+    assert time.monotonic() - started < grace_period()
 
 
 def test_a_broken_command_is_caught(fresh_dbs, tmp_path) -> None:
@@ -73,3 +75,18 @@ def test_the_image_holds_what_the_service_reads_and_nothing_of_the_tests(tmp_pat
     needed = {"consistency_manager_svc.py", "gunicorn.conf.py", "sql/queries.sql", "sql/migrations/0001_state.sql"}
     assert needed <= shipped
     assert not any(name.startswith(("tests/", "bench/", ".venv/", ".git")) for name in shipped)
+
+
+def test_the_deployment_runs_the_image_as_its_user_on_its_port_with_a_writable_tmp() -> None:
+    pod = base_deployment()["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert STAGE.user.isdigit()
+    assert pod["securityContext"]["runAsUser"] == container["securityContext"]["runAsUser"] == int(STAGE.user)
+    assert [str(p["containerPort"]) for p in container["ports"]] == STAGE.expose == ["8080"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    conf = runpy.run_path(str(pgtest.ROOT / "gunicorn.conf.py"))
+    # worker_tmp_dir unset: gunicorn's heartbeat files go to the temp folder, which is /tmp in the image.
+    assert conf.get("worker_tmp_dir") is None
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts[IMAGE_TMP]]
