@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: demo test lint run clean
+.PHONY: demo test lint run clean check-deploy
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -18,6 +18,9 @@ test: $(VENV)/.installed lint  ## lint, then every test against real PostgreSQL
 lint: $(VENV)/.installed
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
+
+check-deploy: $(VENV)/.installed  ## hadolint, kustomize + kubernetes-validate, skaffold.yaml, promtool
+	bash .ci/deploy-checks
 
 run: $(VENV)/.installed  ## the production command, configured from the environment
 	$(VENV)/bin/gunicorn consistency_manager_svc:app

@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import API_TOKEN
 from tests.faults.harness import wait_until
+from tests.manifests import termination_grace_period
 from tests.pgtest import ROOT, free_port
 from tests.test_metrics import FAMILIES, Samples, parse
 from tests.world import World, expected
@@ -48,10 +49,10 @@ def call(port: int, method: str, path: str, body: dict | None = None) -> tuple[i
 
 
 @contextmanager
-def running(command: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
+def running(command: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT) -> Iterator[subprocess.Popen]:
     """Run the service as a child process, stopping it afterwards if the test has not."""
     with log.open("w") as out:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
             yield process
         finally:
@@ -213,11 +214,12 @@ def test_bad_configuration_stops_the_start_naming_every_variable(command) -> Non
     assert "pw" not in result.stderr
 
 
-def test_gunicorn_waits_for_the_poller_to_finish_its_batch_within_kubernetes_default_grace() -> None:
+def test_gunicorn_waits_for_the_poller_to_finish_its_batch_within_the_deployments_grace_period() -> None:
     import runpy
 
     from poller import STOP_TIMEOUT
 
     conf = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
     assert conf["preload_app"] is False
-    assert STOP_TIMEOUT < conf["graceful_timeout"] < 30  # Kubernetes' default terminationGracePeriodSeconds
+    assert STOP_TIMEOUT < conf["graceful_timeout"] < termination_grace_period()  # k8s/base/deployment.yaml
+    assert STOP_TIMEOUT + conf["graceful_timeout"] <= termination_grace_period()
