@@ -1,4 +1,5 @@
-"""python -m bench: drain one backlog three ways, check they agree, and print entries/s, ratios and memory."""
+"""python -m bench: drain one backlog three ways, check they agree, and print one table of rates, ratios,
+memory, idle-cycle time and HTTP latency under load."""
 
 from __future__ import annotations
 
@@ -9,13 +10,17 @@ import platform
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from bench import http
 from bench.approaches import per_entry, set_based
 from bench.data import TIERS, build_templates, snapshot
+from bench.idle import idle_cycle_ms
 from tests import pgtest
+from tests.faults.harness import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,8 +41,13 @@ def worker_peak_rss_mb(master: int) -> float:
     return max(peaks)
 
 
-def run_service(queue_uri: str, portfolio_uri: str, batch_size: int) -> tuple[float, float]:
-    """Start the service under gunicorn; its start-up cycle drains the backlog. Return seconds and peak RSS."""
+def run_service(
+    queue_uri: str, portfolio_uri: str, batch_size: int, during: Callable[[int], None] | None = None
+) -> tuple[float, float, bool]:
+    """Start the service under gunicorn; its start-up cycle drains the backlog while `during(port)` runs.
+
+    Return the drain's seconds, the workers' peak RSS, and whether the drain outlasted `during`.
+    """
     port = pgtest.free_port()
     env = {
         **os.environ,
@@ -49,40 +59,69 @@ def run_service(queue_uri: str, portfolio_uri: str, batch_size: int) -> tuple[fl
         "BATCH_SIZE": str(batch_size),
         "LOG_LEVEL": "WARNING",
     }
-    command = [sys.executable, "-m", "gunicorn", "consistency_manager_svc:app", "--workers", "1"]
+    command = [sys.executable, "-m", "gunicorn", "consistency_manager_svc:app"]
     service = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 3600
-        while time.monotonic() < deadline:
-            time.sleep(0.2)
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/consistency/status", timeout=5) as r:
-                    last = json.loads(r.read()).get("last_cycle")
-            except OSError:
-                continue
-            if last and last["result"] == "ok":
-                return last["duration_ms"] / 1000, worker_peak_rss_mb(service.pid)
-        raise SystemExit("the service did not finish draining")
+        wait_until(lambda: last_cycle(port) is not False, 60, "the service to answer")
+        if during is not None:
+            during(port)
+        outlasted = last_cycle(port) is None
+        wait_until(lambda: bool(last_cycle(port)), 3600, "the drain to finish", interval=0.2)
+        last = last_cycle(port)
+        if last["result"] != "ok":  # type: ignore[index]
+            raise SystemExit(f"the service's drain failed: {last}")
+        return last["duration_ms"] / 1000, worker_peak_rss_mb(service.pid), outlasted  # type: ignore[index]
     finally:
         service.send_signal(signal.SIGTERM)
         service.wait(timeout=30)
 
 
-def measure(server: str, entries: int, batch_size: int, with_per_entry: bool) -> dict[str, object]:
+def last_cycle(port: int) -> dict[str, object] | bool | None:
+    """Return the last finished cycle the service reports, None before the first, False if it is not up."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/consistency/status", timeout=5) as answer:
+            return json.loads(answer.read()).get("last_cycle")
+    except OSError:
+        return False
+
+
+def http_loads(seconds: int) -> tuple[dict[str, http.Load], Callable[[int], None]]:
+    """Return where wrk's figures go and a `during` that fills them: both endpoints, paced and saturated."""
+    loads: dict[str, http.Load] = {}
+
+    def during(port: int) -> None:
+        """Run each wrk load in turn against the draining service."""
+        for path in ("/health", "/api/v1/consistency/status"):
+            for paced in (True, False):
+                loads[f"{path} {'paced' if paced else 'saturated'}"] = http.wrk(
+                    f"http://127.0.0.1:{port}{path}", seconds, paced
+                )
+
+    return loads, during
+
+
+def measure(server: str, entries: int, batch_size: int, with_per_entry: bool, http_seconds: int) -> dict[str, Any]:
     """Drain a backlog of `entries` with each approach on fresh copies; return rates and fingerprints."""
     templates = build_templates(server, entries)
-    results: dict[str, object] = {"entries": entries}
-    runs = [("service", None), ("set-based bound", set_based)]
+    results: dict[str, Any] = {"entries": entries}
+    runs: list[tuple[str, Callable[..., float] | None]] = [("service", None), ("set-based bound", set_based)]
     if with_per_entry:
         runs.append(("per-entry loop", per_entry))
+    if http_seconds and http.available():
+        runs.append(("service under HTTP load", None))
     try:
         for name, approach in runs:
             queue_uri, portfolio_uri, names = fresh_copy(server, templates)
             try:
-                if approach is None:
-                    seconds, results["service peak RSS MB"] = run_service(queue_uri, portfolio_uri, batch_size)
-                else:
+                if approach is not None:
                     seconds = approach(queue_uri, portfolio_uri, TIERS)
+                elif name == "service":
+                    seconds, results["service peak RSS MB"], _ = run_service(queue_uri, portfolio_uri, batch_size)
+                else:
+                    results["http"], during = http_loads(http_seconds)
+                    seconds, _, results["load while draining"] = run_service(
+                        queue_uri, portfolio_uri, batch_size, during
+                    )
                 results[name] = entries / seconds
                 results[f"{name} snapshot"] = snapshot(portfolio_uri)
             finally:
@@ -94,10 +133,31 @@ def measure(server: str, entries: int, batch_size: int, with_per_entry: bool) ->
     return results
 
 
+def http_rows(big: dict[str, Any]) -> list[tuple[str, str]]:
+    """Describe the HTTP loads, or why there are none."""
+    if "http" not in big:
+        return [("HTTP under load", "not measured: wrk is not installed (apt-get install wrk), or --http-seconds 0")]
+    during = "while draining" if big["load while draining"] else "NOT all while draining: the drain ended first"
+    rows = []
+    for name, load in big["http"].items():
+        path, kind = name.split()
+        how = f"{http.CONNECTIONS} connections, " + (
+            f"each pausing 0-{2 * http.PACE_MS} ms" if kind == "paced" else "no pause (closed loop)"
+        )
+        rows.append(
+            (
+                f"HTTP {path} {kind}",
+                f"p50 {load.p50_ms:.1f} ms, p99 {load.p99_ms:.1f} ms (target p99 < 10 ms) at "
+                f"{load.rate:,.0f} requests/s; {how}; {load.errors} errors; {during}",
+            )
+        )
+    return rows
+
+
 def main() -> None:
     """Run the benchmark and print its table."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--entries", type=int, default=100_000, help="backlog size (default 100000)")
+    parser.add_argument("--entries", type=int, default=200_000, help="backlog size (default 200000)")
     parser.add_argument(
         "--per-entry-entries",
         type=int,
@@ -105,23 +165,36 @@ def main() -> None:
         help="backlog for the slow per-entry loop, run on its own smaller copy (default 20000)",
     )
     parser.add_argument("--batch-size", type=int, default=5000, help="the service's BATCH_SIZE (default 5000)")
+    parser.add_argument(
+        "--http-seconds", type=int, default=2, help="length of each wrk load during a drain; 0 skips (default 2)"
+    )
+    parser.add_argument(
+        "--idle-rows", type=int, default=1_000_000, help="rows per queue table for the idle cycle (default 1000000)"
+    )
     args = parser.parse_args()
     server, keep_alive = pgtest.server_uri()
-    big = measure(server, args.entries, args.batch_size, with_per_entry=args.entries <= args.per_entry_entries)
+    big = measure(server, args.entries, args.batch_size, args.entries <= args.per_entry_entries, args.http_seconds)
     small = big if args.entries <= args.per_entry_entries else measure(
-        server, args.per_entry_entries, args.batch_size, with_per_entry=True)  # fmt: skip
-    same = big["service snapshot"] == big["set-based bound snapshot"] and (
-        small["service snapshot"] == small["per-entry loop snapshot"])  # fmt: skip
+        server, args.per_entry_entries, args.batch_size, True, 0)  # fmt: skip
+    idle_median, idle_max = idle_cycle_ms(server, args.idle_rows)
+    fingerprints = {big[k] for k in big if k.endswith("snapshot")}
+    same = len(fingerprints) == 1 and small["service snapshot"] == small["per-entry loop snapshot"]
     rows = [
         ("machine", f"{platform.machine()}, {os.cpu_count()} cores, PostgreSQL on loopback"),
-        ("backlog", f"{args.entries} completed entries, half withdrawals, 10 per account"),
+        ("backlog", f"{args.entries:,} completed entries, half withdrawals, 10 per account"),
         ("service", f"{big['service']:,.0f} entries/s (BATCH_SIZE {args.batch_size})"),
         ("set-based bound", f"{big['set-based bound']:,.0f} entries/s"),
         ("service / bound", f"{big['service'] / big['set-based bound']:.2f}x (target >= 0.7x)"),
-        ("per-entry loop", f"{small['per-entry loop']:,.0f} entries/s (on {small['entries']} entries)"),
+        ("per-entry loop", f"{small['per-entry loop']:,.0f} entries/s (on {small['entries']:,} entries)"),
         ("service / per-entry", f"{small['service'] / small['per-entry loop']:.1f}x (target >= 20x)"),
         ("service peak RSS", f"{big['service peak RSS MB']:.0f} MB (target < 150 MB at 1M)"),
         ("identical results", "yes" if same else "NO: the approaches disagree"),
+        (
+            "idle cycle",
+            f"median {idle_median:.1f} ms, max {idle_max:.1f} ms, {args.idle_rows:,} rows per queue table "
+            "(target < 20 ms at 10,000,000)",
+        ),
+        *http_rows(big),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:

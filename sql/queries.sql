@@ -146,10 +146,7 @@ CREATE TEMP TABLE IF NOT EXISTS cm_batch (
     uuid           TEXT,
     status         TEXT,
     updated_at     TIMESTAMPTZ NOT NULL,
-    claimed        BOOLEAN NOT NULL DEFAULT FALSE,
     txn_id         UUID,
-    txn_account    TEXT,
-    txn_type       TEXT,
     reason         TEXT
 ) ON COMMIT DELETE ROWS;
 

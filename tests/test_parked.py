@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+import pytest
+
 from tests.world import World, expected
 
 ACCOUNT, OTHER = "1000000001", "1000000002"
@@ -185,3 +187,21 @@ def test_a_parked_entry_whose_queue_row_is_deleted_says_so(svc, world: World) ->
     svc.runner.run()
 
     assert world.parked() == {request.uuid: "the queue entry no longer exists"}
+
+
+@pytest.mark.parametrize("with_a_malformed_one", [False, True], ids=["all-castable", "one-malformed"])
+def test_uuids_in_other_spellings_find_their_transactions(svc, world: World, with_a_malformed_one: bool) -> None:
+    world.portfolio_for(ACCOUNT)
+    spellings = {"upper": str.upper, "bare": lambda u: u.replace("-", "")}  # the queue's uuid is VARCHAR(36)
+    ids = {}
+    for name, spell in spellings.items():
+        ids[name] = world.transaction_for("withdrawal", ACCOUNT)
+        world.finish(world.enqueue("withdrawal", ACCOUNT, spell(ids[name]), txn=False), "CANCELLED")
+    if with_a_malformed_one:  # the batch no longer casts as a whole, so each uuid is read on its own
+        world.finish(world.enqueue("withdrawal", ACCOUNT, "{not-a-uuid}", txn=False), "CANCELLED")
+
+    summary = svc.runner.run()
+
+    assert summary["counts"]["withdrawal"]["CANCELLED"] == len(spellings)
+    assert {name: world.txn_status(txn) for name, txn in ids.items()} == dict.fromkeys(spellings, "CANCELLED")
+    assert list(world.parked().values()) == (["uuid is not a valid UUID"] if with_a_malformed_one else [])

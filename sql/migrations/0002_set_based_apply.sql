@@ -20,33 +20,43 @@ CREATE FUNCTION consistency.compound(
 )
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
 DECLARE
-    next_amounts NUMERIC[];
-    scaled NUMERIC;
-    cents NUMERIC;
+    t1 NUMERIC := amounts[1];
+    t2 NUMERIC := amounts[2];
+    t3 NUMERIC := amounts[3];
+    n1 NUMERIC := numerators[1] * 100;
+    n2 NUMERIC := numerators[2] * 100;
+    n3 NUMERIC := numerators[3] * 100;
+    d1 NUMERIC := denominators[1];
+    d2 NUMERIC := denominators[2];
+    d3 NUMERIC := denominators[3];
+    s1 NUMERIC;
+    s2 NUMERIC;
+    s3 NUMERIC;
 BEGIN
-    result := amounts;
     applied := 0;
     WHILE applied < k LOOP
-        next_amounts := '{}';
-        FOR i IN 1..3 LOOP
-            scaled := result[i] * 100 * numerators[i];  -- whole cents times an integer: exact
-            cents := div(abs(scaled), denominators[i]);
-            IF 2 * (abs(scaled) - cents * denominators[i]) >= denominators[i] THEN
-                cents := cents + 1;
-            END IF;
-            next_amounts := next_amounts || round(sign(scaled) * cents / 100, 2);
-        END LOOP;
-        IF next_amounts[1] < 0 OR next_amounts[2] < 0 OR next_amounts[3] < 0 THEN
+        -- Whole cents times an integer is exact; adding half the denominator before the integer
+        -- division rounds half away from zero.
+        s1 := t1 * n1;
+        s2 := t2 * n2;
+        s3 := t3 * n3;
+        s1 := sign(s1) * div(2 * abs(s1) + d1, 2 * d1) / 100;
+        s2 := sign(s2) * div(2 * abs(s2) + d2, 2 * d2) / 100;
+        s3 := sign(s3) * div(2 * abs(s3) + d3, 2 * d3) / 100;
+        IF s1 < 0 OR s2 < 0 OR s3 < 0 THEN
             problem := 'result would be negative';
-            RETURN;
+            EXIT;
         END IF;
-        IF next_amounts[1] + next_amounts[2] + next_amounts[3] >= 1e13 THEN
+        IF s1 + s2 + s3 >= 1e13 THEN
             problem := 'result would overflow NUMERIC(15,2)';
-            RETURN;
+            EXIT;
         END IF;
-        result := next_amounts;
+        t1 := round(s1, 2);
+        t2 := round(s2, 2);
+        t3 := round(s3, 2);
         applied := applied + 1;
     END LOOP;
+    result := ARRAY[t1, t2, t3];
 END
 $$;
 
@@ -61,7 +71,7 @@ CREATE FUNCTION consistency.apply_batch(
 ) RETURNS TABLE (outcome TEXT, entries BIGINT)
 LANGUAGE plpgsql AS $$
 BEGIN
-    -- The exactly-once record: only the entries this transaction records first go on.
+    -- The exactly-once record: only the entries this transaction records first stay in the batch.
     WITH claimed AS (
         INSERT INTO consistency.applied_entries (queue, queue_id, uuid, status)
         SELECT p_queue, b.queue_id, b.uuid, b.status
@@ -73,50 +83,55 @@ BEGIN
             ON CONFLICT (queue, queue_id) DO NOTHING
         RETURNING queue_id
     )
-    UPDATE pg_temp.cm_batch b
-       SET claimed = TRUE, txn_id = consistency.to_uuid(b.uuid)
-      FROM claimed c
-     WHERE b.queue_id = c.queue_id;
+    DELETE FROM pg_temp.cm_batch b
+     WHERE NOT EXISTS (SELECT 1 FROM claimed c WHERE c.queue_id = b.queue_id);
     -- Row counts for the planner: the statements below join this batch to large tables.
     ANALYZE pg_temp.cm_batch;
 
     -- What UPDATE itself takes, in a fixed order: foreign-key inserts of transactions are not blocked.
     PERFORM 1
        FROM user_portfolios
-      WHERE accountid = ANY (ARRAY(SELECT account_number FROM pg_temp.cm_batch
-                                    WHERE claimed AND status = 'COMPLETED'))
+      WHERE accountid = ANY (ARRAY(SELECT account_number FROM pg_temp.cm_batch WHERE status = 'COMPLETED'))
       ORDER BY accountid
         FOR NO KEY UPDATE;
 
-    -- The portfolio transaction of each claimed entry, looked up by index.
-    UPDATE pg_temp.cm_batch b
-       SET txn_account = t.accountid, txn_type = t.transaction_type
-      FROM portfolio_transactions t
-     WHERE b.claimed
-       AND t.id = b.txn_id
-       AND t.id = ANY (ARRAY(SELECT txn_id FROM pg_temp.cm_batch WHERE claimed));
+    -- Each entry's uuid as a UUID: one plain cast when every uuid in the batch takes it, else entry by entry.
+    BEGIN
+        UPDATE pg_temp.cm_batch SET txn_id = uuid::uuid;
+    EXCEPTION WHEN invalid_text_representation THEN
+        UPDATE pg_temp.cm_batch SET txn_id = consistency.to_uuid(uuid);
+    END;
 
-    -- Why an entry cannot be applied now, checked in this order.
+    -- Why an entry cannot be applied now, checked in this order; only blocked entries are written. The
+    -- transactions are looked up by index, however many rows their table holds.
     UPDATE pg_temp.cm_batch b
-       SET reason = CASE
-           WHEN b.status = 'COMPLETED' AND NOT EXISTS (SELECT 1 FROM user_portfolios p
-                                                        WHERE p.accountid = b.account_number)
-               THEN 'no portfolio for account ' || coalesce(b.account_number, '(none)')
-           WHEN b.txn_id IS NULL THEN 'uuid is not a valid UUID'
-           WHEN b.txn_account IS NULL THEN 'no portfolio transaction with this id'
-           WHEN b.txn_account IS DISTINCT FROM b.account_number
-               THEN 'portfolio transaction belongs to account ' || b.txn_account
-           WHEN b.txn_type <> p_transaction_type
-               THEN format('portfolio transaction is %s, expected %s', b.txn_type, p_transaction_type)
-       END
-     WHERE b.claimed;
+       SET reason = r.reason
+      FROM (SELECT me.queue_id,
+                   CASE
+                       WHEN me.status = 'COMPLETED' AND NOT EXISTS (SELECT 1 FROM user_portfolios p
+                                                                     WHERE p.accountid = me.account_number)
+                           THEN 'no portfolio for account ' || coalesce(me.account_number, '(none)')
+                       WHEN me.txn_id IS NULL THEN 'uuid is not a valid UUID'
+                       WHEN t.id IS NULL THEN 'no portfolio transaction with this id'
+                       WHEN t.accountid IS DISTINCT FROM me.account_number
+                           THEN 'portfolio transaction belongs to account ' || t.accountid
+                       WHEN t.transaction_type <> p_transaction_type
+                           THEN format('portfolio transaction is %s, expected %s', t.transaction_type,
+                                       p_transaction_type)
+                   END AS reason
+              FROM pg_temp.cm_batch me
+              LEFT JOIN portfolio_transactions t
+                ON t.id = me.txn_id
+               AND t.id = ANY (ARRAY(SELECT txn_id FROM pg_temp.cm_batch))) AS r
+     WHERE r.reason IS NOT NULL
+       AND b.queue_id = r.queue_id;
 
     -- Completed entries compound on their portfolio, one at a time, in order; the ones after a step
     -- that cannot be stored are parked with its reason.
     WITH eligible AS (
         SELECT account_number, count(*)::INTEGER AS k
           FROM pg_temp.cm_batch
-         WHERE claimed AND reason IS NULL AND status = 'COMPLETED'
+         WHERE reason IS NULL AND status = 'COMPLETED'
          GROUP BY account_number
     ), computed AS (
         SELECT p.accountid, c.result, c.applied, c.problem
@@ -132,7 +147,7 @@ BEGIN
         SELECT queue_id, account_number,
                row_number() OVER (PARTITION BY account_number ORDER BY updated_at, queue_id) AS n
           FROM pg_temp.cm_batch
-         WHERE claimed AND reason IS NULL AND status = 'COMPLETED'
+         WHERE reason IS NULL AND status = 'COMPLETED'
     ), blocked AS (
         UPDATE pg_temp.cm_batch b
            SET reason = c.problem
@@ -159,13 +174,13 @@ BEGIN
     -- Parked entries give their record back and wait for a retry.
     DELETE FROM consistency.applied_entries a
      USING pg_temp.cm_batch b
-     WHERE b.claimed AND b.reason IS NOT NULL
+     WHERE b.reason IS NOT NULL
        AND a.queue = p_queue AND a.queue_id = b.queue_id;
     INSERT INTO consistency.parked_entries AS p
            (queue, queue_id, uuid, account_number, status, updated_at, reason)
     SELECT p_queue, queue_id, uuid, account_number, status, updated_at, reason
       FROM pg_temp.cm_batch
-     WHERE claimed AND reason IS NOT NULL
+     WHERE reason IS NOT NULL
         ON CONFLICT (queue, queue_id) DO UPDATE
        SET uuid = EXCLUDED.uuid,
            account_number = EXCLUDED.account_number,
@@ -178,20 +193,19 @@ BEGIN
     -- Applied entries leave the parked list and give their outcome to their transactions.
     DELETE FROM consistency.parked_entries p
      USING pg_temp.cm_batch b
-     WHERE b.claimed AND b.reason IS NULL
+     WHERE b.reason IS NULL
        AND p.queue = p_queue AND p.queue_id = b.queue_id;
     UPDATE portfolio_transactions t
        SET status = CASE b.status WHEN 'COMPLETED' THEN 'PROCESSED' ELSE b.status END,
            updated_at = CURRENT_TIMESTAMP
       FROM pg_temp.cm_batch b
-     WHERE b.claimed AND b.reason IS NULL
+     WHERE b.reason IS NULL
        AND t.id = b.txn_id
-       AND t.id = ANY (ARRAY(SELECT txn_id FROM pg_temp.cm_batch WHERE claimed AND reason IS NULL));
+       AND t.id = ANY (ARRAY(SELECT txn_id FROM pg_temp.cm_batch WHERE reason IS NULL));
 
     RETURN QUERY
         SELECT CASE WHEN b.reason IS NULL THEN b.status ELSE 'parked' END, count(*)
           FROM pg_temp.cm_batch b
-         WHERE b.claimed
          GROUP BY 1;
 END
 $$;
