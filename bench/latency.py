@@ -161,7 +161,7 @@ def main() -> None:
     server, keep_alive = pgtest.server_uri()
     on = measure_latency(server, True, args.polling_interval, args.samples, args.workers)
     off = measure_latency(server, False, args.polling_interval, args.samples, args.workers)
-    print(f"{args.samples} commits per mode, POLLING_INTERVAL {args.polling_interval:g} s, {args.workers} workers")
+    print(f"{args.samples} commits per mode, POLLING_INTERVAL {args.polling_interval:g} s, --workers {args.workers}")
     rows = report(on, off)
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
