@@ -10,7 +10,6 @@ import threading
 from collections.abc import Callable
 from contextlib import suppress
 
-import psycopg2
 import psycopg2.extensions
 
 from db import APPLICATION_NAME, Database, DatabaseError, first_line
@@ -79,7 +78,7 @@ class Listener:
             return
         try:
             self._listen(conn, bell)
-        except (psycopg2.Error, OSError) as err:
+        except Exception as err:  # the thread must outlive any failure: polling goes on without it meanwhile
             self._failed(self._database.redact(first_line(err)))
         finally:
             self.listening.clear()
