@@ -29,6 +29,7 @@ TIER_LIMIT = Decimal(10) ** 12
 TIER_PLACES = 8
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("json", "text")
+BOOLEANS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 # prometheus_client reads this variable itself when it is imported: it switches it to multiprocess mode.
 METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -65,6 +66,7 @@ class Settings:
     db_connect_timeout: int = 5
     db_statement_timeout: float = 30.0
     db_lock_timeout: float = 10.0
+    listen_notify: bool = True
 
 
 def check_tier_value(name: str, value: Decimal) -> str | None:
@@ -169,6 +171,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         db_connect_timeout=env.integer("DB_CONNECT_TIMEOUT", 5, 1, 300),
         db_statement_timeout=env.number("DB_STATEMENT_TIMEOUT", 30.0, 0.1, 3600),
         db_lock_timeout=env.number("DB_LOCK_TIMEOUT", 10.0, 0.1, 3600),
+        listen_notify=env.get("LISTEN_NOTIFY", True, _boolean, "true or false"),
     )
     if settings.api_token is not None and len(settings.api_token) < 16:
         env.problems.append("API_TOKEN must be at least 16 characters")
@@ -206,6 +209,14 @@ def _log_format(raw: str) -> str:
     if fmt not in LOG_FORMATS:
         raise ValueError(raw)
     return fmt
+
+
+def _boolean(raw: str) -> bool:
+    """Parse true/false (also 1/0, yes/no, on/off), in any case."""
+    value = BOOLEANS.get(raw.lower())
+    if value is None:
+        raise ValueError(raw)
+    return value
 
 
 def _directory(raw: str) -> str:

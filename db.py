@@ -15,6 +15,8 @@ import psycopg2.pool
 
 from config import Settings
 
+# How the service's sessions are named in pg_stat_activity.
+APPLICATION_NAME = "consistency-manager-svc"
 _URI_PASSWORD = re.compile(r"(postgres(?:ql)?://[^:/@\s]*:)[^@\s]*@")
 
 
@@ -57,6 +59,24 @@ def mask_uri(uri: str) -> str:
     return _URI_PASSWORD.sub(r"\1***@", uri)
 
 
+def connect_options(settings: Settings, application_name: str = APPLICATION_NAME) -> dict[str, object]:
+    """Return the options of every connection the service opens: timeouts, keepalives and its name."""
+    return {
+        "connect_timeout": settings.db_connect_timeout,
+        "application_name": application_name,
+        # A peer that vanished without a word is noticed within about a minute, even on an idle connection.
+        "keepalives": 1,
+        "keepalives_idle": 30,
+        "keepalives_interval": 10,
+        "keepalives_count": 3,
+        "options": (
+            f"-c statement_timeout={int(settings.db_statement_timeout * 1000)}"
+            f" -c lock_timeout={int(settings.db_lock_timeout * 1000)}"
+            " -c idle_in_transaction_session_timeout=60000 -c timezone=UTC"
+        ),
+    }
+
+
 class _LazyPool(psycopg2.pool.ThreadedConnectionPool):
     """A psycopg2 pool that connects only when asked, yet keeps returned connections for reuse."""
 
@@ -78,21 +98,8 @@ class Database:
         self._size = settings.db_pool_size
         self._slots = threading.BoundedSemaphore(settings.db_pool_size)
         self._wait = float(settings.db_connect_timeout)
-        self._pool = _LazyPool(
-            settings.db_pool_size,
-            dsn=uri,
-            connect_timeout=settings.db_connect_timeout,
-            application_name="consistency-manager-svc",
-            keepalives=1,
-            keepalives_idle=30,
-            keepalives_interval=10,
-            keepalives_count=3,
-            options=(
-                f"-c statement_timeout={int(settings.db_statement_timeout * 1000)}"
-                f" -c lock_timeout={int(settings.db_lock_timeout * 1000)}"
-                " -c idle_in_transaction_session_timeout=60000 -c timezone=UTC"
-            ),
-        )
+        self._options = connect_options(settings)
+        self._pool = _LazyPool(settings.db_pool_size, dsn=uri, **self._options)
 
     def redact(self, text: str) -> str:
         """Remove this database's password, and any URI password, from a message."""
@@ -132,6 +139,15 @@ class Database:
             except psycopg2.Error:
                 broken = True
         self._pool.putconn(conn, close=broken)
+
+    def dedicated(self, application_name: str) -> psycopg2.extensions.connection:
+        """Open a connection outside the pool, in autocommit mode, with the pool's options; the caller closes it."""
+        try:
+            conn = psycopg2.connect(self.uri, **{**self._options, "application_name": application_name})
+        except psycopg2.Error as err:
+            raise DatabaseError(self.name, self.redact(first_line(err))) from err
+        conn.autocommit = True
+        return conn
 
     @contextmanager
     def transaction(self) -> Iterator[psycopg2.extensions.cursor]:

@@ -17,6 +17,7 @@ import tiers
 from config import Settings
 from cycle import CycleRunner
 from db import Database, DatabaseError
+from listener import Listener
 from poller import Heartbeat, Poller
 from queries import query
 
@@ -73,8 +74,17 @@ class Service:
         return {
             **self.state(),
             "polling_interval": self.settings.polling_interval,
-            "this_process": {"poller_alive": self.poller.is_alive(), "last_attempt": self.poller.last_summary},
+            "this_process": {
+                "poller_alive": self.poller.is_alive(),
+                "listening": self._listening(),
+                "last_attempt": self.poller.last_summary,
+            },
         }
+
+    def _listening(self) -> bool | None:
+        """Tell whether this process listens to queue-db notifications now; None when LISTEN_NOTIFY is off."""
+        listener = self.poller.listener
+        return None if listener is None else listener.listening.is_set()
 
     def state(self) -> dict[str, Any]:
         """Return the stored state as of at most STATE_MAX_AGE seconds ago, reading it again only when older."""
@@ -178,4 +188,6 @@ def build_service(settings: Settings) -> Service:
     runner = CycleRunner(settings, queue_db, portfolio_db, stopping, heartbeat)
     service = Service(settings, queue_db, portfolio_db, runner)
     service.poller = Poller(service.run_cycle, settings.polling_interval, settings.trigger_wait, stopping, heartbeat)
+    if settings.listen_notify:
+        service.poller.listener = Listener(queue_db, service.poller.wake)
     return service

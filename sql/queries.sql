@@ -5,6 +5,9 @@
 -- ping: check that a database answers
 SELECT 1;
 
+-- listen_queue: ask queue-db for a notification when queue entries settle (schema/queue_notify.sql sends them)
+LISTEN consistency_queue;
+
 -- queue_horizon: whether other sessions' xact_start is visible, the oldest open one, and the time
 SELECT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
            OR pg_has_role(current_user, 'pg_read_all_stats', 'USAGE') AS exact,

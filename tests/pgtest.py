@@ -79,14 +79,19 @@ def create_template(uri: str, prefix: str, ddl: Path, prepare: Callable[[Cursor]
     """Create a template database holding a schema file's tables, then whatever `prepare` adds."""
     name = unique_name(prefix)
     admin(uri, f'CREATE DATABASE "{name}"')
-    db = psycopg2.connect(with_database(uri, name))
+    apply_schema(with_database(uri, name), ddl, prepare)
+    return name
+
+
+def apply_schema(uri: str, ddl: Path, prepare: Callable[[Cursor], object] | None = None) -> None:
+    """Run a schema file on a database, as psql -f would, then whatever `prepare` adds, in one transaction."""
+    db = psycopg2.connect(uri)
     with db.cursor() as cur:
         cur.execute(ddl.read_text())
         if prepare is not None:
             prepare(cur)
     db.commit()
     db.close()
-    return name
 
 
 def clone(uri: str, template: str) -> str:

@@ -75,6 +75,7 @@ def test_values_are_read_and_parsed() -> None:
         ),
         ("DB_POOL_SIZE", "1", "DB_POOL_SIZE must be a whole number from 2 to 100 (got '1')"),
         ("API_TOKEN", "short", "API_TOKEN must be at least 16 characters"),
+        ("LISTEN_NOTIFY", "maybe", "LISTEN_NOTIFY must be true or false (got 'maybe')"),
     ],
 )
 def test_each_bad_value_is_named(name: str, value: str, message: str) -> None:
@@ -111,3 +112,21 @@ def test_logs_are_json_unless_text_is_asked_for() -> None:
 def test_metrics_are_per_process_unless_a_shared_directory_is_named(tmp_path) -> None:
     assert load_settings({}).metrics_dir is None
     assert load_settings({"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}).metrics_dir == str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("value", "listen"),
+    [
+        ("", True),
+        ("true", True),
+        ("TRUE", True),
+        ("1", True),
+        ("on", True),
+        ("false", False),
+        ("0", False),
+        ("No", False),
+        ("off", False),
+    ],
+)
+def test_listening_for_notifications_is_on_unless_turned_off(value: str, listen: bool) -> None:
+    assert load_settings({"LISTEN_NOTIFY": value}).listen_notify is listen
