@@ -82,9 +82,12 @@ def load_copied(cur: psycopg2.extensions.cursor, data: bytes) -> tuple[int, tupl
     return (row[0], (row[1], row[2])) if row else (0, None)
 
 
-def load_entries(cur: psycopg2.extensions.cursor, entries: Sequence[Entry]) -> None:
-    """Load entries read in Python into the batch table."""
+def load_entries(
+    cur: psycopg2.extensions.cursor, entries: Sequence[Entry], reasons: Sequence[str | None] | None = None
+) -> None:
+    """Load entries read in Python, alone, into the batch table, with the reasons of those to park."""
     create_batch_table(cur)
+    cur.execute(query("clear_batch_table"))  # what an earlier load of this transaction left
     cur.execute(
         query("load_batch_entries"),
         {
@@ -93,6 +96,7 @@ def load_entries(cur: psycopg2.extensions.cursor, entries: Sequence[Entry]) -> N
             "uuids": pg_array(e.uuid for e in entries),
             "statuses": pg_array(e.status for e in entries),
             "updated": pg_array(e.updated_at for e in entries),
+            "reasons": pg_array(reasons or [None] * len(entries)),
         },
     )
 
@@ -153,15 +157,5 @@ def apply_one_by_one(
 
 def park(cur: psycopg2.extensions.cursor, queue: Queue, parked: list[tuple[Entry, str]]) -> None:
     """Keep entries that cannot be applied yet, with their reasons."""
-    cur.execute(
-        query("park_entries"),
-        {
-            "queue": queue.name,
-            "uuids": pg_array(e.uuid for e, _ in parked),
-            "queue_ids": pg_array(e.queue_id for e, _ in parked),
-            "accounts": pg_array(e.account_number for e, _ in parked),
-            "statuses": pg_array(e.status for e, _ in parked),
-            "updated": pg_array(e.updated_at for e, _ in parked),
-            "reasons": pg_array(reason for _, reason in parked),
-        },
-    )
+    load_entries(cur, [entry for entry, _ in parked], [reason for _, reason in parked])
+    cur.execute(query("park_batch"), {"queue": queue.name})

@@ -156,10 +156,16 @@ CREATE TEMP TABLE IF NOT EXISTS cm_batch (
 -- copy_into_batch: load COPY text from queue_copy_batch into the batch table
 COPY pg_temp.cm_batch (queue_id, account_number, uuid, status, updated_at) FROM STDIN;
 
--- load_batch_entries: load entries into the batch table from arrays
-INSERT INTO pg_temp.cm_batch (queue_id, account_number, uuid, status, updated_at)
+-- clear_batch_table: empty the batch table before loading entries into it within a transaction
+DELETE FROM pg_temp.cm_batch;
+
+-- load_batch_entries: load entries, and the reasons of those to park, into the batch table from arrays
+INSERT INTO pg_temp.cm_batch (queue_id, account_number, uuid, status, updated_at, reason)
 SELECT * FROM unnest(%(queue_ids)s::integer[], %(accounts)s::text[], %(uuids)s::text[],
-                     %(statuses)s::text[], %(updated)s::timestamptz[]);
+                     %(statuses)s::text[], %(updated)s::timestamptz[], %(reasons)s::text[]);
+
+-- park_batch: park the batch table's entries that have a reason (see sql/migrations/0002_set_based_apply.sql)
+SELECT consistency.park_batch(%(queue)s);
 
 -- batch_extent: how many entries the batch table holds, and the last one's position
 SELECT count(*) OVER (), updated_at, queue_id
@@ -179,22 +185,6 @@ SELECT e.queue_id
                     WHERE a.queue = %(queue)s AND a.queue_id = e.queue_id)
    AND NOT EXISTS (SELECT 1 FROM consistency.parked_entries p
                     WHERE p.queue = %(queue)s AND p.queue_id = e.queue_id);
-
--- park_entries: keep entries that cannot be applied yet, with the reason, for a retry
-INSERT INTO consistency.parked_entries
-       (queue, queue_id, uuid, account_number, status, updated_at, reason)
-SELECT %(queue)s, e.*
-  FROM unnest(%(queue_ids)s::integer[], %(uuids)s::text[], %(accounts)s::text[],
-              %(statuses)s::text[], %(updated)s::timestamptz[], %(reasons)s::text[])
-       AS e(queue_id, uuid, account_number, status, updated_at, reason)
-    ON CONFLICT (queue, queue_id) DO UPDATE
-   SET uuid = EXCLUDED.uuid,
-       account_number = EXCLUDED.account_number,
-       status = EXCLUDED.status,
-       updated_at = EXCLUDED.updated_at,
-       reason = EXCLUDED.reason,
-       attempts = consistency.parked_entries.attempts + 1,
-       last_attempt_at = CURRENT_TIMESTAMP;
 
 -- unpark_entries: forget parked entries that have now been applied
 DELETE FROM consistency.parked_entries WHERE queue = %(queue)s AND queue_id = ANY(%(queue_ids)s::integer[]);

@@ -205,3 +205,24 @@ def test_uuids_in_other_spellings_find_their_transactions(svc, world: World, wit
     assert summary["counts"]["withdrawal"]["CANCELLED"] == len(spellings)
     assert {name: world.txn_status(txn) for name, txn in ids.items()} == dict.fromkeys(spellings, "CANCELLED")
     assert list(world.parked().values()) == (["uuid is not a valid UUID"] if with_a_malformed_one else [])
+
+
+def test_entry_by_entry_each_entry_is_applied_or_parked_once(svc, world: World) -> None:
+    from apply import INVESTMENT, Entry, apply_one_by_one
+    from tiers import load
+
+    world.portfolio_for(ACCOUNT)
+    orphan = world.request("investment", ACCOUNT, txn=False)
+    fine = world.request("investment", ACCOUNT)
+    with svc.portfolio_db.transaction() as cur:
+        factors = [t.invest_factor for t in load(cur)]
+        rows = world.q("SELECT queue_id, account_number, uuid, status, updated_at FROM investment_queue ORDER BY 1")
+        entries = [Entry(*row) for row in rows]
+        apply_one_by_one(cur, INVESTMENT, entries[:1], factors)  # parks the orphan
+
+        counts = apply_one_by_one(cur, INVESTMENT, entries, factors, retrying=True)
+
+    assert counts == {"parked": 1, "COMPLETED": 1}
+    assert world.p("SELECT attempts FROM consistency.parked_entries") == [(2,)]
+    assert world.parked() == {orphan.uuid: "no portfolio transaction with this id"}
+    assert world.txn_status(fine.uuid) == "PROCESSED"

@@ -60,6 +60,27 @@ BEGIN
 END
 $$;
 
+-- Keeps the entries of pg_temp.cm_batch that have a reason in consistency.parked_entries, for a retry;
+-- an entry parked before gets its new reason and one more attempt.
+CREATE FUNCTION consistency.park_batch(p_queue TEXT) RETURNS VOID
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO consistency.parked_entries AS p
+           (queue, queue_id, uuid, account_number, status, updated_at, reason)
+    SELECT p_queue, queue_id, uuid, account_number, status, updated_at, reason
+      FROM pg_temp.cm_batch
+     WHERE reason IS NOT NULL
+        ON CONFLICT (queue, queue_id) DO UPDATE
+       SET uuid = EXCLUDED.uuid,
+           account_number = EXCLUDED.account_number,
+           status = EXCLUDED.status,
+           updated_at = EXCLUDED.updated_at,
+           reason = EXCLUDED.reason,
+           attempts = p.attempts + 1,
+           last_attempt_at = CURRENT_TIMESTAMP;
+END
+$$;
+
 -- Applies the terminal entries in pg_temp.cm_batch once each, in (updated_at, queue_id) order: records
 -- them as applied, parks those that cannot apply with the reason, mirrors the statuses of the others on
 -- their portfolio transactions and compounds the completed ones on their portfolios' tier columns
@@ -176,19 +197,7 @@ BEGIN
      USING pg_temp.cm_batch b
      WHERE b.reason IS NOT NULL
        AND a.queue = p_queue AND a.queue_id = b.queue_id;
-    INSERT INTO consistency.parked_entries AS p
-           (queue, queue_id, uuid, account_number, status, updated_at, reason)
-    SELECT p_queue, queue_id, uuid, account_number, status, updated_at, reason
-      FROM pg_temp.cm_batch
-     WHERE reason IS NOT NULL
-        ON CONFLICT (queue, queue_id) DO UPDATE
-       SET uuid = EXCLUDED.uuid,
-           account_number = EXCLUDED.account_number,
-           status = EXCLUDED.status,
-           updated_at = EXCLUDED.updated_at,
-           reason = EXCLUDED.reason,
-           attempts = p.attempts + 1,
-           last_attempt_at = CURRENT_TIMESTAMP;
+    PERFORM consistency.park_batch(p_queue);
 
     -- Applied entries leave the parked list and give their outcome to their transactions.
     DELETE FROM consistency.parked_entries p
