@@ -22,8 +22,7 @@ _metrics: dict[str, Any] = {"dir": None, "made": False}
 bind = f"0.0.0.0:{_settings.port}"
 workers = 2
 worker_class = "gthread"
-# A thread for each connection a worker may be serving at once: with fewer threads than open keep-alive
-# connections, gthread answered 1 request in 100 after 50-150 ms (python -m bench, HTTP rows).
+# A thread for each keep-alive connection a worker may be answering at once: two workers, 100 connections.
 threads = 50
 # Each worker runs its own poller; the poller's threads and connections must not cross a fork.
 preload_app = False
