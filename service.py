@@ -87,11 +87,22 @@ class Service:
         return None if listener is None else listener.listening.is_set()
 
     def state(self) -> dict[str, Any]:
-        """Return the stored state as of at most STATE_MAX_AGE seconds ago, reading it again only when older."""
-        with self._state_lock:
-            if self._state is None or time.monotonic() - self._state_read_at > STATE_MAX_AGE:
-                self.refresh_state()
-            return self._state  # type: ignore[return-value]
+        """Return the stored state as of at most STATE_MAX_AGE seconds ago, reading it again only when older.
+
+        One request at a time reads it; meanwhile the others get the kept state, if there is one, rather
+        than queue behind a read that may wait for a connect timeout.
+        """
+        kept = self._state
+        if kept is not None and time.monotonic() - self._state_read_at <= STATE_MAX_AGE:
+            return kept
+        if not self._state_lock.acquire(blocking=kept is None):
+            return kept  # type: ignore[return-value]
+        try:
+            if self._state is not None and time.monotonic() - self._state_read_at <= STATE_MAX_AGE:
+                return self._state  # read by the request this one waited for
+            return self.refresh_state()
+        finally:
+            self._state_lock.release()
 
     def refresh_state(self) -> dict[str, Any]:
         """Read the stored state in one transaction and keep it for status requests."""

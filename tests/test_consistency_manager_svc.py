@@ -107,6 +107,38 @@ def test_status_shows_this_process_s_changes_at_once_and_others_within_the_max_a
     assert client.get("/api/v1/consistency/status").get_json()["tiers"]["TIER1_MV"] == "1200000"
 
 
+def test_while_one_request_reads_the_state_the_others_get_the_kept_one(app, client, world: World, mocker) -> None:
+    import threading
+
+    import service
+
+    svc = service_of(app)
+    svc.poller.run_once()
+    kept = client.get("/api/v1/consistency/status").get_json()
+    mocker.patch.object(service, "STATE_MAX_AGE", 0.0)
+    reading, release = threading.Event(), threading.Event()
+    read_state = svc.refresh_state
+
+    def slow_read() -> dict:
+        reading.set()
+        release.wait(10)
+        return read_state()
+
+    mocker.patch.object(svc, "refresh_state", side_effect=slow_read)
+    slow = threading.Thread(target=lambda: client.get("/api/v1/consistency/status"))
+    slow.start()
+    try:
+        assert reading.wait(10)
+        started = time.monotonic()
+        answer = client.get("/api/v1/consistency/status")  # does not wait for the read in progress
+        assert time.monotonic() - started < 1
+    finally:
+        release.set()
+        slow.join(10)
+    assert answer.status_code == 200
+    assert answer.get_json()["last_cycle"] == kept["last_cycle"]
+
+
 def test_trigger_runs_a_cycle_and_returns_its_result(app, client, world: World, auth) -> None:
     world.portfolio_for(ACCOUNT)
     request = world.request("investment", ACCOUNT)
