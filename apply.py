@@ -53,7 +53,7 @@ class Entry:
 
 
 def factor_arrays(factors: Sequence[Fraction]) -> dict[str, str]:
-    """Write exact tier factors as the numerator and denominator arrays apply_batch takes."""
+    """Write exact tier factors as the numerator and denominator arrays consistency.apply_batch takes."""
     return {
         "numerators": pg_array(f.numerator for f in factors),
         "denominators": pg_array(f.denominator for f in factors),
@@ -119,7 +119,7 @@ def apply_loaded(
     return Counter(dict(cur.fetchall()))
 
 
-def apply_batch(
+def apply_entries(
     cur: psycopg2.extensions.cursor,
     queue: Queue,
     entries: Sequence[Entry],
@@ -145,7 +145,7 @@ def apply_one_by_one(
     for entry in entries:
         cur.execute(query("savepoint"))
         try:
-            counts += apply_batch(cur, queue, [entry], factors, retrying)
+            counts += apply_entries(cur, queue, [entry], factors, retrying)
         except (psycopg2.IntegrityError, psycopg2.DataError) as err:
             cur.execute(query("rollback_to_savepoint"))
             detail = err.diag.message_primary or type(err).__name__

@@ -23,7 +23,7 @@ from apply import (
     TERMINAL,
     Entry,
     Queue,
-    apply_batch,
+    apply_entries,
     apply_loaded,
     apply_one_by_one,
     copy_batch,
@@ -209,9 +209,7 @@ class CycleRunner:
         except (psycopg2.IntegrityError, psycopg2.DataError) as err:
             if last is None:
                 raise
-            log.warning(
-                "a %s batch was rejected (%s); applying it entry by entry", queue.name, err.diag.message_primary
-            )
+            _log_rejected(queue, err)
         params = {"after_ts": after[0], "after_id": after[1], "last_ts": last[0], "last_id": last[1]}
         entries = read_queue(qconn, "queue_read_range", queue.table, params)
         with in_transaction(pconn) as cur:
@@ -233,18 +231,13 @@ class CycleRunner:
         retrying: bool = False,
     ) -> Counter[str]:
         """Apply entries in one transaction; isolate the ones the database rejects."""
-        for method in (apply_batch, apply_one_by_one):
-            try:
-                with in_transaction(pconn) as cur:
-                    counts = method(cur, queue, entries, factors, retrying)  # type: ignore[arg-type]
-                return counts
-            except (psycopg2.IntegrityError, psycopg2.DataError) as err:
-                if method is apply_one_by_one:
-                    raise
-                log.warning(
-                    "a %s batch was rejected (%s); applying it entry by entry", queue.name, err.diag.message_primary
-                )
-        raise AssertionError("unreachable")
+        try:
+            with in_transaction(pconn) as cur:
+                return apply_entries(cur, queue, entries, factors, retrying)
+        except (psycopg2.IntegrityError, psycopg2.DataError) as err:
+            _log_rejected(queue, err)
+        with in_transaction(pconn) as cur:
+            return apply_one_by_one(cur, queue, entries, factors, retrying)
 
     def _retry_parked(
         self, pconn: Connection, qconn: Connection, queue: Queue, factors: tuple[Fraction, ...]
@@ -348,6 +341,11 @@ class CycleRunner:
     def _describe(self, err: Exception) -> str:
         """Describe a cycle failure without any credential."""
         return self.portfolio_db.redact(self.queue_db.redact(first_line(err)))
+
+
+def _log_rejected(queue: Queue, err: psycopg2.Error) -> None:
+    """Say that the database rejected a batch, which is now applied entry by entry."""
+    log.warning("a %s batch was rejected (%s); applying it entry by entry", queue.name, err.diag.message_primary)
 
 
 def _take_turn(pconn: Connection, wait: float) -> bool:

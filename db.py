@@ -95,7 +95,6 @@ class Database:
         self._on_lend = on_lend or _ignore
         self.uri = uri
         self._password = urlsplit(uri).password or ""
-        self._size = settings.db_pool_size
         self._slots = threading.BoundedSemaphore(settings.db_pool_size)
         self._wait = float(settings.db_connect_timeout)
         self._options = connect_options(settings)

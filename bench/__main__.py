@@ -4,13 +4,11 @@ memory, idle-cycle time and HTTP latency under load."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import signal
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,7 +18,7 @@ from bench import http
 from bench.approaches import per_entry, set_based
 from bench.data import TIERS, build_templates, snapshot
 from bench.idle import idle_cycle_ms
-from bench.latency import measure_latency
+from bench.latency import measure_latency, status
 from tests import pgtest
 from tests.faults.harness import wait_until
 
@@ -86,8 +84,7 @@ def run_service(
 def last_cycle(port: int) -> dict[str, object] | bool | None:
     """Return the last finished cycle the service reports, None before the first, False if it is not up."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/consistency/status", timeout=5) as answer:
-            return json.loads(answer.read()).get("last_cycle")
+        return status(port).get("last_cycle")
     except OSError:
         return False
 

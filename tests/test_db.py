@@ -86,7 +86,7 @@ def test_every_connection_carries_the_configured_timeouts(settings) -> None:
 
 
 def test_the_portfolio_lock_lets_other_services_insert_transactions(settings, world: World) -> None:
-    from apply import INVESTMENT, apply_batch
+    from apply import INVESTMENT, apply_entries
     from tiers import load
 
     world.portfolio_for("1000000001")
@@ -96,7 +96,7 @@ def test_the_portfolio_lock_lets_other_services_insert_transactions(settings, wo
     try:
         with db.transaction() as cur:
             factors = [t.invest_factor for t in load(cur)]
-            assert apply_batch(cur, INVESTMENT, [Entry(*entry)], factors) == {"COMPLETED": 1}
+            assert apply_entries(cur, INVESTMENT, [Entry(*entry)], factors) == {"COMPLETED": 1}
             # The portfolio service's foreign-key insert must not wait for the cycle's row lock.
             world.p("SET lock_timeout = '1s'")
             world.transaction_for("investment", "1000000001")

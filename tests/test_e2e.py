@@ -82,8 +82,11 @@ def test_gunicorn_applies_concurrent_traffic_exactly_once(service_env, world: Wo
         world.portfolio_for(account)
     port = int(service_env["PORT"])
     command = [sys.executable, "-m", "gunicorn", "consistency_manager_svc:app", "--workers", "3"]
-    with running(command, service_env, tmp_path / "gunicorn.log") as process:
+    temporary = tmp_path / "tmp"  # gunicorn's worker_tmp_dir, where it makes the metrics directory
+    temporary.mkdir()
+    with running(command, {**service_env, "TMPDIR": str(temporary)}, tmp_path / "gunicorn.log") as process:
         wait_until(lambda: call(port, "GET", "/ready")[0] == 200, 30, "readiness")
+        assert len(list(temporary.glob("consistency-metrics-*/*.db"))) >= 3  # each worker's files, in one place
         markets = {f"TIER{tier}_MV": market for tier, _, market, _, _ in TIERS}
         assert call(port, "POST", "/api/v1/consistency/update-tier-values", markets)[0] == 200
         time.sleep(1.0)  # a cycle that loaded the old values before the update has finished by now
@@ -116,6 +119,7 @@ def test_gunicorn_applies_concurrent_traffic_exactly_once(service_env, world: Wo
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0
 
+    assert list(temporary.glob("consistency-metrics-*")) == []  # removed by the master on exit
     assert status_code == 200
     assert {e["uuid"] for e in parked["entries"]} == orphans
     mirrored = {"COMPLETED": "PROCESSED", "FAILED": "FAILED", "CANCELLED": "CANCELLED", "PENDING": "PENDING"}
