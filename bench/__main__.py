@@ -9,7 +9,9 @@ import platform
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from tests import pgtest
 from tests.faults.harness import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
+SERVICE_PATHS = ("/health", "/api/v1/consistency/status")
 
 
 def fresh_copy(server: str, templates: tuple[str, str]) -> tuple[str, str, list[str]]:
@@ -41,15 +44,9 @@ def worker_peak_rss_mb(master: int) -> float:
     return max(peaks)
 
 
-def run_service(
-    queue_uri: str, portfolio_uri: str, batch_size: int, entries: int, during: Callable[[int], None] | None = None
-) -> tuple[float, float, bool]:
-    """Start the service under gunicorn; its start-up cycle drains the backlog while `during(port)` runs.
-
-    Return the drain's seconds, the workers' peak RSS, and whether the drain outlasted `during`.
-    """
-    port = pgtest.free_port()
-    env = {
+def service_env(queue_uri: str, portfolio_uri: str, port: int, batch_size: int) -> dict[str, str]:
+    """Return the environment the service runs with in the benchmark: one start-up cycle, then quiet."""
+    return {
         **os.environ,
         **TIERS,
         "QUEUE_DB_URI": queue_uri,
@@ -60,6 +57,17 @@ def run_service(
         "LOG_LEVEL": "WARNING",
         "LISTEN_NOTIFY": "false",  # no cycle but the start-up one, so the last cycle is the drain
     }
+
+
+def run_service(
+    queue_uri: str, portfolio_uri: str, batch_size: int, entries: int, during: Callable[[int], None] | None = None
+) -> tuple[float, float, bool]:
+    """Start the service under gunicorn; its start-up cycle drains the backlog while `during(port)` runs.
+
+    Return the drain's seconds, the workers' peak RSS, and whether the drain outlasted `during`.
+    """
+    port = pgtest.free_port()
+    env = service_env(queue_uri, portfolio_uri, port, batch_size)
     command = [sys.executable, "-m", "gunicorn", "consistency_manager_svc:app"]
     service = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -81,6 +89,25 @@ def run_service(
         service.wait(timeout=30)
 
 
+def run_floor(queue_uri: str, portfolio_uri: str, during: Callable[[int], None]) -> bool:
+    """Serve the do-nothing floor app while the set-based bound drains; tell whether the drain outlasted `during`."""
+    port = pgtest.free_port()
+    command = [sys.executable, "-m", "gunicorn", "-c", "python:bench.floor", "bench.floor:app"]
+    env = service_env(queue_uri, portfolio_uri, port, 1)  # the settings the shipped gunicorn.conf.py reads
+    floor = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1), 30, "the floor")
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            drain = pool.submit(set_based, queue_uri, portfolio_uri, TIERS)
+            during(port)
+            outlasted = not drain.done()
+            drain.result()  # the drain's own error, if it failed
+        return outlasted
+    finally:
+        floor.send_signal(signal.SIGTERM)
+        floor.wait(timeout=30)
+
+
 def last_cycle(port: int) -> dict[str, object] | bool | None:
     """Return the last finished cycle the service reports, None before the first, False if it is not up."""
     try:
@@ -89,13 +116,13 @@ def last_cycle(port: int) -> dict[str, object] | bool | None:
         return False
 
 
-def http_loads(seconds: int) -> tuple[dict[str, http.Load], Callable[[int], None]]:
-    """Return where wrk's figures go and a `during` that fills them: both endpoints, paced and saturated."""
+def http_loads(seconds: int, paths: tuple[str, ...]) -> tuple[dict[str, http.Load], Callable[[int], None]]:
+    """Return where wrk's figures go and a `during` that fills them: each path, paced and saturated."""
     loads: dict[str, http.Load] = {}
 
     def during(port: int) -> None:
-        """Run each wrk load in turn against the draining service."""
-        for path in ("/health", "/api/v1/consistency/status"):
+        """Run each wrk load in turn against the port."""
+        for path in paths:
             for paced in (True, False):
                 loads[f"{path} {'paced' if paced else 'saturated'}"] = http.wrk(
                     f"http://127.0.0.1:{port}{path}", seconds, paced
@@ -118,7 +145,7 @@ def measure(
     if with_per_entry:
         runs.append(("per-entry loop", per_entry))
     if http_seconds and http.available():
-        runs.append(("service under HTTP load", None))
+        runs += [("service under HTTP load", None), ("floor under HTTP load", None)]
     try:
         for name, approach in runs:
             queue_uri, portfolio_uri, names = fresh_copy(server, templates)
@@ -128,12 +155,17 @@ def measure(
                 elif name == "service":
                     seconds, rss, _ = run_service(queue_uri, portfolio_uri, batch_size, entries)
                     results["service peak RSS MB"] = max(rss, results.get("service peak RSS MB", 0))
-                else:
-                    results["http"], during = http_loads(http_seconds)
+                elif name == "service under HTTP load":
+                    results["http"], during = http_loads(http_seconds, SERVICE_PATHS)
                     seconds, _, results["load while draining"] = run_service(
                         queue_uri, portfolio_uri, batch_size, entries, during
                     )
-                results[name] = max(entries / seconds, results.get(name, 0))
+                else:
+                    results["floor"], during = http_loads(http_seconds, ("/health",))
+                    results["floor while draining"] = run_floor(queue_uri, portfolio_uri, during)
+                    seconds = 0.0
+                if seconds:
+                    results[name] = max(entries / seconds, results.get(name, 0))
                 results["snapshots"].append(snapshot(portfolio_uri))
             finally:
                 for dbname in names:
@@ -145,24 +177,32 @@ def measure(
 
 
 def http_rows(big: dict[str, Any]) -> list[tuple[str, str]]:
-    """Describe the HTTP loads, or why there are none."""
+    """Describe the HTTP loads on the service and on the do-nothing floor app, or why there are none."""
     if "http" not in big:
         return [("HTTP under load", "not measured: wrk is not installed (apt-get install wrk), or --http-seconds 0")]
-    during = "while draining" if big["load while draining"] else "NOT all while draining: the drain ended first"
     rows = []
-    for name, load in big["http"].items():
-        path, kind = name.split()
-        how = f"{http.CONNECTIONS} connections, " + (
-            f"each pausing 0-{2 * http.PACE_MS} ms" if kind == "paced" else "no pause (closed loop)"
-        )
-        rows.append(
-            (
-                f"HTTP {path} {kind}",
-                f"p50 {load.p50_ms:.1f} ms, p99 {load.p99_ms:.1f} ms (target p99 < 10 ms) at "
-                f"{load.rate:,.0f} requests/s; {how}; {load.errors} errors; {during}",
-            )
-        )
+    for label, loads, draining in (
+        ("HTTP", big["http"], big["load while draining"]),
+        ("HTTP floor (no-op app)", big["floor"], big["floor while draining"]),
+    ):
+        for name, load in loads.items():
+            path, kind = name.split()
+            floor = big["floor"][f"/health {kind}"]
+            rows.append((f"{label} {path} {kind}", load_text(load, kind, draining, floor if label == "HTTP" else None)))
     return rows
+
+
+def load_text(load: http.Load, kind: str, draining: bool, floor: http.Load | None) -> str:
+    """Describe one wrk load: percentiles, rate, how it was made, and the p99 as a multiple of the floor's."""
+    how = f"{http.CONNECTIONS} connections, " + (
+        f"each pausing 0-{2 * http.PACE_MS} ms" if kind == "paced" else "no pause (closed loop)"
+    )
+    against = f" = {load.p99_ms / floor.p99_ms:.1f}x the floor's" if floor else ""
+    during = "while draining" if draining else "NOT all while draining: the drain ended first"
+    return (
+        f"p50 {load.p50_ms:.1f} ms, p99 {load.p99_ms:.1f} ms{against} (target p99 < 10 ms) at "
+        f"{load.rate:,.0f} requests/s; {how}; {load.errors} errors; {during}"
+    )
 
 
 def latency_rows(on: dict[str, Any], off: dict[str, Any]) -> list[tuple[str, str]]:
