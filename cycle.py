@@ -140,6 +140,8 @@ class CycleRunner:
         """Steps 1 to 8, plus parked retries and, in look-back mode, the reconciliation sweep."""
         with in_transaction(pconn) as cur:
             current = tiers.load(cur)
+            cur.execute(query("select_cycle_start"))
+            starts = {queue: ((ts, queue_id), parked) for queue, ts, queue_id, parked in cur.fetchall()}
         factors = {
             "investment": tuple(t.invest_factor for t in current),
             "withdrawal": tuple(t.withdraw_factor for t in current),
@@ -148,8 +150,10 @@ class CycleRunner:
         self._note_mode(horizon.mode)
         counts: dict[str, Counter[str]] = {queue.name: Counter() for queue in QUEUES}
         for queue in QUEUES:
-            counts[queue.name] += self._retry_parked(pconn, qconn, queue, factors[queue.name])
-            counts[queue.name] += self._drain(pconn, qconn, queue, factors[queue.name], horizon)
+            watermark, any_parked = starts[queue.name]
+            if any_parked:
+                counts[queue.name] += self._retry_parked(pconn, qconn, queue, factors[queue.name])
+            counts[queue.name] += self._drain(pconn, qconn, queue, factors[queue.name], horizon, watermark)
         reconciled = horizon.mode == LOOKBACK and not self.stopping.is_set() and self._reconcile_due()
         if reconciled:
             for queue in QUEUES:
@@ -164,12 +168,18 @@ class CycleRunner:
         }
 
     def _drain(
-        self, pconn: Connection, qconn: Connection, queue: Queue, factors: tuple[Fraction, ...], horizon: Horizon
+        self,
+        pconn: Connection,
+        qconn: Connection,
+        queue: Queue,
+        factors: tuple[Fraction, ...],
+        horizon: Horizon,
+        after: Position,
     ) -> Counter[str]:
-        """Steps 2-4 or 5-7 and 8: apply the entries changed since the watermark, batch by batch."""
-        with in_transaction(pconn) as cur:
-            cur.execute(query("select_watermark"), {"queue": queue.name})
-            after: Position = cur.fetchone()
+        """Steps 2-4 or 5-7 and 8: apply the entries changed since the watermark `after`, batch by batch.
+
+        Only the process holding the cycle lock moves a watermark, so the one read at the cycle's start holds.
+        """
         counts: Counter[str] = Counter({"read": 0})
         size = self.settings.batch_size
         while not self.stopping.is_set():
@@ -197,6 +207,8 @@ class CycleRunner:
         horizon: Horizon,
     ) -> tuple[int, Position | None, Counter[str]]:
         """Apply a batch copied out of queue-db and move the watermark; return its size, end and outcomes."""
+        if not data:
+            return 0, None, Counter()  # nothing new: an idle cycle costs user-portfolio-db no transaction
         read, last = 0, None
         try:
             with in_transaction(pconn) as cur:

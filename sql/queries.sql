@@ -124,8 +124,10 @@ SELECT pg_advisory_unlock(%(key)s);
 -- select_watermarks: how far each queue has been read
 SELECT queue, updated_at, queue_id, moved_at FROM consistency.watermarks ORDER BY queue;
 
--- select_watermark: how far one queue has been read
-SELECT updated_at, queue_id FROM consistency.watermarks WHERE queue = %(queue)s;
+-- select_cycle_start: where each queue's cycle starts, and whether it has parked entries to retry
+SELECT w.queue, w.updated_at, w.queue_id,
+       EXISTS (SELECT 1 FROM consistency.parked_entries p WHERE p.queue = w.queue)
+  FROM consistency.watermarks w;
 
 -- advance_watermark: move a queue's watermark forward, never back
 UPDATE consistency.watermarks
