@@ -208,7 +208,7 @@ class CycleRunner:
     ) -> tuple[int, Position | None, Counter[str]]:
         """Apply a batch copied out of queue-db and move the watermark; return its size, end and outcomes."""
         if not data:
-            return 0, None, Counter()  # nothing new: an idle cycle costs user-portfolio-db no transaction
+            return 0, None, Counter()  # nothing new, so no transaction to load and apply nothing
         read, last = 0, None
         try:
             with in_transaction(pconn) as cur:
