@@ -44,6 +44,8 @@ Position = tuple[datetime, int]
 CYCLE_LOCK_KEY = 0x434D_4359_434C  # "CMCYCL"
 # Covers the instant between a writer's transaction start and its showing in pg_stat_activity.
 HORIZON_MARGIN = timedelta(seconds=1)
+# An open queue-db transaction older than this holds the watermarks back long enough to say so.
+HELD_WARNING_SECONDS = 60.0
 MAX_QUEUE_ID = 2**31 - 1
 ONE_MICROSECOND = timedelta(microseconds=1)
 EXACT, LOOKBACK = "exact", "lookback"
@@ -56,6 +58,8 @@ class Horizon:
 
     mode: str
     bound: datetime
+    # Seconds the oldest open queue-db transaction has been open (exact mode; None when there is none).
+    held_for: float | None = None
 
     @property
     def position(self) -> Position:
@@ -69,7 +73,8 @@ def read_horizon(queue_conn: Connection, lookback: float) -> Horizon:
         cur.execute(query("queue_horizon"))
         exact, oldest, now = cur.fetchone()
     if exact:
-        return Horizon(EXACT, min(oldest or now, now) - HORIZON_MARGIN)
+        held_for = round((now - oldest).total_seconds(), 1) if oldest and oldest < now else None
+        return Horizon(EXACT, min(oldest or now, now) - HORIZON_MARGIN, held_for)
     return Horizon(LOOKBACK, now - timedelta(seconds=lookback))
 
 
@@ -97,6 +102,7 @@ class CycleRunner:
         self.stopping = stopping
         self.heartbeat = heartbeat
         self.mode: str | None = None
+        self._held = False
         self._prepared = False
         self._last_reconcile = float("-inf")
 
@@ -148,6 +154,7 @@ class CycleRunner:
         }
         horizon = read_horizon(qconn, self.settings.lookback_window)
         self._note_mode(horizon.mode)
+        self._note_held(horizon.held_for)
         counts: dict[str, Counter[str]] = {queue.name: Counter() for queue in QUEUES}
         for queue in QUEUES:
             watermark, any_parked = starts[queue.name]
@@ -161,6 +168,7 @@ class CycleRunner:
         return {
             "mode": horizon.mode,
             "horizon": horizon.bound.isoformat(),
+            "oldest_transaction_s": horizon.held_for,
             "reconciled": reconciled,
             "counts": {name: {key: c[key] for key in COUNT_KEYS} for name, c in counts.items()},
             "stopped_early": self.stopping.is_set(),
@@ -343,6 +351,21 @@ class CycleRunner:
                 self.settings.lookback_window,
                 self.settings.reconcile_interval,
             )
+
+    def _note_held(self, held_for: float | None) -> None:
+        """Warn once when an old queue-db transaction starts holding the watermarks back, and say when it ends."""
+        held = held_for is not None and held_for > HELD_WARNING_SECONDS
+        if held == self._held:
+            return
+        self._held = held
+        if held:
+            log.warning(
+                "a queue-db transaction has been open for %gs: the watermarks stay behind its start, and every "
+                "cycle reads again the entries after them (pg_stat_activity shows which session it is)",
+                held_for,
+            )
+        else:
+            log.info("no queue-db transaction holds the watermarks back any longer")
 
     def _save(self, pconn: Connection, summary: dict[str, Any], clock: float) -> None:
         """Store the cycle's summary where every process can read it."""

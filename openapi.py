@@ -52,6 +52,7 @@ _SUMMARY = {
         "duration_ms": {"type": "number"},
         "mode": {"type": "string", "enum": ["exact", "lookback"]},
         "horizon": {"type": "string", "format": "date-time"},
+        "oldest_transaction_s": {"type": ["number", "null"]},
         "reconciled": {"type": "boolean"},
         "stopped_early": {"type": "boolean"},
         "counts": {"type": "object", "additionalProperties": _COUNTS},

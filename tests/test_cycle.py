@@ -302,6 +302,33 @@ def test_horizon_is_the_oldest_open_transaction_less_a_margin(svc, dbs) -> None:
     assert (started - horizon.bound).total_seconds() == pytest.approx(1.0, abs=0.01)
 
 
+def test_an_old_open_queue_transaction_is_reported_each_cycle_and_warned_about_once(svc, dbs, caplog, mocker) -> None:
+    import logging
+
+    import cycle
+
+    caplog.set_level(logging.INFO, logger="cycle")
+    mocker.patch.object(cycle, "HELD_WARNING_SECONDS", -1.0)  # any open transaction counts as old here
+    before = svc.runner.run()
+    writer = psycopg2.connect(dbs[0])
+    with writer.cursor() as cur:
+        cur.execute("SELECT 1")  # from here on, idle in transaction
+    try:
+        held = [svc.runner.run(), svc.runner.run()]
+    finally:
+        writer.rollback()
+        writer.close()
+    after = svc.runner.run()
+
+    assert before["oldest_transaction_s"] is None
+    assert all(summary["oldest_transaction_s"] >= 0 for summary in held)
+    assert after["oldest_transaction_s"] is None
+    messages = [r.getMessage() for r in caplog.records if r.name == "cycle"]
+    warned = [m for m in messages if m.startswith("a queue-db transaction has been open for")]
+    assert len(warned) == 1
+    assert messages.count("no queue-db transaction holds the watermarks back any longer") == 1
+
+
 def test_the_backlog_is_read_in_bounded_batches(make_service, world: World, mocker) -> None:
     import cycle
 
