@@ -43,6 +43,11 @@ LAG = Gauge(
 PARKED = Gauge(
     "consistency_parked_entries", "Entries parked at the end of the last cycle run.", multiprocess_mode="mostrecent"
 )
+OLDEST_TRANSACTION = Gauge(
+    "consistency_oldest_queue_transaction_seconds",
+    "Age of the oldest open queue-db transaction at the last ok cycle; the watermarks wait behind it (exact mode).",
+    multiprocess_mode="mostrecent",
+)
 LAST_SUCCESS = Gauge(
     "consistency_last_success_timestamp_seconds", "Unix time the last ok cycle ended.", multiprocess_mode="max"
 )
@@ -75,6 +80,7 @@ def observe_cycle(summary: dict[str, Any], parked: int | None = None) -> None:
                 ENTRIES.labels(queue=queue, outcome=outcome).inc(counts[outcome])
     if result == "ok":
         LAST_SUCCESS.set(time.time())
+        OLDEST_TRANSACTION.set(summary.get("oldest_transaction_s") or 0)
         if not summary.get("stopped_early"):
             LAG.set(0)
     if parked is not None:

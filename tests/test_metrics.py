@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import psycopg2
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -21,6 +22,7 @@ FAMILIES = {
     "consistency_lag_seconds": "gauge",
     "consistency_parked_entries": "gauge",
     "consistency_last_success_timestamp_seconds": "gauge",
+    "consistency_oldest_queue_transaction_seconds": "gauge",
     "consistency_db_pool_connections_in_use": "gauge",
 }
 
@@ -165,3 +167,22 @@ def test_lag_is_the_age_of_the_last_entry_read_while_a_drain_is_under_way(app, c
     assert service_of(app).poller.run_once()["counts"]["investment"]["COMPLETED"] == 6
     _, drained = scrape(client)
     assert value(drained, "consistency_lag_seconds") == 0
+
+
+def test_the_oldest_open_queue_transaction_is_a_gauge_set_by_each_ok_cycle(app, client, dbs) -> None:
+    poller = service_of(app).poller
+    writer = psycopg2.connect(dbs[0])
+    with writer.cursor() as cur:
+        cur.execute("SELECT 1")  # from here on, idle in transaction
+    try:
+        time.sleep(0.2)  # so that it is measurably old
+        assert poller.run_once()["result"] == "ok"
+        _, held = scrape(client)
+    finally:
+        writer.rollback()
+        writer.close()
+    assert poller.run_once()["result"] == "ok"
+    _, after = scrape(client)
+
+    assert value(held, "consistency_oldest_queue_transaction_seconds") >= 0.2
+    assert value(after, "consistency_oldest_queue_transaction_seconds") == 0
