@@ -6,9 +6,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import signal
-import subprocess
-import sys
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,11 +17,11 @@ from bench import http
 from bench.approaches import per_entry, set_based
 from bench.data import TIERS, build_templates, snapshot
 from bench.idle import idle_cycle_ms
-from bench.latency import measure_latency, status
+from bench.latency import measure_latency
+from bench.serve import gunicorn, service_env, status
 from tests import pgtest
 from tests.faults.harness import wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
 SERVICE_PATHS = ("/health", "/api/v1/consistency/status")
 
 
@@ -44,21 +41,6 @@ def worker_peak_rss_mb(master: int) -> float:
     return max(peaks)
 
 
-def service_env(queue_uri: str, portfolio_uri: str, port: int, batch_size: int) -> dict[str, str]:
-    """Return the environment the service runs with in the benchmark: one start-up cycle, then quiet."""
-    return {
-        **os.environ,
-        **TIERS,
-        "QUEUE_DB_URI": queue_uri,
-        "USER_PORTFOLIO_DB_URI": portfolio_uri,
-        "PORT": str(port),
-        "POLLING_INTERVAL": "3600",
-        "BATCH_SIZE": str(batch_size),
-        "LOG_LEVEL": "WARNING",
-        "LISTEN_NOTIFY": "false",  # no cycle but the start-up one, so the last cycle is the drain
-    }
-
-
 def run_service(
     queue_uri: str, portfolio_uri: str, batch_size: int, entries: int, during: Callable[[int], None] | None = None
 ) -> tuple[float, float, bool]:
@@ -67,10 +49,11 @@ def run_service(
     Return the drain's seconds, the workers' peak RSS, and whether the drain outlasted `during`.
     """
     port = pgtest.free_port()
-    env = service_env(queue_uri, portfolio_uri, port, batch_size)
-    command = [sys.executable, "-m", "gunicorn", "consistency_manager_svc:app"]
-    service = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    # No cycle but the start-up one, so that the last cycle is the drain.
+    env = service_env(
+        queue_uri, portfolio_uri, port, POLLING_INTERVAL="3600", BATCH_SIZE=str(batch_size), LISTEN_NOTIFY="false"
+    )
+    with gunicorn(env, "consistency_manager_svc:app") as service:
         wait_until(lambda: last_cycle(port) is not False, 60, "the service to answer")
         if during is not None:
             during(port)
@@ -84,18 +67,13 @@ def run_service(
         seconds = last["duration_ms"] / 1000  # type: ignore[index]
         drained_at = datetime.fromisoformat(last["started_at"]) + timedelta(seconds=seconds)  # type: ignore[index]
         return seconds, worker_peak_rss_mb(service.pid), drained_at > loaded_until
-    finally:
-        service.send_signal(signal.SIGTERM)
-        service.wait(timeout=30)
 
 
 def run_floor(queue_uri: str, portfolio_uri: str, during: Callable[[int], None]) -> bool:
     """Serve the do-nothing floor app while the set-based bound drains; tell whether the drain outlasted `during`."""
     port = pgtest.free_port()
-    command = [sys.executable, "-m", "gunicorn", "-c", "python:bench.floor", "bench.floor:app"]
-    env = service_env(queue_uri, portfolio_uri, port, 1)  # the settings the shipped gunicorn.conf.py reads
-    floor = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    env = service_env(queue_uri, portfolio_uri, port)  # what the shipped gunicorn.conf.py reads
+    with gunicorn(env, "-c", "python:bench.floor", "bench.floor:app"):
         wait_until(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1), 30, "the floor")
         with ThreadPoolExecutor(max_workers=1) as pool:
             drain = pool.submit(set_based, queue_uri, portfolio_uri, TIERS)
@@ -103,9 +81,6 @@ def run_floor(queue_uri: str, portfolio_uri: str, during: Callable[[int], None])
             outlasted = not drain.done()
             drain.result()  # the drain's own error, if it failed
         return outlasted
-    finally:
-        floor.send_signal(signal.SIGTERM)
-        floor.wait(timeout=30)
 
 
 def last_cycle(port: int) -> dict[str, object] | bool | None:

@@ -3,27 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import random
-import signal
 import statistics
-import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import psycopg2
 import psycopg2.extensions
 
-from bench.data import TIERS, build_templates
+from bench.data import build_templates
+from bench.serve import ROOT, gunicorn, service_env, status
 from tests import pgtest
+from tests.faults.harness import wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
 NOTIFY_SQL = ROOT / "schema" / "queue_notify.sql"
 ACCOUNT = "1000000000"  # the first account of the backlog build_templates makes
 BACKLOG = 100  # entries the start-up cycle drains, so that the service starts on real data
@@ -45,36 +39,20 @@ def fresh_databases(server: str, notify: bool) -> Iterator[tuple[str, str]]:
             pgtest.drop(server, name)
 
 
-def status(port: int) -> dict:
-    """Read the service's status endpoint."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/consistency/status", timeout=5) as answer:
-        return json.loads(answer.read())
-
-
 @contextmanager
 def service(queue_uri: str, portfolio_uri: str, notify: bool, polling_interval: float, workers: int) -> Iterator[int]:
     """Run the service under gunicorn until its start-up cycle is done; yield its port, then stop it."""
     port = pgtest.free_port()
-    env = {**os.environ, **TIERS, "QUEUE_DB_URI": queue_uri, "USER_PORTFOLIO_DB_URI": portfolio_uri,
-           "PORT": str(port), "POLLING_INTERVAL": str(polling_interval), "LOG_LEVEL": "WARNING",
-           "LISTEN_NOTIFY": "true" if notify else "false"}  # fmt: skip
-    command = [sys.executable, "-m", "gunicorn", "consistency_manager_svc:app", "--workers", str(workers)]
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            time.sleep(0.1)
-            try:
-                last = status(port).get("last_cycle")
-            except OSError:
-                continue
-            if last and last["result"] == "ok":
-                yield port
-                return
-        raise SystemExit("the service did not finish its start-up cycle")
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
+    env = service_env(queue_uri, portfolio_uri, port, POLLING_INTERVAL=str(polling_interval),
+                      LISTEN_NOTIFY="true" if notify else "false")  # fmt: skip
+    with gunicorn(env, "consistency_manager_svc:app", "--workers", str(workers)):
+        wait_until(lambda: started_up(port), 60, "the service's start-up cycle")
+        yield port
+
+
+def started_up(port: int) -> bool:
+    """Tell whether the service's last finished cycle, its start-up one, went through."""
+    return (status(port).get("last_cycle") or {}).get("result") == "ok"
 
 
 def one_sample(queue: psycopg2.extensions.connection, portfolio: psycopg2.extensions.connection) -> float:
