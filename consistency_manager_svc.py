@@ -15,15 +15,10 @@ from service import EXTENSION, build_service, service_of
 MAX_BODY_BYTES = 4096
 
 
-def configure_logging(level: str, fmt: str = "json") -> None:
-    """Send log lines to stdout at the configured level, as JSON or as text."""
-    logs.configure(level, fmt)
-
-
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the Flask app around a service; the poller is started by the server, not here."""
     settings = settings or load_settings()
-    configure_logging(settings.log_level, settings.log_format)
+    logs.configure(settings.log_level, settings.log_format)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False  # type: ignore[attr-defined]

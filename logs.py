@@ -24,13 +24,13 @@ class JsonFormatter(logging.Formatter):
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
-            "message": mask_uri(record.getMessage()),
+            "message": record.getMessage(),
             "pid": record.process,
         }
         line.update((key, value) for key, value in vars(record).items() if key not in _STANDARD)
         if record.exc_info:
-            line["exception"] = mask_uri(self.formatException(record.exc_info))
-        return mask_uri(json.dumps(line, default=str, ensure_ascii=False))
+            line["exception"] = self.formatException(record.exc_info)
+        return mask_uri(json.dumps(line, default=str, ensure_ascii=False))  # the message and every field
 
 
 class TextFormatter(logging.Formatter):

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from consistency_manager_svc import configure_logging
+import logs
 from cycle import CYCLE_LOCK_KEY
 from service import service_of
 from tests.world import World
@@ -25,7 +25,7 @@ def output(capsys) -> Iterator:
     """Read what the service wrote to stdout since the last read; the text format is restored afterwards."""
     capsys.readouterr()
     yield lambda: capsys.readouterr().out
-    configure_logging("INFO", "text")
+    logs.configure("INFO", "text")
 
 
 def json_lines(text: str) -> list[dict]:
@@ -39,7 +39,7 @@ def summaries(lines: list[dict]) -> list[dict]:
 
 
 def test_each_line_is_one_json_object_with_time_level_logger_message(output) -> None:
-    configure_logging("INFO", "json")
+    logs.configure("INFO", "json")
     logging.getLogger("anything").warning("a %s line", "formatted", extra={"queue": "investment", "n": 3})
     try:
         raise ValueError("boom")
@@ -55,7 +55,7 @@ def test_each_line_is_one_json_object_with_time_level_logger_message(output) -> 
 
 
 def test_each_cycle_writes_exactly_one_summary_line_with_its_fields(app, world: World, output) -> None:
-    configure_logging("INFO", "json")
+    logs.configure("INFO", "json")
     world.portfolio_for(ACCOUNT)
     world.request("investment", ACCOUNT)
     world.request("withdrawal", ACCOUNT, "FAILED")
@@ -80,7 +80,7 @@ def test_each_cycle_writes_exactly_one_summary_line_with_its_fields(app, world: 
 
 
 def test_a_skipped_turn_writes_its_line_at_debug(app, world: World, output) -> None:
-    configure_logging("DEBUG", "json")
+    logs.configure("DEBUG", "json")
     world.p("SELECT pg_advisory_lock(%s)", (CYCLE_LOCK_KEY,))
     try:
         service_of(app).poller.run_once()
@@ -94,13 +94,13 @@ def test_no_password_of_a_database_uri_appears_in_the_log(make_app, dbs: tuple[s
     with_password = [uri.replace("://postgres@", f"://postgres:{PASSWORD}@") for uri in dbs]
     assert all(PASSWORD in uri for uri in with_password)  # the server trusts loopback, so these connect
     app = make_app(queue_db_uri=with_password[0], portfolio_db_uri=with_password[1], log_level="DEBUG")
-    configure_logging("DEBUG", "json")
+    logs.configure("DEBUG", "json")
     world.portfolio_for(ACCOUNT)
     world.request("investment", ACCOUNT)
     ok = service_of(app).poller.run_once()
     unreachable = with_password[0].replace("127.0.0.1:5432", "127.0.0.1:1")
     broken = make_app(queue_db_uri=unreachable, portfolio_db_uri=with_password[1], db_connect_timeout=1)
-    configure_logging("DEBUG", "json")
+    logs.configure("DEBUG", "json")
     failed = service_of(broken).poller.run_once()
     logging.getLogger("careless").info("connecting to %s", unreachable)  # a URI logged by mistake is masked
 
@@ -116,7 +116,7 @@ def test_no_password_of_a_database_uri_appears_in_the_log(make_app, dbs: tuple[s
 
 
 def test_text_format_is_for_a_terminal(app, world: World, output) -> None:
-    configure_logging("INFO", "text")
+    logs.configure("INFO", "text")
     world.portfolio_for(ACCOUNT)
     world.request("investment", ACCOUNT)
     service_of(app).poller.run_once()
