@@ -1,10 +1,14 @@
-"""An idle cycle reads the queues by index range scans only, however large the queue tables grow."""
+"""An idle cycle: index range scans on the queues however large they grow, and a dozen statements in all."""
 
 from __future__ import annotations
 
 import json
 import re
+from collections import Counter
+from typing import Any
 
+import psycopg2
+import psycopg2.extensions
 import pytest
 
 from queries import table_query
@@ -40,3 +44,43 @@ def test_reading_after_the_watermark_is_an_index_range_scan(world: World, table:
     assert [n["Node Type"] for n in scans] == ["Index Scan"]
     assert scans[0]["Index Name"] == f"{table}_updated_at_queue_id"
     assert "Index Cond" in scans[0]  # a range on (updated_at, queue_id), not a full index walk
+
+
+def test_an_idle_cycle_makes_a_dozen_statements_and_five_commits(make_service, mocker) -> None:
+    import db
+
+    calls: Counter[str] = Counter()
+
+    class CountingCursor(psycopg2.extensions.cursor):
+        def execute(self, *args: Any, **kwargs: Any) -> Any:
+            calls["statements"] += 1
+            return super().execute(*args, **kwargs)
+
+        def copy_expert(self, *args: Any, **kwargs: Any) -> Any:
+            calls["statements"] += 1
+            return super().copy_expert(*args, **kwargs)
+
+    class CountingConnection(psycopg2.extensions.connection):
+        def cursor(self, *args: Any, **kwargs: Any) -> Any:
+            kwargs.setdefault("cursor_factory", CountingCursor)
+            return super().cursor(*args, **kwargs)
+
+        def commit(self) -> None:
+            calls["commits"] += 1
+            super().commit()
+
+    options = db.connect_options
+    mocker.patch.object(
+        db, "connect_options", lambda *a, **k: {**options(*a, **k), "connection_factory": CountingConnection}
+    )
+    svc = make_service()
+    assert svc.poller.run_once()["result"] == "ok"  # the first cycle also migrates and seeds
+    calls.clear()
+
+    summary = svc.poller.run_once()
+
+    assert summary["result"] == "ok" and all(c["read"] == 0 for c in summary["counts"].values())
+    # Over both databases: the turn, the tier values with the watermarks, the horizon, a COPY per queue,
+    # the summary, the turn back, and the state kept for /status.
+    assert calls["statements"] <= 12
+    assert calls["commits"] <= 5
