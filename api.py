@@ -91,11 +91,29 @@ def status() -> Any:
 @bp.get("/api/v1/consistency/parked")
 def parked() -> Any:
     """The parked entries, oldest first, with their reasons."""
+    limit = listing_limit()
+    return bad_limit() if limit is None else jsonify(service().parked(limit))
+
+
+@bp.get("/api/v1/consistency/corrections")
+def corrections() -> Any:
+    """The applied entries whose queue status changed afterwards, newest first."""
+    limit = listing_limit()
+    return bad_limit() if limit is None else jsonify(service().corrections(limit))
+
+
+def listing_limit() -> int | None:
+    """Read a listing's `limit` parameter; None when it is not a whole number in range."""
     raw = request.args.get("limit", "100")
     # ASCII digits only: str.isdigit() also takes '¹', which int() refuses (found by schemathesis).
     if not re.fullmatch(r"[0-9]{1,4}", raw) or not 1 <= int(raw) <= PARKED_LIMIT_MAX:
-        return error(400, f"limit: must be a whole number from 1 to {PARKED_LIMIT_MAX}", field="limit")
-    return jsonify(service().parked(int(raw)))
+        return None
+    return int(raw)
+
+
+def bad_limit() -> tuple[Response, int]:
+    """Answer a listing whose limit is out of range."""
+    return error(400, f"limit: must be a whole number from 1 to {PARKED_LIMIT_MAX}", field="limit")
 
 
 @bp.post("/api/v1/consistency/trigger")

@@ -1,11 +1,12 @@
 """Applies batches of queue entries to user-portfolio-db, exactly once, parking what cannot apply.
 
-The work itself is set-based SQL: consistency.apply_batch in sql/migrations/0002_set_based_apply.sql.
+The work itself is set-based SQL: consistency.apply_batch_v2 in sql/migrations/0003_one_settlement_per_transaction.sql.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +19,11 @@ import psycopg2.extensions
 from db import pg_array
 from queries import query, table_query
 
+log = logging.getLogger(__name__)
+
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
+# Not settled yet. Every other status, an unknown one included, is read as settled: applied or parked.
+OPEN = ("PENDING", "PROCESSING")
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,26 @@ def apply_loaded(
         **factor_arrays(factors),
     }
     cur.execute(query("apply_batch"), params)
-    return Counter(dict(cur.fetchall()))
+    counts = Counter(dict(cur.fetchall()))
+    if counts["corrected"]:
+        _warn_corrections(cur, queue)
+    return counts
+
+
+def _warn_corrections(cur: psycopg2.extensions.cursor, queue: Queue) -> None:
+    """Name each applied entry whose queue status this transaction found changed; the first outcome stays."""
+    cur.execute(query("select_new_corrections"), {"queue": queue.name})
+    for queue_id, uuid, applied, now in cur.fetchall():
+        log.warning(
+            "%s entry %s (portfolio transaction %s) was applied as %s and is now %s in the queue: the applied "
+            "outcome stays, and GET /api/v1/consistency/corrections lists it",
+            queue.name,
+            queue_id,
+            uuid,
+            applied,
+            now,
+            extra={"queue": queue.name, "queue_id": queue_id, "applied_status": applied, "queue_status": now},
+        )
 
 
 def apply_entries(

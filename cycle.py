@@ -19,6 +19,7 @@ import metrics
 import migrations
 import tiers
 from apply import (
+    OPEN,
     QUEUES,
     TERMINAL,
     Entry,
@@ -48,8 +49,10 @@ HORIZON_MARGIN = timedelta(seconds=1)
 HELD_WARNING_SECONDS = 60.0
 MAX_QUEUE_ID = 2**31 - 1
 ONE_MICROSECOND = timedelta(microseconds=1)
+# Where the stored watermark stays while queue-db has prepared transactions: it never moves back.
+HOLD = datetime(1970, 1, 1, tzinfo=UTC)
 EXACT, LOOKBACK = "exact", "lookback"
-COUNT_KEYS = ("read", *TERMINAL, "parked", "reconciled")
+COUNT_KEYS = ("read", *TERMINAL, "parked", "corrected", "reconciled")
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,10 @@ class Horizon:
     bound: datetime
     # Seconds the oldest open queue-db transaction has been open (exact mode; None when there is none).
     held_for: float | None = None
+    # Prepared (two-phase) transactions on queue-db: no view shows when they began, so the watermark holds.
+    prepared: int = 0
+    # Sessions running with track_activities off: their transactions' start cannot be seen.
+    untracked: int = 0
 
     @property
     def position(self) -> Position:
@@ -68,14 +75,19 @@ class Horizon:
 
 
 def read_horizon(queue_conn: Connection, lookback: float) -> Horizon:
-    """Bound the watermark by the oldest open queue-db transaction, or by the look-back window."""
+    """Bound the watermark by the oldest open queue-db transaction, or by the look-back window.
+
+    A session whose transaction start is hidden (track_activities off) turns this cycle to the look-back
+    rule; a prepared transaction, whose start no view shows, holds the watermark where it is.
+    """
     with queue_conn.cursor() as cur:
         cur.execute(query("queue_horizon"))
-        exact, oldest, now = cur.fetchone()
-    if exact:
+        exact, oldest, untracked, prepared, now = cur.fetchone()
+    if exact and not untracked:
         held_for = round((now - oldest).total_seconds(), 1) if oldest and oldest < now else None
-        return Horizon(EXACT, min(oldest or now, now) - HORIZON_MARGIN, held_for)
-    return Horizon(LOOKBACK, now - timedelta(seconds=lookback))
+        bound = HOLD if prepared else min(oldest or now, now) - HORIZON_MARGIN
+        return Horizon(EXACT, bound, held_for, prepared)
+    return Horizon(LOOKBACK, now - timedelta(seconds=lookback), untracked=untracked if exact else 0)
 
 
 def read_queue(queue_conn: Connection, name: str, table: str, params: dict[str, Any]) -> list[Entry]:
@@ -103,6 +115,9 @@ class CycleRunner:
         self.heartbeat = heartbeat
         self.mode: str | None = None
         self._held = False
+        self._holding_prepared = False
+        # A cycle ran under the look-back rule for want of a visible start: exact mode sweeps once after it.
+        self._sweep_owed = False
         self._prepared = False
         self._last_reconcile = float("-inf")
 
@@ -115,11 +130,19 @@ class CycleRunner:
             tiers.seed(cur, self.settings.tier_seed)
         with self.queue_db.connection(autocommit=True) as conn, conn.cursor() as cur:
             missing = migrations.missing_watermark_indexes(cur, [q.table for q in QUEUES])
+            naive, timezone = migrations.naive_timestamp_columns(cur, [q.table for q in QUEUES])
         for table in missing:
             log.warning(
                 "queue-db table %s has no index on (updated_at, queue_id): every cycle will scan it; "
                 "create it as in schema/queue_db.sql",
                 table,
+            )
+        for table in naive:
+            log.warning(
+                "queue-db column %s.updated_at is timestamp without time zone: its values are read as local "
+                "times in queue-db's TimeZone (%s), the one the writers' CURRENT_TIMESTAMP follows",
+                table,
+                timezone,
             )
         self._prepared = True
 
@@ -153,22 +176,27 @@ class CycleRunner:
             "withdrawal": tuple(t.withdraw_factor for t in current),
         }
         horizon = read_horizon(qconn, self.settings.lookback_window)
-        self._note_mode(horizon.mode)
+        self._note_mode(horizon)
         self._note_held(horizon.held_for)
+        self._note_prepared(horizon.prepared)
         counts: dict[str, Counter[str]] = {queue.name: Counter() for queue in QUEUES}
         for queue in QUEUES:
             watermark, any_parked = starts[queue.name]
             if any_parked:
                 counts[queue.name] += self._retry_parked(pconn, qconn, queue, factors[queue.name])
             counts[queue.name] += self._drain(pconn, qconn, queue, factors[queue.name], horizon, watermark)
-        reconciled = horizon.mode == LOOKBACK and not self.stopping.is_set() and self._reconcile_due()
+        reconciled = not self.stopping.is_set() and self._reconcile_due(horizon)
         if reconciled:
             for queue in QUEUES:
                 counts[queue.name] += self._reconcile(pconn, qconn, queue, factors[queue.name])
+            if horizon.mode == EXACT and not self.stopping.is_set():
+                self._sweep_owed = False
         return {
             "mode": horizon.mode,
             "horizon": horizon.bound.isoformat(),
             "oldest_transaction_s": horizon.held_for,
+            "prepared_transactions": horizon.prepared,
+            "untracked_sessions": horizon.untracked,
             "reconciled": reconciled,
             "counts": {name: {key: c[key] for key in COUNT_KEYS} for name, c in counts.items()},
             "stopped_early": self.stopping.is_set(),
@@ -291,8 +319,9 @@ class CycleRunner:
         factors: tuple[Fraction, ...],
     ) -> Counter[str]:
         """Apply parked entries whose rows are still terminal; release those that no longer are."""
-        terminal = sorted((e for e in current if e.status in TERMINAL), key=lambda e: e.position)
-        reopened = [e.queue_id for e in current if e.status not in TERMINAL]
+        # An unknown status is not open: applying parks it again, with the status in the reason.
+        settled = sorted((e for e in current if e.status not in OPEN), key=lambda e: e.position)
+        reopened = [e.queue_id for e in current if e.status in OPEN]
         found = {e.queue_id for e in current}
         gone = [(e, "the queue entry no longer exists") for e in parked if e.queue_id not in found]
         if reopened or gone:
@@ -302,10 +331,18 @@ class CycleRunner:
                     cur.execute(query("unpark_entries"), {"queue": queue.name, "queue_ids": pg_array(reopened)})
                 if gone:
                     park(cur, queue, gone)
-        return self._apply(pconn, queue, terminal, factors, retrying=True) if terminal else Counter()
+        return self._apply(pconn, queue, settled, factors, retrying=True) if settled else Counter()
 
-    def _reconcile_due(self) -> bool:
-        """Tell whether the reconciliation sweep should run in this cycle."""
+    def _reconcile_due(self, horizon: Horizon) -> bool:
+        """Tell whether the reconciliation sweep should run in this cycle.
+
+        It runs every RECONCILE_INTERVAL under the look-back rule, and once in exact mode after cycles that
+        fell back to it: a hidden session may have committed late in between.
+        """
+        if horizon.untracked:
+            self._sweep_owed = True
+        if horizon.mode == EXACT:
+            return self._sweep_owed
         if time.monotonic() - self._last_reconcile < self.settings.reconcile_interval:
             return False
         self._last_reconcile = time.monotonic()
@@ -336,13 +373,20 @@ class CycleRunner:
                 return counts
         return counts
 
-    def _note_mode(self, mode: str) -> None:
+    def _note_mode(self, horizon: Horizon) -> None:
         """Log loudly which watermark mode is in force whenever it changes."""
-        if mode == self.mode:
+        if horizon.mode == self.mode:
             return
-        self.mode = mode
-        if mode == EXACT:
+        self.mode = horizon.mode
+        if horizon.mode == EXACT:
             log.warning("watermark mode: exact (bounded by the oldest open queue-db transaction)")
+        elif horizon.untracked:
+            log.warning(
+                "watermark mode: lookback while %d queue-db session(s) run with track_activities off, which "
+                "hides when their transactions began; using a %gs look-back window and a reconciliation sweep",
+                horizon.untracked,
+                self.settings.lookback_window,
+            )
         else:
             log.warning(
                 "watermark mode: lookback; this role cannot see other sessions' xact_start "
@@ -366,6 +410,22 @@ class CycleRunner:
             )
         else:
             log.info("no queue-db transaction holds the watermarks back any longer")
+
+    def _note_prepared(self, prepared: int) -> None:
+        """Warn once when prepared transactions start holding the watermarks, and say when they stop."""
+        holding = prepared > 0
+        if holding == self._holding_prepared:
+            return
+        self._holding_prepared = holding
+        if holding:
+            log.warning(
+                "queue-db has %d prepared transaction(s) (pg_prepared_xacts): no view shows when they began, so "
+                "the watermarks hold until they are committed or rolled back, and every cycle reads again the "
+                "entries after them",
+                prepared,
+            )
+        else:
+            log.info("no prepared queue-db transaction holds the watermarks any longer")
 
     def _save(self, pconn: Connection, summary: dict[str, Any], clock: float) -> None:
         """Store the cycle's summary where every process can read it."""

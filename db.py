@@ -59,8 +59,15 @@ def mask_uri(uri: str) -> str:
     return _URI_PASSWORD.sub(r"\1***@", uri)
 
 
-def connect_options(settings: Settings, application_name: str = APPLICATION_NAME) -> dict[str, object]:
-    """Return the options of every connection the service opens: timeouts, keepalives and its name."""
+def connect_options(
+    settings: Settings, application_name: str = APPLICATION_NAME, utc: bool = True
+) -> dict[str, object]:
+    """Return the options of every connection the service opens: timeouts, keepalives, its name and time zone.
+
+    utc=False keeps the server's TimeZone, which the queue writers' CURRENT_TIMESTAMP follows: a queue
+    column without a time zone is then read as they wrote it.
+    """
+    timezone = " -c timezone=UTC" if utc else ""
     return {
         "connect_timeout": settings.db_connect_timeout,
         "application_name": application_name,
@@ -72,7 +79,7 @@ def connect_options(settings: Settings, application_name: str = APPLICATION_NAME
         "options": (
             f"-c statement_timeout={int(settings.db_statement_timeout * 1000)}"
             f" -c lock_timeout={int(settings.db_lock_timeout * 1000)}"
-            " -c idle_in_transaction_session_timeout=60000 -c timezone=UTC"
+            f" -c idle_in_transaction_session_timeout=60000 -c datestyle=ISO{timezone}"
         ),
     }
 
@@ -89,7 +96,14 @@ class _LazyPool(psycopg2.pool.ThreadedConnectionPool):
 class Database:
     """A psycopg2 pool for one database that hands out connections and transactions."""
 
-    def __init__(self, name: str, uri: str, settings: Settings, on_lend: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        uri: str,
+        settings: Settings,
+        on_lend: Callable[[int], None] | None = None,
+        utc: bool = True,
+    ) -> None:
         self.name = name
         # Told +1 when a connection is lent and -1 when it comes back: the pool's in-use metric.
         self._on_lend = on_lend or _ignore
@@ -97,7 +111,7 @@ class Database:
         self._password = urlsplit(uri).password or ""
         self._slots = threading.BoundedSemaphore(settings.db_pool_size)
         self._wait = float(settings.db_connect_timeout)
-        self._options = connect_options(settings)
+        self._options = connect_options(settings, utc=utc)
         self._pool = _LazyPool(settings.db_pool_size, dsn=uri, **self._options)
 
     def redact(self, text: str) -> str:
@@ -112,20 +126,18 @@ class Database:
         if not self._slots.acquire(timeout=self._wait):
             raise DatabaseError(self.name, f"no free connection within {self._wait:g}s")
         conn = None
-        broken = False
         try:
             conn = self._pool.getconn()
             self._on_lend(1)
             conn.autocommit = autocommit
             yield conn
-        except (psycopg2.OperationalError, psycopg2.InterfaceError) as err:
-            broken = True
-            raise DatabaseError(self.name, self.redact(first_line(err))) from err
         except psycopg2.Error as err:
+            if conn is not None and not raised_by(err, conn):
+                raise  # another database's connection failed: the block that holds it says which
             raise DatabaseError(self.name, self.redact(first_line(err))) from err
         finally:
             if conn is not None:
-                self._release(conn, broken or bool(conn.closed))
+                self._release(conn, bool(conn.closed))
                 self._on_lend(-1)
             self._slots.release()
 
@@ -160,13 +172,23 @@ class Database:
             self._pool.closeall()
 
 
+def raised_by(err: psycopg2.Error, conn: psycopg2.extensions.connection) -> bool:
+    """Tell whether a driver error came from this connection: its cursor's, its commit, or its loss."""
+    source = getattr(err, "connection", None) or (err.cursor.connection if err.cursor is not None else None)
+    return source is conn if source is not None else bool(conn.closed)
+
+
 @contextmanager
 def in_transaction(conn: psycopg2.extensions.connection) -> Iterator[psycopg2.extensions.cursor]:
     """Run the block in one transaction on a held connection: commit on success, roll back on error."""
     try:
         with conn.cursor() as cur:
             yield cur
-        conn.commit()
+        try:
+            conn.commit()
+        except psycopg2.Error as err:
+            err.connection = conn  # type: ignore[attr-defined]  # a commit's error has no cursor to tell
+            raise
     except BaseException:
         if not conn.closed:
             # The original error says more than a failed rollback on a broken connection.

@@ -90,13 +90,17 @@ def gunicorn_config(level: str) -> dict[str, Any]:
     }
 
 
-def cycle_fields(summary: dict[str, Any], watermarks: dict[str, Any] | None, parked: int | None) -> dict[str, Any]:
+def cycle_fields(
+    summary: dict[str, Any], watermarks: dict[str, Any] | None, parked: int | None, corrections: int | None = None
+) -> dict[str, Any]:
     """Return the fields of a cycle's summary line."""
     fields = {"event": "cycle", **summary}
     if watermarks is not None:
         fields["watermarks"] = watermarks
     if parked is not None:
         fields["parked_entries"] = parked
+    if corrections is not None:
+        fields["corrections"] = corrections
     return fields
 
 
@@ -116,7 +120,13 @@ def cycle_message(summary: dict[str, Any]) -> str:
     return text
 
 
-def log_cycle(summary: dict[str, Any], watermarks: dict[str, Any] | None = None, parked: int | None = None) -> None:
+def log_cycle(
+    summary: dict[str, Any],
+    watermarks: dict[str, Any] | None = None,
+    parked: int | None = None,
+    corrections: int | None = None,
+) -> None:
     """Write a cycle's one summary line: INFO when it ran, ERROR when it failed, DEBUG when it skipped its turn."""
     level = {"ok": logging.INFO, "error": logging.ERROR}.get(summary["result"], logging.DEBUG)
-    logging.getLogger("cycle").log(level, cycle_message(summary), extra=cycle_fields(summary, watermarks, parked))
+    fields = cycle_fields(summary, watermarks, parked, corrections)
+    logging.getLogger("cycle").log(level, cycle_message(summary), extra=fields)

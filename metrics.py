@@ -43,6 +43,11 @@ LAG = Gauge(
 PARKED = Gauge(
     "consistency_parked_entries", "Entries parked at the end of the last cycle run.", multiprocess_mode="mostrecent"
 )
+CORRECTIONS = Gauge(
+    "consistency_corrections",
+    "Applied entries whose queue status changed afterwards, at the end of the last cycle run; the first outcome stays.",
+    multiprocess_mode="mostrecent",
+)
 OLDEST_TRANSACTION = Gauge(
     "consistency_oldest_queue_transaction_seconds",
     "Age of the oldest open queue-db transaction at the last ok cycle; the watermarks wait behind it (exact mode).",
@@ -68,8 +73,8 @@ for _database in DATABASES:
     POOL_IN_USE.labels(database=_database)
 
 
-def observe_cycle(summary: dict[str, Any], parked: int | None = None) -> None:
-    """Count a finished cycle from its summary; `parked` is the parked count read after it, if known."""
+def observe_cycle(summary: dict[str, Any], parked: int | None = None, corrections: int | None = None) -> None:
+    """Count a finished cycle from its summary; `parked` and `corrections` are the counts read after it, if known."""
     result = summary["result"]
     CYCLES.labels(result=result).inc()
     if result != "skipped" and "duration_ms" in summary:
@@ -85,6 +90,8 @@ def observe_cycle(summary: dict[str, Any], parked: int | None = None) -> None:
             LAG.set(0)
     if parked is not None:
         PARKED.set(parked)
+    if corrections is not None:
+        CORRECTIONS.set(corrections)
 
 
 def observe_batch(last_read: datetime, applied: int) -> None:

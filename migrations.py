@@ -69,3 +69,11 @@ def missing_watermark_indexes(cur: psycopg2.extensions.cursor, tables: list[str]
         if not cur.fetchone()[0]:
             missing.append(table)
     return missing
+
+
+def naive_timestamp_columns(cur: psycopg2.extensions.cursor, tables: list[str]) -> tuple[list[str], str]:
+    """Return the queue tables whose updated_at has no time zone, and queue-db's TimeZone that reads them."""
+    cur.execute(query("queue_timestamp_types"), {"tables": tables})
+    rows = cur.fetchall()
+    naive = [table for table, kind, _ in rows if kind == "timestamp without time zone"]
+    return naive, rows[0][2] if rows else ""

@@ -37,6 +37,12 @@ def _tier_value(low: dict[str, int]) -> dict[str, Any]:
     return {"oneOf": [number, {"type": "string", "pattern": _DECIMAL_STRING}]}
 
 
+_LIMIT = {
+    "name": "limit",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+}
 _POOL = _tier_value({"exclusiveMinimum": 0})
 _MARKET = _tier_value({"minimum": 0})
 _COUNTS = {
@@ -53,6 +59,8 @@ _SUMMARY = {
         "mode": {"type": "string", "enum": ["exact", "lookback"]},
         "horizon": {"type": "string", "format": "date-time"},
         "oldest_transaction_s": {"type": ["number", "null"]},
+        "prepared_transactions": {"type": "integer"},
+        "untracked_sessions": {"type": "integer"},
         "reconciled": {"type": "boolean"},
         "stopped_early": {"type": "boolean"},
         "counts": {"type": "object", "additionalProperties": _COUNTS},
@@ -98,12 +106,21 @@ SPEC: dict[str, Any] = {
             },
             "Status": {
                 "type": "object",
-                "required": ["tiers", "watermarks", "mode", "parked_entries", "polling_interval", "last_cycle"],
+                "required": [
+                    "tiers",
+                    "watermarks",
+                    "mode",
+                    "parked_entries",
+                    "corrections",
+                    "polling_interval",
+                    "last_cycle",
+                ],
                 "properties": {
                     "tiers": {"$ref": "#/components/schemas/Tiers"},
                     "watermarks": {"type": "object"},
                     "mode": {"type": ["string", "null"]},
                     "parked_entries": {"type": "integer"},
+                    "corrections": {"type": "integer"},
                     "polling_interval": {"type": "number"},
                     "last_cycle": {"oneOf": [{"$ref": "#/components/schemas/CycleSummary"}, {"type": "null"}]},
                     "this_process": {"type": "object"},
@@ -143,22 +160,22 @@ SPEC: dict[str, Any] = {
         },
         "/api/v1/consistency/status": {
             "get": {
-                "summary": "Tier values and deltas, watermarks, mode, parked count and the last cycle",
+                "summary": "Tier values and deltas, watermarks, mode, parked and correction counts, and the last cycle",
                 "responses": {"200": _json("Status", "the current state"), **_errors(503)},
             }
         },
         "/api/v1/consistency/parked": {
             "get": {
                 "summary": "Parked entries, oldest first",
-                "parameters": [
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "required": False,
-                        "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
-                    }
-                ],
+                "parameters": [_LIMIT],
                 "responses": {"200": _json("Parked", "parked entries"), **_errors(400, 503)},
+            }
+        },
+        "/api/v1/consistency/corrections": {
+            "get": {
+                "summary": "Applied entries whose queue status changed afterwards, newest first",
+                "parameters": [_LIMIT],
+                "responses": {"200": _json("Parked", "corrections"), **_errors(400, 503)},
             }
         },
         "/api/v1/consistency/trigger": {

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+import psycopg2.extensions
 from flask import Flask
 
 import logs
@@ -20,6 +22,8 @@ from db import Database, DatabaseError
 from listener import Listener
 from poller import Heartbeat, Poller
 from queries import query
+
+log = logging.getLogger(__name__)
 
 QUEUE_DB, PORTFOLIO_DB = "queue-db", "user-portfolio-db"
 EXTENSION = "consistency"  # the key of the service in app.extensions
@@ -113,8 +117,8 @@ class Service:
                 queue: {"updated_at": ts.isoformat(), "queue_id": queue_id, "moved_at": moved.isoformat()}
                 for queue, ts, queue_id, moved in cur.fetchall()
             }
-            cur.execute(query("count_parked"))
-            parked = cur.fetchone()[0]
+            cur.execute(query("count_parked_and_corrections"))
+            parked, corrections = cur.fetchone()
             cur.execute(query("select_last_cycle"))
             row = cur.fetchone()
         self._state = {
@@ -122,6 +126,7 @@ class Service:
             "watermarks": watermarks,
             "mode": self.runner.mode or (row[0].get("mode") if row else None),
             "parked_entries": parked,
+            "corrections": corrections,
             "last_cycle": row[0] if row else None,
         }
         self._state_read_at = time.monotonic()
@@ -137,14 +142,23 @@ class Service:
         try:
             with self._state_lock:
                 state = self.refresh_state()
-        except DatabaseError:
+        except Exception:  # the summary line and the metrics still tell of the cycle
+            log.exception("could not read the state after a cycle")
             report(summary)
             return summary
         if summary["result"] == "ok":
-            report(summary, state["watermarks"], state["parked_entries"])
+            report(summary, state["watermarks"], state["parked_entries"], state["corrections"])
         else:
             report(summary)
         return summary
+
+    def corrections(self, limit: int) -> dict[str, Any]:
+        """List the applied entries the queue has changed since, newest first."""
+        with self.portfolio_db.transaction() as cur:
+            cur.execute(query("count_corrections"))
+            total = cur.fetchone()[0]
+            cur.execute(query("list_corrections"), {"limit": limit})
+            return {"count": total, "entries": _rows(cur)}
 
     def parked(self, limit: int) -> dict[str, Any]:
         """List parked entries, oldest first."""
@@ -152,9 +166,7 @@ class Service:
             cur.execute(query("count_parked"))
             total = cur.fetchone()[0]
             cur.execute(query("list_parked"), {"limit": limit})
-            columns = [c.name for c in cur.description]
-            entries = [dict(zip(columns, map(_plain, row), strict=True)) for row in cur.fetchall()]
-        return {"count": total, "entries": entries}
+            return {"count": total, "entries": _rows(cur)}
 
     def update_tiers(self, changes: dict[str, Decimal]) -> dict[str, Any]:
         """Store new tier values, all or nothing, and describe the result."""
@@ -171,6 +183,12 @@ class Service:
         self.portfolio_db.close()
 
 
+def _rows(cur: psycopg2.extensions.cursor) -> list[dict[str, Any]]:
+    """Return a listing's rows as JSON objects keyed by column."""
+    columns = [c.name for c in cur.description]
+    return [dict(zip(columns, map(_plain, row), strict=True)) for row in cur.fetchall()]
+
+
 def _plain(value: Any) -> Any:
     """Turn a database value into something JSON shows faithfully."""
     if hasattr(value, "isoformat"):
@@ -180,10 +198,15 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def report(summary: dict[str, Any], watermarks: dict[str, Any] | None = None, parked: int | None = None) -> None:
+def report(
+    summary: dict[str, Any],
+    watermarks: dict[str, Any] | None = None,
+    parked: int | None = None,
+    corrections: int | None = None,
+) -> None:
     """Write a cycle's summary line and count it in the metrics."""
-    logs.log_cycle(summary, watermarks, parked)
-    metrics.observe_cycle(summary, parked)
+    logs.log_cycle(summary, watermarks, parked, corrections)
+    metrics.observe_cycle(summary, parked, corrections)
 
 
 def service_of(flask_app: Flask) -> Service:
@@ -193,7 +216,8 @@ def service_of(flask_app: Flask) -> Service:
 
 def build_service(settings: Settings) -> Service:
     """Wire the databases, the cycle runner and the poller together; nothing connects yet."""
-    queue_db = Database(QUEUE_DB, settings.queue_db_uri, settings, metrics.pool_tracker(QUEUE_DB))
+    # queue-db keeps its own TimeZone: a queue column without a time zone is read as its writers wrote it.
+    queue_db = Database(QUEUE_DB, settings.queue_db_uri, settings, metrics.pool_tracker(QUEUE_DB), utc=False)
     portfolio_db = Database(PORTFOLIO_DB, settings.portfolio_db_uri, settings, metrics.pool_tracker(PORTFOLIO_DB))
     stopping, heartbeat = threading.Event(), Heartbeat()
     runner = CycleRunner(settings, queue_db, portfolio_db, stopping, heartbeat)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation, localcontext
 from fractions import Fraction
 from typing import Any
 
@@ -15,6 +15,9 @@ from queries import query
 TIER_KEYS = ("TIER1", "TIER1_MV", "TIER2", "TIER2_MV", "TIER3", "TIER3_MV")
 # Deltas are shown to this many places; the cycle itself uses exact fractions.
 DELTA_PLACES = Decimal("1e-12")
+# Enough digits for any delta the limits allow: below 10^20 (a market under 10^12 over a pool of 10^-8),
+# shown to 12 places.
+DELTA_DIGITS = 40
 
 
 class TierInputError(ValueError):
@@ -59,7 +62,9 @@ Tiers = tuple[Tier, Tier, Tier]
 def shown_delta(tier: Tier) -> str:
     """Return a tier's delta as a decimal string for people to read."""
     delta = tier.delta
-    return plain_decimal((Decimal(delta.numerator) / Decimal(delta.denominator)).quantize(DELTA_PLACES))
+    with localcontext() as ctx:
+        ctx.prec = DELTA_DIGITS
+        return plain_decimal((Decimal(delta.numerator) / Decimal(delta.denominator)).quantize(DELTA_PLACES))
 
 
 def plain_decimal(value: Decimal) -> str:

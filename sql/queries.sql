@@ -1,6 +1,6 @@
 -- Every statement the service runs, each under a name with a one-line description.
 -- Values always go in as %(name)s parameters. {table} is filled only from a fixed list of queue
--- tables (see cycle.QUEUES), never from input.
+-- tables (see apply.QUEUES), never from input.
 
 -- ping: check that a database answers
 SELECT 1;
@@ -8,39 +8,54 @@ SELECT 1;
 -- listen_queue: ask queue-db for a notification when queue entries settle (schema/queue_notify.sql sends them)
 LISTEN consistency_queue;
 
--- queue_horizon: whether other sessions' xact_start is visible, the oldest open one, and the time
+-- queue_horizon: whether other sessions' xact_start is visible, the oldest open one, how many sessions
+-- hide their start (track_activities off), how many prepared transactions wait, and the time
 SELECT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
            OR pg_has_role(current_user, 'pg_read_all_stats', 'USAGE') AS exact,
-       (SELECT min(xact_start) FROM pg_stat_activity
+       s.oldest_xact_start,
+       s.untracked,
+       (SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()) AS prepared,
+       clock_timestamp() AS now
+  FROM (SELECT min(xact_start) AS oldest_xact_start, count(*) FILTER (WHERE state = 'disabled') AS untracked
+          FROM pg_stat_activity
          WHERE datname = current_database()
            AND pid <> pg_backend_pid()
-           AND backend_type = 'client backend') AS oldest_xact_start,
-       clock_timestamp() AS now;
+           AND backend_type = 'client backend') AS s;
 
--- queue_read_terminal: terminal entries of a queue after a queue_id, for the reconciliation sweep
-SELECT queue_id, account_number, uuid, status, updated_at
+-- queue_timestamp_types: the type of updated_at in each queue table, and queue-db's TimeZone
+SELECT c.relname, format_type(a.atttypid, a.atttypmod), current_setting('TimeZone')
+  FROM pg_attribute a
+  JOIN pg_class c ON c.oid = a.attrelid
+ WHERE a.attrelid = ANY (SELECT to_regclass(t) FROM unnest(%(tables)s::text[]) AS t)
+   AND a.attname = 'updated_at'
+   AND NOT a.attisdropped
+ ORDER BY c.relname;
+
+-- queue_read_terminal: entries of a queue after a queue_id that are not open (terminal, or an unknown
+-- status), for the reconciliation sweep
+SELECT queue_id, account_number, uuid, status, updated_at::timestamptz
   FROM {table}
  WHERE queue_id > %(after_id)s
-   AND status IN ('COMPLETED', 'FAILED', 'CANCELLED')
+   AND status IS DISTINCT FROM 'PENDING' AND status IS DISTINCT FROM 'PROCESSING'
  ORDER BY queue_id
  LIMIT %(limit)s;
 
--- queue_copy_batch: the next entries of a queue after a position, as COPY text for pg_temp.cm_batch
-COPY (SELECT queue_id, account_number, uuid, status, updated_at
-        FROM {table}
-       WHERE (updated_at, queue_id) > (%(after_ts)s, %(after_id)s)
-       ORDER BY updated_at, queue_id
+-- queue_copy_batch: the next entries of a queue after a position, as COPY text for pg_temp.cm_batch (the cast reads a column without time zone in queue-db's TimeZone)
+COPY (SELECT q.queue_id, q.account_number, q.uuid, q.status, q.updated_at::timestamptz
+        FROM {table} q
+       WHERE (q.updated_at, q.queue_id) > (%(after_ts)s, %(after_id)s)
+       ORDER BY q.updated_at, q.queue_id
        LIMIT %(limit)s) TO STDOUT;
 
 -- queue_read_range: the entries of a queue after one position and up to another, in order
-SELECT queue_id, account_number, uuid, status, updated_at
-  FROM {table}
- WHERE (updated_at, queue_id) > (%(after_ts)s, %(after_id)s)
-   AND (updated_at, queue_id) <= (%(last_ts)s, %(last_id)s)
- ORDER BY updated_at, queue_id;
+SELECT q.queue_id, q.account_number, q.uuid, q.status, q.updated_at::timestamptz
+  FROM {table} q
+ WHERE (q.updated_at, q.queue_id) > (%(after_ts)s, %(after_id)s)
+   AND (q.updated_at, q.queue_id) <= (%(last_ts)s, %(last_id)s)
+ ORDER BY q.updated_at, q.queue_id;
 
 -- queue_select_by_id: the current rows of a queue for a set of queue_ids
-SELECT queue_id, account_number, uuid, status, updated_at
+SELECT queue_id, account_number, uuid, status, updated_at::timestamptz
   FROM {table}
  WHERE queue_id = ANY(%(queue_ids)s::integer[]);
 
@@ -152,7 +167,8 @@ CREATE TEMP TABLE IF NOT EXISTS cm_batch (
     status         TEXT,
     updated_at     TIMESTAMPTZ NOT NULL,
     txn_id         UUID,
-    reason         TEXT
+    reason         TEXT,
+    unclaimed      BOOLEAN NOT NULL DEFAULT FALSE
 ) ON COMMIT DELETE ROWS;
 
 -- copy_into_batch: load COPY text from queue_copy_batch into the batch table
@@ -175,10 +191,10 @@ SELECT count(*) OVER (), updated_at, queue_id
  ORDER BY updated_at DESC, queue_id DESC
  LIMIT 1;
 
--- apply_batch: apply the batch table's entries (see sql/migrations/0002_set_based_apply.sql)
+-- apply_batch: apply the batch table's entries (see sql/migrations/0003_one_settlement_per_transaction.sql)
 SELECT outcome, entries
-  FROM consistency.apply_batch(%(queue)s, %(transaction_type)s, %(columns)s, %(retrying)s,
-                               %(numerators)s::numeric[], %(denominators)s::numeric[]);
+  FROM consistency.apply_batch_v2(%(queue)s, %(transaction_type)s, %(columns)s, %(retrying)s,
+                                  %(numerators)s::numeric[], %(denominators)s::numeric[]);
 
 -- filter_unapplied: of the given entries, those neither applied nor parked
 SELECT e.queue_id
@@ -188,7 +204,7 @@ SELECT e.queue_id
    AND NOT EXISTS (SELECT 1 FROM consistency.parked_entries p
                     WHERE p.queue = %(queue)s AND p.queue_id = e.queue_id);
 
--- unpark_entries: forget parked entries that have now been applied
+-- unpark_entries: forget parked entries whose queue rows are open again; they are read again when they settle
 DELETE FROM consistency.parked_entries WHERE queue = %(queue)s AND queue_id = ANY(%(queue_ids)s::integer[]);
 
 -- select_parked_batch: the next parked entries of a queue after a position, for a retry
@@ -207,6 +223,24 @@ SELECT queue, uuid, queue_id, account_number, status, reason, attempts, parked_a
 
 -- count_parked: how many entries are parked
 SELECT count(*) FROM consistency.parked_entries;
+
+-- count_corrections: how many applied entries the queue has changed since
+SELECT count(*) FROM consistency.corrections;
+
+-- count_parked_and_corrections: how many entries are parked, and how many applied ones the queue has changed since
+SELECT (SELECT count(*) FROM consistency.parked_entries), (SELECT count(*) FROM consistency.corrections);
+
+-- list_corrections: applied entries the queue has changed since, for the API, newest first
+SELECT queue, uuid, queue_id, applied_status, queue_status, first_seen_at, noticed_at
+  FROM consistency.corrections
+ ORDER BY noticed_at DESC, queue, queue_id
+ LIMIT %(limit)s;
+
+-- select_new_corrections: the corrections of a queue that this transaction found or changed
+SELECT queue_id, uuid, applied_status, queue_status
+  FROM consistency.corrections
+ WHERE queue = %(queue)s AND noticed_at = CURRENT_TIMESTAMP
+ ORDER BY queue_id;
 
 -- save_last_cycle: keep the summary of the cycle that just finished
 INSERT INTO consistency.last_cycle (id, summary) VALUES (TRUE, %(summary)s)
