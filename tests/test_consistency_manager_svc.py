@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from decimal import Decimal
 
@@ -356,3 +357,32 @@ def test_trigger_answers_503_with_the_error_when_the_cycle_fails(make_app, auth)
     assert body["result"] == "error"
     assert body["error"].startswith("queue-db: ")
     assert PASSWORD not in answer.get_data(as_text=True)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"TIER2": "0.00000001", "TIER2_MV": "1000000000"},
+        {"TIER1": "0.00000001", "TIER1_MV": "999999999999.99999999"},
+        {"TIER3": "999999999999.99999999", "TIER3_MV": "0"},
+    ],
+    ids=["delta-1e17", "largest-delta", "delta-minus-one"],
+)
+def test_any_accepted_tier_values_keep_every_answer_and_the_cycle_reports(
+    client, world: World, auth, caplog, values
+) -> None:
+    world.portfolio_for(ACCOUNT)
+    world.request("investment", ACCOUNT)
+
+    updated = client.post("/api/v1/consistency/update-tier-values", headers=auth, json=values)
+    status = client.get("/api/v1/consistency/status")
+    with caplog.at_level(logging.INFO, logger="cycle"):
+        triggered = client.post("/api/v1/consistency/trigger", headers=auth)
+
+    assert (updated.status_code, status.status_code, triggered.status_code) == (200, 200, 200)
+    tier = next(key for key in values if not key.endswith("_MV"))
+    pool, market = Decimal(values[tier]), Decimal(values[f"{tier}_MV"])
+    shown = updated.get_json()["tiers"]["deltas"][f"del_t{tier[4]}_mv"]
+    assert abs(Decimal(shown) - (market - pool) / pool) < Decimal("1e-12") * max(1, abs((market - pool) / pool))
+    assert status.get_json()["tiers"]["deltas"] == updated.get_json()["tiers"]["deltas"]
+    assert [r.levelname for r in caplog.records if getattr(r, "event", None) == "cycle"] == ["INFO"]

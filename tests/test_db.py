@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 import pytest
@@ -103,3 +104,49 @@ def test_the_portfolio_lock_lets_other_services_insert_transactions(settings, wo
     finally:
         db.close()
     assert world.txn_status(request.uuid) == "PROCESSED"
+
+
+def pooled_pids(db: Database) -> list[int]:
+    """Return the server processes behind the connections the pool keeps, without lending them."""
+    return sorted(conn.info.backend_pid for conn in db._pool._pool)
+
+
+@pytest.mark.parametrize("failing", ["queue-db", "user-portfolio-db"])
+def test_a_lost_connection_is_named_by_its_own_database_and_only_it_is_discarded(
+    svc, world: World, caplog, failing
+) -> None:
+    assert svc.runner.run()["result"] == "ok"
+    dbs = {"queue-db": svc.queue_db, "user-portfolio-db": svc.portfolio_db}
+    healthy = next(db for name, db in dbs.items() if name != failing)
+    kept = pooled_pids(healthy)
+    for pid in pooled_pids(dbs[failing]):
+        world.p("SELECT pg_terminate_backend(%s, 5000)", (pid,))
+
+    with caplog.at_level(logging.ERROR, logger="cycle"):
+        summary = svc.poller.run_once()
+
+    assert summary["result"] == "error"
+    assert summary["error"].startswith(f"{failing}: ")
+    assert svc.status()["this_process"]["last_attempt"]["error"] == summary["error"]
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [
+        f"consistency cycle failed in {summary['duration_ms']:g} ms; error: {summary['error']}"
+    ]
+    assert pooled_pids(healthy) == kept  # the healthy database's connections stay in the pool
+    assert svc.runner.run()["result"] == "ok"
+
+
+def test_a_lock_timeout_on_user_portfolio_db_is_named_so(make_service, world: World) -> None:
+    svc = make_service(db_lock_timeout=0.3)
+    svc.runner.prepare()
+    world.portfolio_for("1000000001")
+    world.request("investment", "1000000001")
+    with world.portfolio.cursor() as cur:
+        cur.execute("BEGIN")
+        cur.execute("SELECT 1 FROM user_portfolios WHERE accountid = '1000000001' FOR UPDATE")
+        summary = svc.runner.run()
+        kept = pooled_pids(svc.queue_db)
+        cur.execute("ROLLBACK")
+
+    assert summary["result"] == "error"
+    assert summary["error"] == "user-portfolio-db: canceling statement due to lock timeout"
+    assert len(kept) == 1  # the queue-db connection went back to the pool

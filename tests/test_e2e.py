@@ -189,6 +189,7 @@ def test_python_entry_point_serves_the_api_and_stops_on_sigterm(service_env, wor
     before_start = world.request("withdrawal", ACCOUNTS[0], "FAILED")
     port = int(service_env["PORT"])
     service_env["POLLING_INTERVAL"] = "3600"  # only the start-up cycle and the trigger run
+    service_env["LISTEN_NOTIFY"] = "false"  # the listener's first connection would run a cycle of its own
     with running([sys.executable, "consistency_manager_svc.py"], service_env, tmp_path / "python.log") as process:
         wait_until(lambda: world.txn_status(before_start.uuid) == "FAILED", 30, "the start-up cycle")
         wait_until(lambda: call(port, "GET", "/ready")[0] == 200, 30, "readiness")

@@ -8,6 +8,7 @@ import os
 import re
 from collections.abc import Iterator
 from datetime import datetime, timedelta
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -90,15 +91,22 @@ def test_a_skipped_turn_writes_its_line_at_debug(app, world: World, output) -> N
     assert (line["level"], line["result"]) == ("DEBUG", "skipped")
 
 
+def with_secret(uri: str) -> str:
+    """Return the URI with PASSWORD as its user's password, whatever form it had (a TCP or a socket URI)."""
+    parts = urlsplit(uri)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or 'postgres'}:{PASSWORD}@{host}"))
+
+
 def test_no_password_of_a_database_uri_appears_in_the_log(make_app, dbs: tuple[str, str], world: World, output):
-    with_password = [uri.replace("://postgres@", f"://postgres:{PASSWORD}@") for uri in dbs]
-    assert all(PASSWORD in uri for uri in with_password)  # the server trusts loopback, so these connect
+    with_password = [with_secret(uri) for uri in dbs]
+    assert all(PASSWORD in uri for uri in with_password)  # the server trusts its clients, so these connect
     app = make_app(queue_db_uri=with_password[0], portfolio_db_uri=with_password[1], log_level="DEBUG")
     logs.configure("DEBUG", "json")
     world.portfolio_for(ACCOUNT)
     world.request("investment", ACCOUNT)
     ok = service_of(app).poller.run_once()
-    unreachable = with_password[0].replace("127.0.0.1:5432", "127.0.0.1:1")
+    unreachable = f"postgresql://postgres:{PASSWORD}@127.0.0.1:1/queue-db"
     broken = make_app(queue_db_uri=unreachable, portfolio_db_uri=with_password[1], db_connect_timeout=1)
     logs.configure("DEBUG", "json")
     failed = service_of(broken).poller.run_once()

@@ -8,7 +8,7 @@ import time
 import psycopg2
 
 from tests import pgtest
-from tests.faults.cluster import Cluster
+from tests.cluster import Cluster
 from tests.faults.conftest import Stage, record
 from tests.faults.harness import (
     Replica,

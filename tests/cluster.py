@@ -40,8 +40,9 @@ def _server_user() -> str | None:
 class Cluster:
     """A PostgreSQL server in a temporary directory, stopped and started at will with pg_ctl."""
 
-    def __init__(self) -> None:
+    def __init__(self, **settings: str) -> None:
         self.bindir = _bindir()
+        self.settings = settings  # server settings, such as timezone or max_prepared_transactions
         self.user = _server_user()
         self.root = Path(tempfile.mkdtemp(prefix="cm-outage-"))
         self.data = self.root / "data"
@@ -68,6 +69,7 @@ class Cluster:
     def start(self) -> None:
         """Start the server and wait until it accepts connections."""
         options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} -c fsync=off"
+        options += "".join(f" -c {name}={value}" for name, value in self.settings.items())
         self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.root / "log"), "-w", "start")
 
     def stop(self) -> None:
