@@ -82,10 +82,7 @@ def test_a_prepared_transaction_holds_the_watermark_until_it_commits(make_stage,
 
         with caplog.at_level(logging.WARNING, logger="cycle"):
             held = svc.runner.run()
-
-        assert held["prepared_transactions"] == 1
-        assert world.txn_status(early.uuid) == "PROCESSED"  # applied at once; only the watermark waits
-        assert any("prepared transaction" in r.getMessage() for r in caplog.records)
+        early_status = world.txn_status(early.uuid)
         with writer.cursor() as cur:
             cur.execute("COMMIT PREPARED 'cm-late'")
     finally:
@@ -98,6 +95,9 @@ def test_a_prepared_transaction_holds_the_watermark_until_it_commits(make_stage,
     svc.runner.run()
 
     assert world.txn_status(late.uuid) == "PROCESSED"
+    assert early_status == "PROCESSED"  # applied at once; only the watermark waited
+    assert held["prepared_transactions"] == 1
+    assert any("prepared transaction" in r.getMessage() for r in caplog.records)
 
 
 def test_a_session_that_hides_its_start_turns_the_cycle_to_the_look_back_rule(make_service, world, caplog) -> None:
@@ -118,12 +118,11 @@ def test_a_session_that_hides_its_start_turns_the_cycle_to_the_look_back_rule(ma
     writer.close()
     back = svc.runner.run()
 
+    assert world.txn_status(late.uuid) == world.txn_status(early.uuid) == "PROCESSED"
     assert (hidden["mode"], hidden["untracked_sessions"]) == ("lookback", 1)
-    assert world.txn_status(early.uuid) == "PROCESSED"
     assert any("track_activities off" in r.getMessage() for r in caplog.records)
     assert (back["mode"], back["reconciled"]) == ("exact", True)  # the sweep owed for the hidden session
     assert back["counts"]["investment"]["reconciled"] == 1
-    assert world.txn_status(late.uuid) == "PROCESSED"
 
 
 @pytest.mark.parametrize("timezone", [None, "Asia/Tokyo"], ids=["server-west-of-utc", "database-east-of-utc"])

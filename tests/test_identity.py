@@ -11,7 +11,7 @@ import psycopg2
 import pytest
 
 from apply import INVESTMENT, Entry, apply_entries
-from tests.world import World, expected
+from tests.world import Request, World, expected
 
 ACCOUNT = "1000000001"
 RISE = ("1100000", "1000000")  # TIER1_MV / TIER1 with TIER1_MV = 1100000
@@ -21,6 +21,11 @@ def settled_once(world: World, txn: str) -> None:
     """Assert that a completed investment moved the portfolio exactly once."""
     assert world.amounts(ACCOUNT)["tier1_value"] == expected("1000.00", RISE)
     assert world.txn_status(txn) == "PROCESSED"
+
+
+def settled_by(request: Request) -> str:
+    """The reason a later row naming this request's transaction is parked with."""
+    return f"portfolio transaction already settled by {request.queue} entry {request.queue_id}"
 
 
 @pytest.fixture
@@ -47,7 +52,7 @@ def test_a_second_spelling_of_one_transaction_moves_no_money(svc, rising: World,
 
     assert rising.amounts(ACCOUNT) == after_first != before
     assert summary["counts"][queue]["parked"] == 1
-    assert rising.parked() == {second.uuid: f"portfolio transaction already settled by {queue} entry {first.queue_id}"}
+    assert rising.parked() == {second.uuid: settled_by(first)}
     assert rising.txn_status(first.uuid) == "PROCESSED"
 
 
@@ -61,7 +66,7 @@ def test_a_deleted_and_requeued_transaction_moves_no_money_again(svc, rising: Wo
     svc.runner.run()
 
     settled_once(rising, first.uuid)
-    assert rising.parked() == {again.uuid: f"portfolio transaction already settled by investment entry {first.queue_id}"}
+    assert rising.parked() == {again.uuid: settled_by(first)}
 
 
 def test_a_settled_transaction_queued_again_and_failed_keeps_its_status(svc, rising: World) -> None:
@@ -88,9 +93,7 @@ def test_two_spellings_in_one_batch_apply_the_first_only(svc, rising: World) -> 
     assert summary["counts"]["investment"]["read"] == 2
     assert (summary["counts"]["investment"]["COMPLETED"], summary["counts"]["investment"]["parked"]) == (1, 1)
     settled_once(rising, completed.uuid)
-    assert rising.parked() == {
-        failed.uuid: f"portfolio transaction already settled by investment entry {completed.queue_id}"
-    }
+    assert rising.parked() == {failed.uuid: settled_by(completed)}
 
 
 def test_a_parked_duplicate_stays_parked_and_moves_no_money_on_every_retry(svc, rising: World) -> None:
@@ -108,9 +111,7 @@ def test_the_database_refuses_a_second_claim_of_one_transaction_from_another_pro
 ) -> None:
     first = rising.request("investment", ACCOUNT)
     second = rising.finish(rising.enqueue("investment", ACCOUNT, first.uuid.upper(), txn=False))
-    rows = rising.q(
-        "SELECT queue_id, account_number, uuid, status, updated_at FROM investment_queue ORDER BY queue_id"
-    )
+    rows = rising.q("SELECT queue_id, account_number, uuid, status, updated_at FROM investment_queue ORDER BY queue_id")
     entries = [Entry(*row) for row in rows]
     factors = (Fraction(11, 10), Fraction(1), Fraction(1))
     holder = psycopg2.connect(settings.portfolio_db_uri)
@@ -134,7 +135,7 @@ def test_the_database_refuses_a_second_claim_of_one_transaction_from_another_pro
 
     assert outcome == {"parked": 1}
     settled_once(rising, first.uuid)
-    assert rising.parked() == {second.uuid: f"portfolio transaction already settled by investment entry {first.queue_id}"}
+    assert rising.parked() == {second.uuid: settled_by(first)}
 
 
 @pytest.mark.parametrize(
@@ -236,7 +237,7 @@ def test_entries_recorded_before_the_upgrade_keep_one_settlement_per_transaction
         with conn, conn.cursor() as cur:
             cur.execute((pgtest.ROOT / "schema" / "user_portfolio_db.sql").read_text())
             cur.execute("CREATE SCHEMA consistency")
-            for version, _, path in migrations.available_migrations()[:2]:
+            for _, _, path in migrations.available_migrations()[:2]:
                 cur.execute(path.read_text())
             cur.execute(
                 "INSERT INTO consistency.applied_entries (queue, queue_id, uuid, status, applied_at) VALUES"

@@ -76,7 +76,7 @@ def test_each_cycle_writes_exactly_one_summary_line_with_its_fields(app, world: 
     assert line["counts"]["withdrawal"]["FAILED"] == 1
     assert set(line["watermarks"]) == {"investment", "withdrawal"}
     assert {"updated_at", "queue_id"} <= set(line["watermarks"]["investment"])
-    assert line["parked_entries"] == 0
+    assert (line["parked_entries"], line["corrections"]) == (0, 0)
     assert line["message"].startswith("consistency cycle ok in ")
 
 

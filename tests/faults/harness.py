@@ -132,11 +132,17 @@ def wait_until(check, timeout: float, what: str, interval: float = 0.1) -> None:
 class Writers:
     """Threads acting as user-request-queue-svc and the portfolio service: queue requests and settle them."""
 
-    def __init__(self, world: World, accounts: list[str], threads: int = 2, pause: float = 0.002) -> None:
+    def __init__(
+        self, world: World, accounts: list[str], threads: int = 2, pause: float = 0.002, duplicates: float = 0.0
+    ) -> None:
         self.queue_uri = world.queue_uri
         self.portfolio_uri = world.portfolio_uri
         self.accounts = accounts
         self.pause = pause
+        # The share of settled requests that a second queue row names again: another spelling or a re-queue.
+        self.duplicates = duplicates
+        self.respelled = 0
+        self.requeued = 0
         self.stopping = threading.Event()
         self.settled = Counter()
         self.errors = 0
@@ -195,7 +201,31 @@ class Writers:
                 f"UPDATE {TABLES[queue]} SET status = %s, processed_at = now() WHERE queue_id = %s",
                 (status, queue_id),
             )
-        self.settled[status] += 1
+            self.settled[status] += 1
+            if rng.random() < self.duplicates:
+                self._name_again(rng, cur, queue, account, entry, queue_id, status)
+
+    def _name_again(self, rng: random.Random, cur, queue: str, account: str, entry: str, queue_id: int, status: str):
+        """Queue a settled transaction again: in another spelling with any outcome, or re-queued as it was.
+
+        A second spelling comes after the first, which settles the transaction. A re-queue deletes the first
+        row, which the service may or may not have read, so it keeps the first row's outcome.
+        """
+        table = TABLES[queue]
+        if rng.random() < 0.5:
+            spelled, outcome = rng.choice([entry.upper(), entry.replace("-", "")]), rng.choice(TERMINAL)
+            self.respelled += 1
+        else:
+            cur.execute(f"DELETE FROM {table} WHERE queue_id = %s", (queue_id,))
+            spelled, outcome = entry, status
+            self.requeued += 1
+        cur.execute(
+            f"INSERT INTO {table} (account_number, tier_1, tier_2, tier_3, uuid) VALUES (%s, 10, 20, 30, %s)"
+            " RETURNING queue_id",
+            (account, spelled),
+        )
+        again = cur.fetchone()[0]
+        cur.execute(f"UPDATE {table} SET status = %s, processed_at = now() WHERE queue_id = %s", (outcome, again))
 
 
 def bulk_backlog(world: World, accounts: list[str], count: int) -> None:
@@ -223,18 +253,25 @@ def open_portfolios(world: World, accounts: list[str]) -> None:
 
 def settled_in_queues(world: World) -> int:
     """Count the queue entries in a terminal status."""
-    return sum(
-        world.q(f"SELECT count(*) FROM {table} WHERE status IN ('COMPLETED', 'FAILED', 'CANCELLED')")[0][0]
-        for table in TABLES.values()
-    )
+    return len(_settled_keys(world))
+
+
+def _settled_keys(world: World) -> set[tuple[str, int]]:
+    """The (queue, queue_id) of every queue entry in a terminal status."""
+    return {
+        (queue, queue_id)
+        for queue, table in TABLES.items()
+        for (queue_id,) in world.q(f"SELECT queue_id FROM {table} WHERE status IN ('COMPLETED', 'FAILED', 'CANCELLED')")
+    }
 
 
 def wait_caught_up(world: World, timeout: float = 60) -> None:
     """Wait until every terminal entry has been applied or parked."""
 
     def done() -> bool:
-        handled = world.applied() + world.p("SELECT count(*) FROM consistency.parked_entries")[0][0]
-        return handled == settled_in_queues(world)
+        handled = set(world.p("SELECT queue, queue_id FROM consistency.applied_entries"))
+        handled |= set(world.p("SELECT queue, queue_id FROM consistency.parked_entries"))
+        return _settled_keys(world) <= handled
 
     wait_until(done, timeout, "every terminal entry to be applied or parked", interval=0.3)
 
@@ -249,37 +286,65 @@ class Report:
     mismatches: list[str] = field(default_factory=list)
 
 
+def same_transaction(text: str | None) -> str | None:
+    """Return the portfolio transaction a queue uuid names, in one spelling, or the text when it is not a UUID."""
+    try:
+        return str(uuidlib.UUID(text)) if text else text
+    except ValueError:
+        return text
+
+
 def check_model(world: World) -> Report:
-    """Compare user-portfolio-db with a model computed independently from the final queue state."""
+    """Compare user-portfolio-db with a model computed independently from the final queue state.
+
+    Money moves per portfolio transaction: of the terminal rows that name one, the first in
+    (updated_at, queue_id) order settles it, exactly once, and every other is parked.
+    """
     report = Report()
     txns = dict(world.p("SELECT id::text, status FROM portfolio_transactions"))
     starts = {row[0] for row in world.p("SELECT accountid FROM user_portfolios")}
     applied = {(q, i) for q, i in world.p("SELECT queue, queue_id FROM consistency.applied_entries")}
+    records = Counter(t for (t,) in world.p("SELECT txn_id::text FROM consistency.applied_entries") if t)
     parked = {(q, i) for q, i in world.p("SELECT queue, queue_id FROM consistency.parked_entries")}
-    completed: Counter[tuple[str, str]] = Counter()
+    groups: dict[tuple[str, str | None], list[tuple]] = {}
     for queue, table in TABLES.items():
-        for queue_id, entry, account, status in world.q(f"SELECT queue_id, uuid, account_number, status FROM {table}"):
+        for row in world.q(f"SELECT queue_id, uuid, account_number, status, updated_at FROM {table}"):
             report.entries += 1
-            key = (queue, queue_id)
-            applicable = account in starts and entry in txns
-            if status not in TERMINAL:
-                if key in applied or (entry in txns and txns[entry] != "PENDING"):
-                    report.mismatches.append(f"{key} is {status} but was applied")
-            elif not applicable:
-                if key not in parked:
-                    report.mismatches.append(f"{key} cannot apply but is not parked")
-            else:
-                if key not in applied:
-                    report.mismatches.append(f"{key} is {status} but was not applied")
-                if txns[entry] != MIRRORED[status]:
-                    report.mismatches.append(f"{key}: transaction is {txns[entry]}, expected {MIRRORED[status]}")
-                if status == "COMPLETED":
-                    completed[(queue, account)] += 1
+            groups.setdefault((queue, same_transaction(row[1])), []).append(row)
+    completed: Counter[tuple[str, str]] = Counter()
+    for (queue, txn), rows in groups.items():
+        _check_transaction(queue, txn, rows, txns, starts, applied, records, parked, completed, report)
     report.completed = sum(completed.values())
     for account in starts:
         report.accounts += 1
         _compare_account(world, account, completed, report)
     return report
+
+
+def _check_transaction(queue, txn, rows, txns, starts, applied, records, parked, completed, report) -> None:
+    """Check the queue rows that name one portfolio transaction against what the service recorded."""
+    for queue_id, _, _, status, _ in rows:
+        if status not in TERMINAL and (queue, queue_id) in applied:
+            report.mismatches.append(f"{(queue, queue_id)} is {status} but was applied")
+    settled = sorted((r for r in rows if r[3] in TERMINAL), key=lambda r: (r[4], r[0]))
+    if not settled:
+        if txn in txns and txns[txn] != "PENDING":
+            report.mismatches.append(f"transaction {txn} is {txns[txn]} but no entry for it settled")
+        return
+    first_id, _, account, status, _ = settled[0]
+    if account not in starts or txn not in txns:
+        unparked = [r[0] for r in settled if (queue, r[0]) not in parked]
+        report.mismatches += [f"{(queue, queue_id)} cannot apply but is not parked" for queue_id in unparked]
+        return
+    if records[txn] != 1:
+        report.mismatches.append(f"transaction {txn} has {records[txn]} applied records")
+    if txns[txn] != MIRRORED[status]:
+        report.mismatches.append(f"{(queue, first_id)}: transaction is {txns[txn]}, expected {MIRRORED[status]}")
+    for queue_id, *_ in settled:
+        if (queue, queue_id) not in applied and (queue, queue_id) not in parked:
+            report.mismatches.append(f"{(queue, queue_id)} is neither applied nor parked")
+    if status == "COMPLETED":
+        completed[(queue, account)] += 1
 
 
 def _compare_account(world: World, account: str, completed: Counter, report: Report) -> None:

@@ -63,6 +63,32 @@ def test_sigkill_storm_loses_and_doubles_nothing(stage: Stage, world: World) -> 
     assert mid_transaction >= 3  # the kills really did land inside cycles
 
 
+def test_duplicate_and_requeued_rows_under_sigkills_move_money_once_per_transaction(stage: Stage, world: World) -> None:
+    open_portfolios(world, ACCOUNTS)
+    rng = random.Random(2)
+    writers = Writers(world, ACCOUNTS, threads=3, duplicates=0.3).start()
+    kills = 0
+    try:
+        while kills < 6:
+            replica = stage.replica(workers=2)
+            wait_until(lambda r=replica: r.get("/health")[0] == 200, 30, "the replica to start")
+            time.sleep(rng.uniform(0.3, 1.0))
+            replica.kill_group()
+            kills += 1
+    finally:
+        writers.stop()
+    stage.replica(workers=2).wait_ready()
+    wait_caught_up(world)
+    doubled = world.p(
+        "SELECT count(*) FROM (SELECT txn_id FROM consistency.applied_entries"
+        " WHERE txn_id IS NOT NULL GROUP BY txn_id HAVING count(*) > 1) AS d"
+    )[0][0]
+    figures = {"writers": 3, "kills": kills, "respelled": writers.respelled, "requeued": writers.requeued}
+    assert_model(world, "duplicates and re-queues", **figures, double_applications=doubled)
+    assert doubled == 0
+    assert writers.respelled >= 20 and writers.requeued >= 20  # the writers really did name transactions again
+
+
 def test_two_replicas_of_three_workers_with_a_master_killed(stage: Stage, world: World) -> None:
     open_portfolios(world, ACCOUNTS)
     first, second = stage.replica(workers=3), stage.replica(workers=3)
