@@ -132,7 +132,7 @@ SPEC: dict[str, Any] = {
                 "required": ["result", "message"],
                 "properties": {"result": {"const": "running"}, "message": {"type": "string"}},
             },
-            "Parked": {
+            "Listing": {
                 "type": "object",
                 "required": ["count", "entries"],
                 "properties": {"count": {"type": "integer"}, "entries": {"type": "array", "items": {"type": "object"}}},
@@ -168,14 +168,14 @@ SPEC: dict[str, Any] = {
             "get": {
                 "summary": "Parked entries, oldest first",
                 "parameters": [_LIMIT],
-                "responses": {"200": _json("Parked", "parked entries"), **_errors(400, 503)},
+                "responses": {"200": _json("Listing", "parked entries"), **_errors(400, 503)},
             }
         },
         "/api/v1/consistency/corrections": {
             "get": {
                 "summary": "Applied entries whose queue status changed afterwards, newest first",
                 "parameters": [_LIMIT],
-                "responses": {"200": _json("Parked", "corrections"), **_errors(400, 503)},
+                "responses": {"200": _json("Listing", "corrections"), **_errors(400, 503)},
             }
         },
         "/api/v1/consistency/trigger": {

@@ -8,6 +8,7 @@ import uuid as uuidlib
 from fractions import Fraction
 
 import psycopg2
+import psycopg2.errors
 import pytest
 
 from apply import INVESTMENT, Entry, apply_entries
@@ -257,3 +258,12 @@ def test_entries_recorded_before_the_upgrade_keep_one_settlement_per_transaction
         conn.close()
     finally:
         pgtest.drop(pg, name)
+
+
+def test_the_retired_apply_batch_refuses_so_an_older_release_cannot_apply_without_the_guarantee(
+    svc, world: World
+) -> None:
+    with pytest.raises(psycopg2.errors.FeatureNotSupported) as refused:
+        world.p("SELECT * FROM consistency.apply_batch('investment', 'INVEST', 'values', false, '{1}', '{1}')")
+    assert "retired by migration 3" in str(refused.value)
+    assert world.p("SELECT count(*) FROM pg_proc WHERE proname = 'apply_batch_v2'") == [(1,)]

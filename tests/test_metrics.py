@@ -21,6 +21,7 @@ FAMILIES = {
     "consistency_cycle_duration_seconds": "histogram",
     "consistency_lag_seconds": "gauge",
     "consistency_parked_entries": "gauge",
+    "consistency_corrections": "gauge",
     "consistency_last_success_timestamp_seconds": "gauge",
     "consistency_oldest_queue_transaction_seconds": "gauge",
     "consistency_db_pool_connections_in_use": "gauge",
@@ -186,3 +187,19 @@ def test_the_oldest_open_queue_transaction_is_a_gauge_set_by_each_ok_cycle(app, 
 
     assert value(held, "consistency_oldest_queue_transaction_seconds") >= 0.2
     assert value(after, "consistency_oldest_queue_transaction_seconds") == 0
+
+
+def test_corrections_are_a_gauge_set_by_each_ok_cycle(app, client, world: World) -> None:
+    poller = service_of(app).poller
+    world.portfolio_for(ACCOUNT)
+    request = world.request("investment", ACCOUNT)
+    poller.run_once()
+    assert value(scrape(client)[1], "consistency_corrections") == 0
+
+    world.finish(request, "FAILED")
+    poller.run_once()
+    assert value(scrape(client)[1], "consistency_corrections") == 1
+
+    world.finish(request, "COMPLETED")
+    poller.run_once()
+    assert value(scrape(client)[1], "consistency_corrections") == 0

@@ -106,18 +106,13 @@ BEGIN
         UPDATE pg_temp.cm_batch SET txn_id = consistency.to_uuid(uuid);
     END;
 
-    -- A status outside the known five is never applied, nor skipped without a word.
-    UPDATE pg_temp.cm_batch
-       SET reason = 'unknown status ' || coalesce(quote_literal(status), 'NULL')
-     WHERE status IS NULL OR status NOT IN ('PENDING', 'PROCESSING', 'COMPLETED', 'FAILED', 'CANCELLED');
-
     -- The exactly-once record: an entry stays in the batch only if this transaction records it first,
     -- under its (queue, queue_id) and under its portfolio transaction.
     WITH claimed AS (
         INSERT INTO consistency.applied_entries (queue, queue_id, uuid, txn_id, status)
         SELECT p_queue, b.queue_id, b.uuid, b.txn_id, b.status
           FROM pg_temp.cm_batch b
-         WHERE b.reason IS NULL AND b.status IN ('COMPLETED', 'FAILED', 'CANCELLED')
+         WHERE b.status IN ('COMPLETED', 'FAILED', 'CANCELLED')
          ORDER BY b.updated_at, b.queue_id
             ON CONFLICT DO NOTHING
         RETURNING queue_id
@@ -125,17 +120,21 @@ BEGIN
     UPDATE pg_temp.cm_batch b
        SET unclaimed = TRUE
      WHERE NOT EXISTS (SELECT 1 FROM claimed c WHERE c.queue_id = b.queue_id);
-    corrected := consistency.note_corrections(p_queue);
-    -- What is left unclaimed and settled names a transaction another entry settled.
-    UPDATE pg_temp.cm_batch b
-       SET reason = 'portfolio transaction already settled by '
-                    || coalesce((SELECT a.queue || ' entry ' || a.queue_id
-                                   FROM consistency.applied_entries a
-                                  WHERE a.txn_id = b.txn_id), 'another entry')
-     WHERE b.unclaimed AND b.reason IS NULL AND b.status IN ('COMPLETED', 'FAILED', 'CANCELLED');
-    DELETE FROM pg_temp.cm_batch WHERE unclaimed AND reason IS NULL;
     -- Row counts for the planner: the statements below join this batch to large tables.
     ANALYZE pg_temp.cm_batch;
+    corrected := consistency.note_corrections(p_queue);
+    -- What is left unclaimed and not open cannot apply: a terminal entry names a transaction another entry
+    -- settled, and a status outside the known five is never applied, nor skipped without a word.
+    UPDATE pg_temp.cm_batch b
+       SET reason = CASE WHEN b.status IN ('COMPLETED', 'FAILED', 'CANCELLED')
+                         THEN 'portfolio transaction already settled by '
+                              || coalesce((SELECT a.queue || ' entry ' || a.queue_id
+                                             FROM consistency.applied_entries a
+                                            WHERE a.txn_id = b.txn_id), 'another entry')
+                         ELSE 'unknown status ' || coalesce(quote_literal(b.status), 'NULL')
+                    END
+     WHERE b.unclaimed AND b.status IS DISTINCT FROM 'PENDING' AND b.status IS DISTINCT FROM 'PROCESSING';
+    DELETE FROM pg_temp.cm_batch WHERE unclaimed AND reason IS NULL;
 
     -- What UPDATE itself takes, in a fixed order: foreign-key inserts of transactions are not blocked.
     PERFORM 1
