@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-import psycopg2.extensions
 from flask import Flask
 
 import logs
@@ -154,19 +153,21 @@ class Service:
 
     def corrections(self, limit: int) -> dict[str, Any]:
         """List the applied entries the queue has changed since, newest first."""
-        with self.portfolio_db.transaction() as cur:
-            cur.execute(query("count_corrections"))
-            total = cur.fetchone()[0]
-            cur.execute(query("list_corrections"), {"limit": limit})
-            return {"count": total, "entries": _rows(cur)}
+        return self._listing("count_corrections", "list_corrections", limit)
 
     def parked(self, limit: int) -> dict[str, Any]:
         """List parked entries, oldest first."""
+        return self._listing("count_parked", "list_parked", limit)
+
+    def _listing(self, count: str, rows: str, limit: int) -> dict[str, Any]:
+        """Run a listing's two named queries: how many rows it has, and the first `limit` as JSON objects."""
         with self.portfolio_db.transaction() as cur:
-            cur.execute(query("count_parked"))
+            cur.execute(query(count))
             total = cur.fetchone()[0]
-            cur.execute(query("list_parked"), {"limit": limit})
-            return {"count": total, "entries": _rows(cur)}
+            cur.execute(query(rows), {"limit": limit})
+            columns = [c.name for c in cur.description]
+            entries = [dict(zip(columns, map(_plain, row), strict=True)) for row in cur.fetchall()]
+        return {"count": total, "entries": entries}
 
     def update_tiers(self, changes: dict[str, Decimal]) -> dict[str, Any]:
         """Store new tier values, all or nothing, and describe the result."""
@@ -181,12 +182,6 @@ class Service:
         self.poller.stop()
         self.queue_db.close()
         self.portfolio_db.close()
-
-
-def _rows(cur: psycopg2.extensions.cursor) -> list[dict[str, Any]]:
-    """Return a listing's rows as JSON objects keyed by column."""
-    columns = [c.name for c in cur.description]
-    return [dict(zip(columns, map(_plain, row), strict=True)) for row in cur.fetchall()]
 
 
 def _plain(value: Any) -> Any:

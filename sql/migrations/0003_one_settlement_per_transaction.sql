@@ -91,7 +91,8 @@ CREATE FUNCTION consistency.apply_batch_v2(
 ) RETURNS TABLE (outcome TEXT, entries BIGINT)
 LANGUAGE plpgsql AS $$
 DECLARE
-    corrected BIGINT;
+    corrected BIGINT := 0;
+    left_over BIGINT;
 BEGIN
     IF NOT p_retrying THEN
         DELETE FROM pg_temp.cm_batch b
@@ -120,21 +121,24 @@ BEGIN
     UPDATE pg_temp.cm_batch b
        SET unclaimed = TRUE
      WHERE NOT EXISTS (SELECT 1 FROM claimed c WHERE c.queue_id = b.queue_id);
+    GET DIAGNOSTICS left_over = ROW_COUNT;
     -- Row counts for the planner: the statements below join this batch to large tables.
     ANALYZE pg_temp.cm_batch;
-    corrected := consistency.note_corrections(p_queue);
-    -- What is left unclaimed and not open cannot apply: a terminal entry names a transaction another entry
-    -- settled, and a status outside the known five is never applied, nor skipped without a word.
-    UPDATE pg_temp.cm_batch b
-       SET reason = CASE WHEN b.status IN ('COMPLETED', 'FAILED', 'CANCELLED')
-                         THEN 'portfolio transaction already settled by '
-                              || coalesce((SELECT a.queue || ' entry ' || a.queue_id
-                                             FROM consistency.applied_entries a
-                                            WHERE a.txn_id = b.txn_id), 'another entry')
-                         ELSE 'unknown status ' || coalesce(quote_literal(b.status), 'NULL')
-                    END
-     WHERE b.unclaimed AND b.status IS DISTINCT FROM 'PENDING' AND b.status IS DISTINCT FROM 'PROCESSING';
-    DELETE FROM pg_temp.cm_batch WHERE unclaimed AND reason IS NULL;
+    IF left_over > 0 THEN
+        corrected := consistency.note_corrections(p_queue);
+        -- What is left unclaimed and not open cannot apply: a terminal entry names a transaction another entry
+        -- settled, and a status outside the known five is never applied, nor skipped without a word.
+        UPDATE pg_temp.cm_batch b
+           SET reason = CASE WHEN b.status IN ('COMPLETED', 'FAILED', 'CANCELLED')
+                             THEN 'portfolio transaction already settled by '
+                                  || coalesce((SELECT a.queue || ' entry ' || a.queue_id
+                                                 FROM consistency.applied_entries a
+                                                WHERE a.txn_id = b.txn_id), 'another entry')
+                             ELSE 'unknown status ' || coalesce(quote_literal(b.status), 'NULL')
+                        END
+         WHERE b.unclaimed AND b.status IS DISTINCT FROM 'PENDING' AND b.status IS DISTINCT FROM 'PROCESSING';
+        DELETE FROM pg_temp.cm_batch WHERE unclaimed AND reason IS NULL;
+    END IF;
 
     -- What UPDATE itself takes, in a fixed order: foreign-key inserts of transactions are not blocked.
     PERFORM 1
