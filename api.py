@@ -103,17 +103,18 @@ def corrections() -> Any:
 
 
 def listing_limit() -> int | None:
-    """Read a listing's `limit` parameter; None when it is not a whole number in range."""
-    raw = request.args.get("limit", "100")
+    """Read a listing's one `limit` parameter; None when it is repeated or not a whole number in range."""
+    given = request.args.getlist("limit") or ["100"]
+    raw = given[0]
     # ASCII digits only: str.isdigit() also takes '¹', which int() refuses (found by schemathesis).
-    if not re.fullmatch(r"[0-9]{1,4}", raw) or not 1 <= int(raw) <= PARKED_LIMIT_MAX:
+    if len(given) > 1 or not re.fullmatch(r"[0-9]{1,4}", raw) or not 1 <= int(raw) <= PARKED_LIMIT_MAX:
         return None
     return int(raw)
 
 
 def bad_limit() -> tuple[Response, int]:
     """Answer a listing whose limit is out of range."""
-    return error(400, f"limit: must be a whole number from 1 to {PARKED_LIMIT_MAX}", field="limit")
+    return error(400, f"limit: must be one whole number from 1 to {PARKED_LIMIT_MAX}", field="limit")
 
 
 @bp.post("/api/v1/consistency/trigger")

@@ -27,6 +27,9 @@ def _errors(*codes: int) -> dict[str, Any]:
     return {str(code): _json("Error", meaning[code]) for code in codes}
 
 
+# gunicorn itself answers a request line over its limit_request_line, in HTML, before the app sees it.
+_TOO_LONG = {"414": {"description": "request line over 4094 bytes: gunicorn's own answer, in HTML"}}
+
 # A decimal below 10^12 with at most 8 places; pool values must also be greater than 0.
 _DECIMAL_STRING = r"^\s*\+?\d{1,12}(\.\d{0,8})?\s*$"
 
@@ -37,12 +40,16 @@ def _tier_value(low: dict[str, int]) -> dict[str, Any]:
     return {"oneOf": [number, {"type": "string", "pattern": _DECIMAL_STRING}]}
 
 
-_LIMIT = {
-    "name": "limit",
-    "in": "query",
-    "required": False,
-    "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
-}
+def _limit() -> dict[str, Any]:
+    """The `limit` query parameter of a listing; a new object for each operation, as tools may annotate it."""
+    return {
+        "name": "limit",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+    }
+
+
 _POOL = _tier_value({"exclusiveMinimum": 0})
 _MARKET = _tier_value({"minimum": 0})
 _COUNTS = {
@@ -167,15 +174,15 @@ SPEC: dict[str, Any] = {
         "/api/v1/consistency/parked": {
             "get": {
                 "summary": "Parked entries, oldest first",
-                "parameters": [_LIMIT],
-                "responses": {"200": _json("Listing", "parked entries"), **_errors(400, 503)},
+                "parameters": [_limit()],
+                "responses": {"200": _json("Listing", "parked entries"), **_errors(400, 503), **_TOO_LONG},
             }
         },
         "/api/v1/consistency/corrections": {
             "get": {
                 "summary": "Applied entries whose queue status changed afterwards, newest first",
-                "parameters": [_LIMIT],
-                "responses": {"200": _json("Listing", "corrections"), **_errors(400, 503)},
+                "parameters": [_limit()],
+                "responses": {"200": _json("Listing", "corrections"), **_errors(400, 503), **_TOO_LONG},
             }
         },
         "/api/v1/consistency/trigger": {

@@ -299,6 +299,14 @@ def test_parked_rejects_a_bad_limit(client, limit) -> None:
     assert answer.get_json()["field"] == "limit"
 
 
+@pytest.mark.parametrize("listing", ["parked", "corrections"])
+def test_a_listing_refuses_a_repeated_or_bad_limit(client, listing) -> None:
+    for query in ("limit=5&limit=7", "limit=0", "limit=x"):
+        answer = client.get(f"/api/v1/consistency/{listing}?{query}")
+        assert (answer.status_code, answer.get_json()["field"]) == (400, "limit"), query
+    assert client.get(f"/api/v1/consistency/{listing}?limit=5").status_code == 200
+
+
 def test_unknown_paths_and_methods_answer_json(client) -> None:
     missing = client.get("/nope")
     assert missing.status_code == 404
