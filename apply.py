@@ -107,11 +107,16 @@ def load_entries(
 
 
 def apply_loaded(
-    cur: psycopg2.extensions.cursor, queue: Queue, factors: Sequence[Fraction], retrying: bool = False
+    cur: psycopg2.extensions.cursor,
+    queue: Queue,
+    factors: Sequence[Fraction],
+    retrying: bool = False,
+    queue_ids: str | None = None,
 ) -> Counter[str]:
     """Apply the batch table's terminal entries once each, in the caller's transaction, and count outcomes.
 
     Entries parked before are left to the parked retry (retrying=True), which reads their rows afresh.
+    queue_ids (an array literal) names the loaded entries when the transaction loads more than one batch.
     """
     params = {
         "queue": queue.name,
@@ -123,13 +128,13 @@ def apply_loaded(
     cur.execute(query("apply_batch"), params)
     counts = Counter(dict(cur.fetchall()))
     if counts["corrected"]:
-        _warn_corrections(cur, queue)
+        _warn_corrections(cur, queue, queue_ids)
     return counts
 
 
-def _warn_corrections(cur: psycopg2.extensions.cursor, queue: Queue) -> None:
-    """Name each applied entry whose queue status this transaction found changed; the first outcome stays."""
-    cur.execute(query("select_new_corrections"), {"queue": queue.name})
+def _warn_corrections(cur: psycopg2.extensions.cursor, queue: Queue, queue_ids: str | None) -> None:
+    """Name each applied entry of the batch whose queue status this transaction found changed."""
+    cur.execute(query("select_new_corrections"), {"queue": queue.name, "queue_ids": queue_ids})
     for queue_id, uuid, applied, now in cur.fetchall():
         log.warning(
             "%s entry %s (portfolio transaction %s) was applied as %s and is now %s in the queue: the applied "
@@ -154,7 +159,7 @@ def apply_entries(
     if not entries:
         return Counter()
     load_entries(cur, entries)
-    return apply_loaded(cur, queue, factors, retrying)
+    return apply_loaded(cur, queue, factors, retrying, pg_array(e.queue_id for e in entries))
 
 
 def apply_one_by_one(

@@ -61,7 +61,8 @@ class Horizon:
 
     mode: str
     bound: datetime
-    # Seconds the oldest open queue-db transaction has been open (exact mode; None when there is none).
+    # Seconds the oldest open queue-db transaction, prepared ones included, has been open (exact mode; None
+    # when there is none).
     held_for: float | None = None
     # Prepared (two-phase) transactions on queue-db: no view shows when they began, so the watermark holds.
     prepared: int = 0
@@ -82,9 +83,11 @@ def read_horizon(queue_conn: Connection, lookback: float) -> Horizon:
     """
     with queue_conn.cursor() as cur:
         cur.execute(query("queue_horizon"))
-        exact, oldest, untracked, prepared, now = cur.fetchone()
+        exact, oldest, untracked, prepared, oldest_prepared, now = cur.fetchone()
     if exact and not untracked:
-        held_for = round((now - oldest).total_seconds(), 1) if oldest and oldest < now else None
+        # A prepared transaction began before it was prepared: its age is at least the time since then.
+        holder = min((t for t in (oldest, oldest_prepared) if t is not None), default=None)
+        held_for = round((now - holder).total_seconds(), 1) if holder and holder < now else None
         bound = HOLD if prepared else min(oldest or now, now) - HORIZON_MARGIN
         return Horizon(EXACT, bound, held_for, prepared)
     return Horizon(LOOKBACK, now - timedelta(seconds=lookback), untracked=untracked if exact else 0)
@@ -405,7 +408,7 @@ class CycleRunner:
         if held:
             log.warning(
                 "a queue-db transaction has been open for %gs: the watermarks stay behind its start, and every "
-                "cycle reads again the entries after them (pg_stat_activity shows which session it is)",
+                "cycle reads again the entries after them (pg_stat_activity or pg_prepared_xacts shows which)",
                 held_for,
             )
         else:

@@ -9,18 +9,22 @@ SELECT 1;
 LISTEN consistency_queue;
 
 -- queue_horizon: whether other sessions' xact_start is visible, the oldest open one, how many sessions
--- hide their start (track_activities off), how many prepared transactions wait, and the time
+-- hide their start (track_activities off), how many prepared transactions wait and since when, and the time
 SELECT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
            OR pg_has_role(current_user, 'pg_read_all_stats', 'USAGE') AS exact,
        s.oldest_xact_start,
        s.untracked,
-       (SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()) AS prepared,
+       p.prepared,
+       p.oldest_prepared,
        clock_timestamp() AS now
   FROM (SELECT min(xact_start) AS oldest_xact_start, count(*) FILTER (WHERE state = 'disabled') AS untracked
           FROM pg_stat_activity
          WHERE datname = current_database()
            AND pid <> pg_backend_pid()
-           AND backend_type = 'client backend') AS s;
+           AND backend_type = 'client backend') AS s,
+       (SELECT count(*) AS prepared, min(prepared) AS oldest_prepared
+          FROM pg_prepared_xacts
+         WHERE database = current_database()) AS p;
 
 -- queue_timestamp_types: the type of updated_at in each queue table, and queue-db's TimeZone
 SELECT c.relname, format_type(a.atttypid, a.atttypmod), current_setting('TimeZone')
@@ -236,10 +240,11 @@ SELECT queue, uuid, queue_id, applied_status, queue_status, first_seen_at, notic
  ORDER BY noticed_at DESC, queue, queue_id
  LIMIT %(limit)s;
 
--- select_new_corrections: the corrections of a queue that this transaction found or changed
+-- select_new_corrections: the corrections of a queue that this transaction found or changed, of the given entries (any, when NULL)
 SELECT queue_id, uuid, applied_status, queue_status
   FROM consistency.corrections
  WHERE queue = %(queue)s AND noticed_at = CURRENT_TIMESTAMP
+   AND (%(queue_ids)s::integer[] IS NULL OR queue_id = ANY(%(queue_ids)s::integer[]))
  ORDER BY queue_id;
 
 -- save_last_cycle: keep the summary of the cycle that just finished

@@ -97,6 +97,7 @@ def test_a_prepared_transaction_holds_the_watermark_until_it_commits(make_stage,
     assert world.txn_status(late.uuid) == "PROCESSED"
     assert early_status == "PROCESSED"  # applied at once; only the watermark waited
     assert held["prepared_transactions"] == 1
+    assert held["oldest_transaction_s"] >= 1  # at least since it was prepared: the held-watermark warning counts it
     assert any("prepared transaction" in r.getMessage() for r in caplog.records)
 
 

@@ -267,3 +267,24 @@ def test_the_retired_apply_batch_refuses_so_an_older_release_cannot_apply_withou
         world.p("SELECT * FROM consistency.apply_batch('investment', 'INVEST', 'values', false, '{1}', '{1}')")
     assert "retired by migration 3" in str(refused.value)
     assert world.p("SELECT count(*) FROM pg_proc WHERE proname = 'apply_batch_v2'") == [(1,)]
+
+
+def test_corrections_found_entry_by_entry_are_each_named_once(svc, rising: World, caplog) -> None:
+    first, second = (rising.request("investment", ACCOUNT) for _ in range(2))
+    svc.runner.run()
+    holder = psycopg2.connect(rising.queue_uri)  # holds the watermark, so the rejected batch is read again
+    holder.cursor().execute("SELECT 1")
+    rising.finish(first, "FAILED")
+    rising.finish(second, "CANCELLED")
+    rejected = rising.request("investment", ACCOUNT)
+    # A rule of the portfolio owner's that the service does not know about: the batch goes entry by entry.
+    rising.p("ALTER TABLE user_portfolios ADD CONSTRAINT tier1_cap CHECK (tier1_value < 1300)")
+
+    with caplog.at_level(logging.WARNING, logger="apply"):
+        summary = svc.runner.run()
+    holder.close()
+
+    named = sorted(r.queue_id for r in caplog.records if r.name == "apply")
+    assert named == [first.queue_id, second.queue_id]
+    assert summary["counts"]["investment"]["corrected"] == 2
+    assert "tier1_cap" in rising.parked()[rejected.uuid]
