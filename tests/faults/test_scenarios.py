@@ -41,44 +41,37 @@ def in_a_transaction(world: World) -> bool:
     return rows[0][0] > 0
 
 
-def test_sigkill_storm_loses_and_doubles_nothing(stage: Stage, world: World) -> None:
-    open_portfolios(world, ACCOUNTS)
-    bulk_backlog(world, ACCOUNTS, 12000)
-    rng = random.Random(1)
-    writers = Writers(world, ACCOUNTS).start()
-    kills = mid_transaction = 0
+def kill_replicas(stage: Stage, world: World, writers: Writers, kills: int, pause: tuple[float, float]) -> int:
+    """SIGKILL replicas one after another while the writers write, then catch up; count kills inside a cycle."""
+    rng = random.Random(kills)
+    mid_transaction = 0
     try:
-        while kills < 12:
+        for _ in range(kills):
             replica = stage.replica(workers=2)
             wait_until(lambda r=replica: r.get("/health")[0] == 200, 30, "the replica to start")
-            time.sleep(rng.uniform(0.05, 0.6))
+            time.sleep(rng.uniform(*pause))
             mid_transaction += in_a_transaction(world)
             replica.kill_group()
-            kills += 1
     finally:
         writers.stop()
     stage.replica(workers=2).wait_ready()
     wait_caught_up(world)
-    assert_model(world, "sigkill storm", kills=kills, kills_mid_transaction=mid_transaction)
+    return mid_transaction
+
+
+def test_sigkill_storm_loses_and_doubles_nothing(stage: Stage, world: World) -> None:
+    open_portfolios(world, ACCOUNTS)
+    bulk_backlog(world, ACCOUNTS, 12000)
+    mid_transaction = kill_replicas(stage, world, Writers(world, ACCOUNTS).start(), 12, (0.05, 0.6))
+    assert_model(world, "sigkill storm", kills=12, kills_mid_transaction=mid_transaction)
     assert mid_transaction >= 3  # the kills really did land inside cycles
 
 
 def test_duplicate_and_requeued_rows_under_sigkills_move_money_once_per_transaction(stage: Stage, world: World) -> None:
     open_portfolios(world, ACCOUNTS)
-    rng = random.Random(2)
     writers = Writers(world, ACCOUNTS, threads=3, duplicates=0.3).start()
-    kills = 0
-    try:
-        while kills < 6:
-            replica = stage.replica(workers=2)
-            wait_until(lambda r=replica: r.get("/health")[0] == 200, 30, "the replica to start")
-            time.sleep(rng.uniform(0.3, 1.0))
-            replica.kill_group()
-            kills += 1
-    finally:
-        writers.stop()
-    stage.replica(workers=2).wait_ready()
-    wait_caught_up(world)
+    kills = 6
+    kill_replicas(stage, world, writers, kills, (0.3, 1.0))
     doubled = world.p(
         "SELECT count(*) FROM (SELECT txn_id FROM consistency.applied_entries"
         " WHERE txn_id IS NOT NULL GROUP BY txn_id HAVING count(*) > 1) AS d"
