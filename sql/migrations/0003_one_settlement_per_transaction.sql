@@ -2,7 +2,8 @@
 -- transaction, whatever queue rows name it; settled entries the queue changes afterwards are kept as
 -- corrections; entries with a status outside the known five are parked.
 
--- The portfolio transaction each applied entry settled. Unique: a second queue row naming a transaction
+-- The portfolio transaction each applied entry settled (from now on, uuid holds the queue's spelling only
+-- where it differs from txn_id's). Unique: a second queue row naming a transaction
 -- already settled cannot claim it, in one batch or across batches, processes and restarts. Entries
 -- recorded before this migration get theirs here; where several named one transaction, the first
 -- recorded keeps it and the later ones keep none.
@@ -108,10 +109,11 @@ BEGIN
     END;
 
     -- The exactly-once record: an entry stays in the batch only if this transaction records it first,
-    -- under its (queue, queue_id) and under its portfolio transaction.
+    -- under its (queue, queue_id) and under its portfolio transaction. The uuid as the queue spelled it is
+    -- kept only where it is not the transaction's own spelling: a narrower row for the common case.
     WITH claimed AS (
         INSERT INTO consistency.applied_entries (queue, queue_id, uuid, txn_id, status)
-        SELECT p_queue, b.queue_id, b.uuid, b.txn_id, b.status
+        SELECT p_queue, b.queue_id, NULLIF(b.uuid, b.txn_id::text), b.txn_id, b.status
           FROM pg_temp.cm_batch b
          WHERE b.status IN ('COMPLETED', 'FAILED', 'CANCELLED')
          ORDER BY b.updated_at, b.queue_id
