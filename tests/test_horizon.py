@@ -149,3 +149,10 @@ def test_a_queue_column_without_time_zone_is_read_in_queue_dbs_time_zone(make_st
         "queue-db column investment_queue.updated_at is timestamp without time zone: its values are read as local"
         f" times in queue-db's TimeZone ({shown}), the one the writers' CURRENT_TIMESTAMP follows"
     ) in [r.getMessage() for r in caplog.records]
+
+
+def test_an_ambiguous_local_time_reads_as_the_later_instant(own_server: Cluster) -> None:
+    """In the repeated hour of a fall-back, a naive value is placed after the change: read again, never skipped."""
+    with closing(psycopg2.connect(own_server.uri)) as conn, conn.cursor() as cur:
+        cur.execute("SELECT '2026-11-01 01:30'::timestamp::timestamptz = '2026-11-01 06:30+00'::timestamptz")
+        assert cur.fetchone() == (True,)  # 01:30 EST, the second 01:30 of the night
