@@ -9,52 +9,16 @@ import io
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime
 from fractions import Fraction
 
 import psycopg2
 import psycopg2.extensions
 
 from db import pg_array
+from domain import Entry, Position, Queue
 from queries import query, table_query
 
 log = logging.getLogger(__name__)
-
-TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
-# Not settled yet. Every other status, an unknown one included, is read as settled: applied or parked.
-OPEN = ("PENDING", "PROCESSING")
-
-
-@dataclass(frozen=True)
-class Queue:
-    """A queue table of queue-db and what its completed entries change in a portfolio."""
-
-    name: str
-    table: str
-    transaction_type: str
-    portfolio_columns: str  # "values" or "allocations"
-
-
-INVESTMENT = Queue("investment", "investment_queue", "INVEST", "values")
-WITHDRAWAL = Queue("withdrawal", "withdrawal_queue", "WITHDRAWAL", "allocations")
-QUEUES = (INVESTMENT, WITHDRAWAL)
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One queue row as the service reads it."""
-
-    queue_id: int
-    account_number: str | None
-    uuid: str | None
-    status: str | None
-    updated_at: datetime
-
-    @property
-    def position(self) -> tuple[datetime, int]:
-        """Return where the entry sits in (updated_at, queue_id) order."""
-        return (self.updated_at, self.queue_id)
 
 
 def factor_arrays(factors: Sequence[Fraction]) -> dict[str, str]:
@@ -70,7 +34,7 @@ def create_batch_table(cur: psycopg2.extensions.cursor) -> None:
     cur.execute(query("create_batch_table"))
 
 
-def copy_batch(cur: psycopg2.extensions.cursor, queue: Queue, after: tuple[datetime, int], limit: int) -> bytes:
+def copy_batch(cur: psycopg2.extensions.cursor, queue: Queue, after: Position, limit: int) -> bytes:
     """Read the next entries of a queue-db queue after a position, as COPY text for the batch table."""
     params = {"after_ts": after[0], "after_id": after[1], "limit": limit}
     buffer = io.BytesIO()
@@ -78,7 +42,7 @@ def copy_batch(cur: psycopg2.extensions.cursor, queue: Queue, after: tuple[datet
     return buffer.getvalue()
 
 
-def load_copied(cur: psycopg2.extensions.cursor, data: bytes) -> tuple[int, tuple[datetime, int] | None]:
+def load_copied(cur: psycopg2.extensions.cursor, data: bytes) -> tuple[int, Position | None]:
     """Load COPY text into the batch table; return how many entries it holds and the last one's position."""
     create_batch_table(cur)
     cur.copy_expert(query("copy_into_batch"), io.BytesIO(data))

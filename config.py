@@ -10,20 +10,17 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import TypeVar
 
+from domain import TIER_KEYS
+
 T = TypeVar("T")
 
 # Development defaults from the seed README; production sets both variables from a Secret.
 DEV_QUEUE_DB_URI = "postgresql://queue-admin:queue-pwd@localhost:5432/queue-db"
 DEV_PORTFOLIO_DB_URI = "postgresql://portfolio-admin:portfolio-pwd@localhost:5432/user-portfolio-db"
 
-TIER_DEFAULTS = {
-    "TIER1": "1000000.0",
-    "TIER1_MV": "1000000.0",
-    "TIER2": "2000000.0",
-    "TIER2_MV": "2000000.0",
-    "TIER3": "500000.0",
-    "TIER3_MV": "500000.0",
-}
+# Pool and market values, in TIER_KEYS order: every delta 0 until the operator stores real ones.
+_DEFAULT_VALUES = ("1000000.0", "1000000.0", "2000000.0", "2000000.0", "500000.0", "500000.0")
+TIER_DEFAULTS = dict(zip(TIER_KEYS, _DEFAULT_VALUES, strict=True))
 # consistency.tier_values holds NUMERIC(20, 8).
 TIER_LIMIT = Decimal(10) ** 12
 TIER_PLACES = 8

@@ -19,11 +19,6 @@ import metrics
 import migrations
 import tiers
 from apply import (
-    OPEN,
-    QUEUES,
-    TERMINAL,
-    Entry,
-    Queue,
     apply_entries,
     apply_loaded,
     apply_one_by_one,
@@ -33,13 +28,13 @@ from apply import (
 )
 from config import Settings
 from db import Database, DatabaseError, first_line, in_transaction, pg_array
+from domain import OPEN, QUEUES, TERMINAL, Entry, Position, Queue
 from poller import Heartbeat
 from queries import query, table_query
 
 log = logging.getLogger(__name__)
 
 Connection = psycopg2.extensions.connection
-Position = tuple[datetime, int]
 
 # Any constant shared by every process of the service: the turn to run a cycle.
 CYCLE_LOCK_KEY = 0x434D_4359_434C  # "CMCYCL"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
@@ -14,10 +13,10 @@ import psycopg2.extensions
 import psycopg2.pool
 
 from config import Settings
+from logs import mask_uri
 
 # How the service's sessions are named in pg_stat_activity.
 APPLICATION_NAME = "consistency-manager-svc"
-_URI_PASSWORD = re.compile(r"(postgres(?:ql)?://[^:/@\s]*:)[^@\s]*@")
 
 
 class DatabaseError(Exception):
@@ -52,11 +51,6 @@ def _array_element(value: object) -> str:
 
 def _ignore(change: int) -> None:
     """Take no note of a pool's lending."""
-
-
-def mask_uri(uri: str) -> str:
-    """Return the URI with its password replaced by ***."""
-    return _URI_PASSWORD.sub(r"\1***@", uri)
 
 
 def connect_options(

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from db import mask_uri
-
+_URI_PASSWORD = re.compile(r"(postgres(?:ql)?://[^:/@\s]*:)[^@\s]*@")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Attributes every LogRecord has; anything else on a record came from `extra=` and becomes a field.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -42,6 +42,11 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         """Return the record as text."""
         return mask_uri(super().format(record))
+
+
+def mask_uri(text: str) -> str:
+    """Return the text with the password of every database URI in it replaced by ***."""
+    return _URI_PASSWORD.sub(r"\1***@", text)
 
 
 def formatter(fmt: str) -> logging.Formatter:

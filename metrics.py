@@ -16,10 +16,9 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.multiprocess import MultiProcessCollector
 
-QUEUES = ("investment", "withdrawal")
-OUTCOMES = ("COMPLETED", "FAILED", "CANCELLED", "parked")
+from domain import DATABASES, OUTCOMES, QUEUES
+
 RESULTS = ("ok", "error", "skipped")
-DATABASES = ("queue-db", "user-portfolio-db")
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
 CYCLES = Counter(
@@ -68,7 +67,7 @@ for _result in RESULTS:
     CYCLES.labels(result=_result)
 for _queue in QUEUES:
     for _outcome in OUTCOMES:
-        ENTRIES.labels(queue=_queue, outcome=_outcome)
+        ENTRIES.labels(queue=_queue.name, outcome=_outcome)
 for _database in DATABASES:
     POOL_IN_USE.labels(database=_database)
 

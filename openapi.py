@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from cycle import COUNT_KEYS
-from tiers import TIER_KEYS
+from domain import TIER_KEYS
 
 
 def _json(schema: str, description: str) -> dict[str, Any]:

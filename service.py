@@ -18,13 +18,13 @@ import tiers
 from config import Settings
 from cycle import CycleRunner
 from db import Database, DatabaseError
+from domain import PORTFOLIO_DB, QUEUE_DB
 from listener import Listener
 from poller import Heartbeat, Poller
 from queries import query
 
 log = logging.getLogger(__name__)
 
-QUEUE_DB, PORTFOLIO_DB = "queue-db", "user-portfolio-db"
 EXTENSION = "consistency"  # the key of the service in app.extensions
 # How old the state served by the status endpoint may be; every cycle this process runs refreshes it.
 STATE_MAX_AGE = 1.0

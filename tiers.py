@@ -10,9 +10,9 @@ from typing import Any
 import psycopg2.extensions
 
 from config import check_tier_value
+from domain import TIER_KEYS
 from queries import query
 
-TIER_KEYS = ("TIER1", "TIER1_MV", "TIER2", "TIER2_MV", "TIER3", "TIER3_MV")
 # Deltas are shown to this many places; the cycle itself uses exact fractions.
 DELTA_PLACES = Decimal("1e-12")
 # Enough digits for any delta the limits allow: below 10^20 (a market under 10^12 over a pool of 10^-8),

@@ -9,8 +9,8 @@ from fractions import Fraction
 
 import psycopg2
 
-QUEUES = (("investment", "investment_queue", "value"), ("withdrawal", "withdrawal_queue", "allocation"))
-MIRROR = {"COMPLETED": "PROCESSED", "FAILED": "FAILED", "CANCELLED": "CANCELLED"}
+from domain import MIRRORED, QUEUES
+
 RECORD = "CREATE TABLE IF NOT EXISTS bench_applied (queue text, queue_id int, PRIMARY KEY (queue, queue_id))"
 
 
@@ -39,7 +39,8 @@ def per_entry(queue_uri: str, portfolio_uri: str, tiers: dict[str, str]) -> floa
     with portfolio_db, portfolio_db.cursor() as cur:
         cur.execute(RECORD)
     started = time.perf_counter()
-    for name, table, kind in QUEUES:
+    for queue in QUEUES:
+        name, table, kind = queue.name, queue.table, queue.portfolio_columns.removesuffix("s")
         fs = factors(tiers, kind)
         with queue_db.cursor() as qcur:
             qcur.execute(f"SELECT queue_id, account_number, uuid, status FROM {table} ORDER BY updated_at, queue_id")  # noqa: S608
@@ -49,7 +50,7 @@ def per_entry(queue_uri: str, portfolio_uri: str, tiers: dict[str, str]) -> floa
                 cur.execute("INSERT INTO bench_applied VALUES (%s, %s) ON CONFLICT DO NOTHING", (name, queue_id))
                 if cur.rowcount == 0:
                     continue
-                cur.execute("UPDATE portfolio_transactions SET status = %s WHERE id = %s", (MIRROR[status], entry))
+                cur.execute("UPDATE portfolio_transactions SET status = %s WHERE id = %s", (MIRRORED[status], entry))
                 if status != "COMPLETED":
                     continue
                 columns = ", ".join(f"tier{n}_{kind}" for n in (1, 2, 3))
@@ -120,7 +121,8 @@ def set_based(queue_uri: str, portfolio_uri: str, tiers: dict[str, str], batch: 
         cur.execute(COMPOUND)
         cur.execute("CREATE TEMP TABLE batch (queue_id int, account text, uuid uuid, status text)")
     started = time.perf_counter()
-    for name, table, kind in QUEUES:
+    for queue in QUEUES:
+        name, table, kind = queue.name, queue.table, queue.portfolio_columns.removesuffix("s")
         params = {"queue": name}
         for n, f in enumerate(factors(tiers, kind), start=1):
             params[f"n{n}"], params[f"d{n}"] = f.numerator, f.denominator

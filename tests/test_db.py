@@ -7,8 +7,9 @@ from dataclasses import replace
 
 import pytest
 
-from apply import Entry
-from db import Database, DatabaseError, mask_uri
+from db import Database, DatabaseError
+from domain import Entry
+from logs import mask_uri
 from tests.world import World
 
 
@@ -87,7 +88,8 @@ def test_every_connection_carries_the_configured_timeouts(settings) -> None:
 
 
 def test_the_portfolio_lock_lets_other_services_insert_transactions(settings, world: World) -> None:
-    from apply import INVESTMENT, apply_entries
+    from apply import apply_entries
+    from domain import INVESTMENT
     from tiers import load
 
     world.portfolio_for("1000000001")

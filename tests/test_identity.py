@@ -11,7 +11,8 @@ import psycopg2
 import psycopg2.errors
 import pytest
 
-from apply import INVESTMENT, Entry, apply_entries
+from apply import apply_entries
+from domain import INVESTMENT, Entry
 from tests.world import Request, World, expected
 
 ACCOUNT = "1000000001"

@@ -208,7 +208,8 @@ def test_uuids_in_other_spellings_find_their_transactions(svc, world: World, wit
 
 
 def test_entry_by_entry_each_entry_is_applied_or_parked_once(svc, world: World) -> None:
-    from apply import INVESTMENT, Entry, apply_one_by_one
+    from apply import apply_one_by_one
+    from domain import INVESTMENT, Entry
     from tiers import load
 
     world.portfolio_for(ACCOUNT)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import psycopg2
 
+from domain import MIRRORED, TERMINAL
 from tests.pgtest import ROOT, free_port
 from tests.world import TABLES, TYPES, World, expected
 
@@ -36,8 +37,6 @@ TIERS = {
 }
 START_VALUES = ("1000.00", "2000.00", "3000.00")
 START_ALLOCATIONS = ("100.00", "200.00", "300.00")
-MIRRORED = {"COMPLETED": "PROCESSED", "FAILED": "FAILED", "CANCELLED": "CANCELLED"}
-TERMINAL = tuple(MIRRORED)
 
 
 def service_env(queue_uri: str, portfolio_uri: str, **extra: str) -> dict[str, str]:
