@@ -18,7 +18,7 @@ import metrics
 import tiers
 from db import DatabaseError
 from openapi import SPEC
-from service import Service, service_of
+from service import INTERNAL_ERROR, Service, service_of
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,7 @@ def ready() -> Any:
 @bp.get("/metrics")
 def prometheus_metrics() -> Any:
     """Prometheus metrics of every process of this service instance, in the text format."""
-    body = metrics.exposition(service().settings.metrics_dir)
-    return Response(body, mimetype=None, content_type=metrics.CONTENT_TYPE)
+    return Response(service().metrics(), mimetype=None, content_type=metrics.CONTENT_TYPE)
 
 
 @bp.get("/api/v1/openapi.json")
@@ -121,17 +120,15 @@ def bad_limit() -> tuple[Response, int]:
 @require_token
 def trigger() -> Any:
     """Run a cycle now and return its summary."""
-    summary = service().poller.trigger()
-    if summary is None:
+    result = service().trigger()
+    if result is None:
         message = "the cycle is still running; follow it at GET /api/v1/consistency/status"
         return jsonify({"result": "running", "message": message}), 202
-    if summary["result"] == "skipped":
+    if result.outcome == "skipped":
         wait = service().settings.trigger_wait
         message = f"another process held the cycle turn for more than {wait:g}s (TRIGGER_WAIT); try again shortly"
         return error(409, message, result="skipped")
-    if summary["result"] == "error":
-        return jsonify(summary), 503
-    return jsonify(summary)
+    return jsonify(result.to_json()), 503 if result.outcome == "error" else 200
 
 
 @bp.post("/api/v1/consistency/update-tier-values")
@@ -185,4 +182,4 @@ def state_missing(err: tiers.TiersNotStored) -> Any:
 def internal_error(err: Exception) -> Any:
     """Answer unexpected failures in JSON, with the details in the log only."""
     log.exception("unhandled error")
-    return error(500, "internal error; see the service log")
+    return error(500, INTERNAL_ERROR)

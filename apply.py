@@ -112,39 +112,26 @@ def _warn_corrections(cur: psycopg2.extensions.cursor, queue: Queue, queue_ids: 
         )
 
 
-def apply_entries(
+def apply_each_entry(
     cur: psycopg2.extensions.cursor,
     queue: Queue,
     entries: Sequence[Entry],
     factors: Sequence[Fraction],
     retrying: bool = False,
 ) -> Counter[str]:
-    """Apply entries read in Python, in the caller's transaction, and count outcomes."""
-    if not entries:
-        return Counter()
-    load_entries(cur, entries)
-    return apply_loaded(cur, queue, factors, retrying, pg_array(e.queue_id for e in entries))
-
-
-def apply_one_by_one(
-    cur: psycopg2.extensions.cursor,
-    queue: Queue,
-    entries: Sequence[Entry],
-    factors: Sequence[Fraction],
-    retrying: bool = False,
-) -> Counter[str]:
-    """Apply entries one at a time, parking any the database itself rejects."""
+    """Apply entries one at a time, each through the batch table, parking any the database itself rejects."""
     counts: Counter[str] = Counter()
     for entry in entries:
-        cur.execute(query("savepoint"))
+        cur.execute(query("savepoint_entry"))
         try:
-            counts += apply_entries(cur, queue, [entry], factors, retrying)
+            load_entries(cur, [entry])
+            counts += apply_loaded(cur, queue, factors, retrying, pg_array([entry.queue_id]))
         except (psycopg2.IntegrityError, psycopg2.DataError) as err:
-            cur.execute(query("rollback_to_savepoint"))
+            cur.execute(query("rollback_to_entry"))
             detail = err.diag.message_primary or type(err).__name__
             park(cur, queue, [(entry, f"rejected by the database: {detail}")])
             counts["parked"] += 1
-        cur.execute(query("release_savepoint"))
+        cur.execute(query("release_entry"))
     return counts
 
 

@@ -35,11 +35,11 @@ def main() -> None:
     svc = service_of(app)
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        svc.poller.stop()
+        svc.close()
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, stop)
-    svc.poller.start()
+    svc.start()
     app.run(host="0.0.0.0", port=svc.settings.port, threaded=True)  # noqa: S104 - a container listens on all interfaces
 
 

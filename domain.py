@@ -1,10 +1,12 @@
 """What the service works on, with no database in sight: the queues, their entries, statuses and outcomes,
-the two databases' names and the tier keys. Every other module takes them from here."""
+the two databases' names, the tier keys and a cycle's result. Every other module takes them from here."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 from datetime import datetime
+from typing import Any, Literal
 
 # The names every message, metric label and readiness check gives the two databases.
 QUEUE_DB, PORTFOLIO_DB = "queue-db", "user-portfolio-db"
@@ -55,3 +57,68 @@ class Entry:
     def position(self) -> Position:
         """Return where the entry sits in (updated_at, queue_id) order."""
         return (self.updated_at, self.queue_id)
+
+
+# How a cycle ended: it ran, it failed, or another process had the turn.
+Outcome = Literal["ok", "error", "skipped"]
+# The rule that bounded the watermarks (see the README's watermark section).
+Mode = Literal["exact", "lookback"]
+# What a cycle counts per queue: entries read, their outcomes, new corrections and reconciled entries.
+COUNT_KEYS = ("read", *TERMINAL, PARKED, "corrected", "reconciled")
+
+
+@dataclass(frozen=True)
+class CycleWork:
+    """What a cycle that took its turn did: the watermark rule it followed and what became of each queue's entries."""
+
+    mode: Mode
+    horizon: datetime
+    # Seconds the oldest open queue-db transaction had been open (exact mode); None when there was none.
+    oldest_transaction_s: float | None
+    prepared_transactions: int
+    untracked_sessions: int
+    reconciled: bool
+    counts: dict[str, dict[str, int]]
+    stopped_early: bool
+
+    @property
+    def idle(self) -> bool:
+        """Tell whether the cycle found nothing at all to do."""
+        return not any(any(counts.values()) for counts in self.counts.values())
+
+
+@dataclass(frozen=True)
+class CycleResult:
+    """A cycle's result: built once, by the cycle runner, and read by the log line, the metrics and the API."""
+
+    started_at: datetime
+    outcome: Outcome
+    duration_ms: float
+    work: CycleWork | None = None  # also kept when the cycle ran but failed to store its summary
+    error: str | None = None
+
+    @classmethod
+    def finish(
+        cls, started: datetime, clock: float, outcome: Outcome, work: CycleWork | None = None, error: str | None = None
+    ) -> CycleResult:
+        """Build the result of a cycle that started at `started`, `clock` by time.monotonic(): its one duration."""
+        return cls(started, outcome, round((time.monotonic() - clock) * 1000, 1), work, error)
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the summary the log line, the status endpoint, the trigger and the stored last cycle show."""
+        summary: dict[str, Any] = {"started_at": self.started_at.isoformat(), "result": self.outcome}
+        if self.work is not None:
+            summary.update(asdict(self.work), horizon=self.work.horizon.isoformat())
+        if self.outcome != "skipped":
+            summary["error"] = self.error
+        summary["duration_ms"] = self.duration_ms
+        return summary
+
+
+@dataclass(frozen=True)
+class Standing:
+    """The stored state right after a cycle: each queue's watermark, and how many entries are parked or corrected."""
+
+    watermarks: dict[str, dict[str, Any]]
+    parked: int
+    corrections: int

@@ -55,7 +55,7 @@ def post_worker_init(worker: Any) -> None:
     """Start the poller of a freshly booted worker."""
     from service import service_of
 
-    service_of(worker.wsgi).poller.start()
+    service_of(worker.wsgi).start()
 
 
 def worker_exit(server: Any, worker: Any) -> None:

@@ -9,6 +9,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
+from domain import CycleResult, Standing
+
 _URI_PASSWORD = re.compile(r"(postgres(?:ql)?://[^:/@\s]*:)[^@\s]*@")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Attributes every LogRecord has; anything else on a record came from `extra=` and becomes a field.
@@ -95,43 +97,30 @@ def gunicorn_config(level: str) -> dict[str, Any]:
     }
 
 
-def cycle_fields(
-    summary: dict[str, Any], watermarks: dict[str, Any] | None, parked: int | None, corrections: int | None = None
-) -> dict[str, Any]:
+def cycle_fields(result: CycleResult, standing: Standing | None) -> dict[str, Any]:
     """Return the fields of a cycle's summary line."""
-    fields = {"event": "cycle", **summary}
-    if watermarks is not None:
-        fields["watermarks"] = watermarks
-    if parked is not None:
-        fields["parked_entries"] = parked
-    if corrections is not None:
-        fields["corrections"] = corrections
+    fields = {"event": "cycle", **result.to_json()}
+    if standing is not None:
+        fields.update(watermarks=standing.watermarks, parked_entries=standing.parked, corrections=standing.corrections)
     return fields
 
 
-def cycle_message(summary: dict[str, Any]) -> str:
+def cycle_message(result: CycleResult) -> str:
     """Describe a cycle in one sentence for the text format."""
     text = "consistency cycle " + {"error": "failed", "skipped": "skipped (another process has the turn)"}.get(
-        summary["result"], summary["result"]
+        result.outcome, result.outcome
     )
-    if "duration_ms" in summary:
-        text += f" in {summary['duration_ms']:g} ms"
-    if summary.get("mode"):
-        text += f" ({summary['mode']} mode)"
-    for queue, counts in (summary.get("counts") or {}).items():
-        text += f"; {queue} " + " ".join(f"{key}={value}" for key, value in counts.items())
-    if summary.get("error"):
-        text += f"; error: {summary['error']}"
+    text += f" in {result.duration_ms:g} ms"
+    if result.work is not None:
+        text += f" ({result.work.mode} mode)"
+        for queue, counts in result.work.counts.items():
+            text += f"; {queue} " + " ".join(f"{key}={value}" for key, value in counts.items())
+    if result.error:
+        text += f"; error: {result.error}"
     return text
 
 
-def log_cycle(
-    summary: dict[str, Any],
-    watermarks: dict[str, Any] | None = None,
-    parked: int | None = None,
-    corrections: int | None = None,
-) -> None:
+def log_cycle(result: CycleResult, standing: Standing | None = None) -> None:
     """Write a cycle's one summary line: INFO when it ran, ERROR when it failed, DEBUG when it skipped its turn."""
-    level = {"ok": logging.INFO, "error": logging.ERROR}.get(summary["result"], logging.DEBUG)
-    fields = cycle_fields(summary, watermarks, parked, corrections)
-    logging.getLogger("cycle").log(level, cycle_message(summary), extra=fields)
+    level = {"ok": logging.INFO, "error": logging.ERROR}.get(result.outcome, logging.DEBUG)
+    logging.getLogger("cycle").log(level, cycle_message(result), extra=cycle_fields(result, standing))

@@ -10,15 +10,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import get_args
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from domain import DATABASES, OUTCOMES, QUEUES
+from domain import DATABASES, OUTCOMES, QUEUES, CycleResult, Outcome, Standing
 
-RESULTS = ("ok", "error", "skipped")
+RESULTS = get_args(Outcome)
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
 CYCLES = Counter(
@@ -72,25 +72,24 @@ for _database in DATABASES:
     POOL_IN_USE.labels(database=_database)
 
 
-def observe_cycle(summary: dict[str, Any], parked: int | None = None, corrections: int | None = None) -> None:
-    """Count a finished cycle from its summary; `parked` and `corrections` are the counts read after it, if known."""
-    result = summary["result"]
-    CYCLES.labels(result=result).inc()
-    if result != "skipped" and "duration_ms" in summary:
-        DURATION.observe(summary["duration_ms"] / 1000)
-    for queue, counts in (summary.get("counts") or {}).items():
+def observe_cycle(result: CycleResult, standing: Standing | None = None) -> None:
+    """Count a finished cycle; `standing` is the state read after it, if known."""
+    CYCLES.labels(result=result.outcome).inc()
+    if result.outcome != "skipped":
+        DURATION.observe(result.duration_ms / 1000)
+    work = result.work
+    for queue, counts in (work.counts if work else {}).items():
         for outcome in OUTCOMES:
             if counts.get(outcome):
                 ENTRIES.labels(queue=queue, outcome=outcome).inc(counts[outcome])
-    if result == "ok":
+    if result.outcome == "ok" and work is not None:
         LAST_SUCCESS.set(time.time())
-        OLDEST_TRANSACTION.set(summary.get("oldest_transaction_s") or 0)
-        if not summary.get("stopped_early"):
+        OLDEST_TRANSACTION.set(work.oldest_transaction_s or 0)
+        if not work.stopped_early:
             LAG.set(0)
-    if parked is not None:
-        PARKED.set(parked)
-    if corrections is not None:
-        CORRECTIONS.set(corrections)
+    if standing is not None:
+        PARKED.set(standing.parked)
+        CORRECTIONS.set(standing.corrections)
 
 
 def observe_batch(last_read: datetime, applied: int) -> None:

@@ -33,7 +33,7 @@ LATEST_VERSION = available_migrations()[-1][0]
 def migrate(cur: psycopg2.extensions.cursor) -> list[int]:
     """Apply the missing migrations in one transaction, serialised across processes."""
     cur.execute(query("migration_lock"), {"key": MIGRATION_LOCK_KEY})
-    cur.execute(query("state_schema_present"))
+    cur.execute(query("schema_exists"))
     if not cur.fetchone()[0]:
         # Needs CREATE on the database; schema/grants.sql creates the schema instead, for least privilege.
         cur.execute(query("create_state_schema"))
@@ -53,7 +53,7 @@ def migrate(cur: psycopg2.extensions.cursor) -> list[int]:
 
 def schema_version(cur: psycopg2.extensions.cursor) -> int | None:
     """Return the newest applied migration, or None when the schema is not there."""
-    cur.execute(query("state_schema_exists"))
+    cur.execute(query("migration_ledger_exists"))
     if not cur.fetchone()[0]:
         return None
     cur.execute(query("applied_migrations"))

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
-from cycle import COUNT_KEYS
-from domain import TIER_KEYS
+from domain import COUNT_KEYS, TIER_KEYS, Mode, Outcome
 
 
 def _json(schema: str, description: str) -> dict[str, Any]:
@@ -60,10 +59,10 @@ _SUMMARY = {
     "type": "object",
     "required": ["result", "started_at"],
     "properties": {
-        "result": {"type": "string", "enum": ["ok", "error", "skipped"]},
+        "result": {"type": "string", "enum": list(get_args(Outcome))},
         "started_at": {"type": "string", "format": "date-time"},
         "duration_ms": {"type": "number"},
-        "mode": {"type": "string", "enum": ["exact", "lookback"]},
+        "mode": {"type": "string", "enum": list(get_args(Mode))},
         "horizon": {"type": "string", "format": "date-time"},
         "oldest_transaction_s": {"type": ["number", "null"]},
         "prepared_transactions": {"type": "integer"},

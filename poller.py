@@ -6,14 +6,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from domain import CycleResult
     from listener import Listener
 
 log = logging.getLogger(__name__)
 
-Summary = dict[str, Any]
 # How long stop() waits for the current batch; gunicorn's graceful_timeout must be longer.
 STOP_TIMEOUT = 10.0
 # The least time between the end of one cycle and the start of the next when woken early: a stream of
@@ -21,10 +21,14 @@ STOP_TIMEOUT = 10.0
 WAKE_MIN_GAP = 0.05
 
 
-class Heartbeat:
-    """When the poller last made progress, so liveness can tell a slow cycle from a stuck one."""
+class Progress:
+    """What a cycle and its poller share: when the cycle last made progress, and whether it should stop.
+
+    Liveness reads the first to tell a slow cycle from a stuck one; the cycle reads the second between batches.
+    """
 
     def __init__(self) -> None:
+        self.stopping = threading.Event()
         self._busy = False
         self._last = time.monotonic()
 
@@ -43,34 +47,36 @@ class Heartbeat:
 
 
 class Poller:
-    """Runs `cycle(lock_wait)` in a daemon thread; stop(), trigger() and wake() wake it at once."""
+    """Runs `cycle(lock_wait, progress)` in a daemon thread; stop(), trigger() and the wake event wake it at once.
+
+    The cycle owns its unexpected errors: it returns a result whatever happens.
+    """
 
     def __init__(
         self,
-        cycle: Callable[[float], Summary],
+        cycle: Callable[[float, Progress], CycleResult],
         interval: float,
         trigger_wait: float,
-        stopping: threading.Event,
-        heartbeat: Heartbeat,
+        wake: threading.Event,
+        listener: Listener | None = None,
     ) -> None:
         self._cycle = cycle
         self._interval = interval
         self._trigger_wait = trigger_wait
-        self._wake = threading.Event()
-        self._stopping = stopping
-        self.heartbeat = heartbeat
+        self._wake = wake  # set by wake() and by the listener, on a notification
+        self.listener = listener
+        self.progress = Progress()
         self._done = threading.Condition()
         self._requested = 0
         self._served = 0
         self._thread: threading.Thread | None = None
-        self.last_summary: Summary | None = None
-        self.listener: Listener | None = None
+        self.last_result: CycleResult | None = None
 
     def start(self) -> None:
         """Start the thread, and the listener if there is one; the first cycle runs at once."""
         if self.is_alive():
             return
-        self._stopping.clear()
+        self.progress.stopping.clear()
         if self.listener is not None:
             self.listener.start()
         self._thread = threading.Thread(target=self._loop, name="consistency-poller", daemon=True)
@@ -78,7 +84,7 @@ class Poller:
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Ask the thread to stop after its current batch and wait for it; safe from any thread, any time."""
-        self._stopping.set()
+        self.progress.stopping.set()
         self._wake.set()
         if self.listener is not None:
             self.listener.stop()
@@ -89,22 +95,22 @@ class Poller:
         """Tell whether the poller thread is running."""
         return self._thread is not None and self._thread.is_alive()
 
-    def run_once(self, lock_wait: float = 0.0) -> Summary:
-        """Run one cycle in the calling thread and remember its summary."""
-        self.heartbeat.set_busy(True)
+    def run_once(self, lock_wait: float = 0.0) -> CycleResult:
+        """Run one cycle in the calling thread and remember its result."""
+        self.progress.set_busy(True)
         try:
-            summary = self._cycle(lock_wait)
+            result = self._cycle(lock_wait, self.progress)
         finally:
-            self.heartbeat.set_busy(False)
-        self.last_summary = summary
-        return summary
+            self.progress.set_busy(False)
+        self.last_result = result
+        return result
 
     def wake(self) -> None:
         """Have the next cycle start now, or right after the running one; many calls before it make one cycle."""
         self._wake.set()
 
-    def trigger(self) -> Summary | None:
-        """Run a cycle now and return its summary, or None if it is still running after the wait."""
+    def trigger(self) -> CycleResult | None:
+        """Run a cycle now and return its result, or None if it is still running after the wait."""
         if not self.is_alive():
             return self.run_once(self._trigger_wait)
         with self._done:
@@ -114,27 +120,23 @@ class Poller:
         with self._done:
             # The cycle itself waits up to trigger_wait for its turn; allow a moment to report back.
             if self._done.wait_for(lambda: self._served >= ticket, self._trigger_wait + 1.0):
-                return self.last_summary
+                return self.last_result
         return None
 
     def _loop(self) -> None:
         """Run cycles until stopped, waiting the polling interval between them."""
         log.info("poller started: a cycle every %gs", self._interval)
-        while not self._stopping.is_set():
+        while not self.progress.stopping.is_set():
             with self._done:
                 ticket = self._requested
             wait = self._trigger_wait if ticket > self._served else 0.0
-            try:
-                self.run_once(wait)
-            except Exception:  # the thread must outlive any single failure
-                log.exception("unexpected error in the consistency cycle")
-                self.last_summary = {"result": "error", "error": "internal error; see the service log"}
+            self.run_once(wait)
             with self._done:
                 self._served = ticket
                 self._done.notify_all()
             ended = time.monotonic()
             if self._wake.wait(self._interval):
-                self._stopping.wait(max(0.0, WAKE_MIN_GAP - (time.monotonic() - ended)))
+                self.progress.stopping.wait(max(0.0, WAKE_MIN_GAP - (time.monotonic() - ended)))
             # A wake-up before this point is served by the cycle about to start, one after it by the next.
             self._wake.clear()
         log.info("poller stopped")

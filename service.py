@@ -1,11 +1,14 @@
-"""The running service: settings, both databases, the cycle runner and the poller, and what they report."""
+"""The running service: settings, both databases, the cycle runner, the stored state and the poller, and what
+they report."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -18,9 +21,10 @@ import tiers
 from config import Settings
 from cycle import CycleRunner
 from db import Database, DatabaseError
-from domain import PORTFOLIO_DB, QUEUE_DB
+from domain import PORTFOLIO_DB, QUEUE_DB, CycleResult, Standing
+from horizon import HorizonWatch
 from listener import Listener
-from poller import Heartbeat, Poller
+from poller import Poller, Progress
 from queries import query
 
 log = logging.getLogger(__name__)
@@ -28,24 +32,115 @@ log = logging.getLogger(__name__)
 EXTENSION = "consistency"  # the key of the service in app.extensions
 # How old the state served by the status endpoint may be; every cycle this process runs refreshes it.
 STATE_MAX_AGE = 1.0
+# What a caller is told of an unexpected error; the traceback goes to the log.
+INTERNAL_ERROR = "internal error; see the service log"
+
+
+class StateCache:
+    """The stored state served by the status endpoint, read again when older than STATE_MAX_AGE."""
+
+    def __init__(self, portfolio_db: Database, watch: HorizonWatch) -> None:
+        self._portfolio_db = portfolio_db
+        self._watch = watch  # this process's mode, which it may know before any cycle is stored
+        self._state: dict[str, Any] | None = None
+        self._read_at = 0.0
+        self._lock = threading.Lock()
+
+    def get(self) -> dict[str, Any]:
+        """Return the stored state as of at most STATE_MAX_AGE seconds ago, reading it again only when older.
+
+        One request at a time reads it; meanwhile the others get the kept state, if there is one, rather
+        than queue behind a read that may wait for a connect timeout.
+        """
+        kept = self._state
+        if kept is not None and time.monotonic() - self._read_at <= STATE_MAX_AGE:
+            return kept
+        if not self._lock.acquire(blocking=kept is None):
+            return kept  # type: ignore[return-value]
+        try:
+            if self._state is not None and time.monotonic() - self._read_at <= STATE_MAX_AGE:
+                return self._state  # read by the request this one waited for
+            return self.refresh()
+        finally:
+            self._lock.release()
+
+    def after_cycle(self) -> Standing:
+        """Read the state a cycle left, for every request after it, and return its standing."""
+        with self._lock:
+            state = self.refresh()
+        return Standing(state["watermarks"], state["parked_entries"], state["corrections"])
+
+    def forget(self) -> None:
+        """Have the next status request read the state again."""
+        with self._lock:
+            self._state = None
+
+    def refresh(self) -> dict[str, Any]:
+        """Read the stored state in one transaction and keep it."""
+        with self._portfolio_db.transaction() as cur:
+            current = tiers.load(cur)
+            cur.execute(query("select_watermarks"))
+            watermarks = {
+                queue: {"updated_at": ts.isoformat(), "queue_id": queue_id, "moved_at": moved.isoformat()}
+                for queue, ts, queue_id, moved in cur.fetchall()
+            }
+            cur.execute(query("count_parked_and_corrections"))
+            parked, corrections = cur.fetchone()
+            cur.execute(query("select_last_cycle"))
+            row = cur.fetchone()
+        self._state = {
+            "tiers": tiers.tiers_json(current),
+            "watermarks": watermarks,
+            "mode": self._watch.mode or (row[0].get("mode") if row else None),
+            "parked_entries": parked,
+            "corrections": corrections,
+            "last_cycle": row[0] if row else None,
+        }
+        self._read_at = time.monotonic()
+        return self._state
+
+
+def run_and_report(runner: CycleRunner, cache: StateCache, lock_wait: float, progress: Progress) -> CycleResult:
+    """Run one cycle, read the state it left, and write its summary line and metrics: whatever happens.
+
+    The one place that owns unexpected errors of a cycle: they are logged with their traceback and
+    reported as a failed cycle, and the poller goes on.
+    """
+    started, clock = datetime.now(UTC), time.monotonic()
+    try:
+        result = runner.run(lock_wait, progress)
+    except Exception:
+        log.exception("unexpected error in the consistency cycle")
+        result = CycleResult.finish(started, clock, "error", error=INTERNAL_ERROR)
+        report(result)
+        return result
+    standing = None
+    try:
+        standing = cache.after_cycle()
+    except Exception:  # the summary line and the metrics still tell of the cycle
+        log.exception("could not read the state after a cycle")
+    report(result, standing if result.outcome == "ok" else None)
+    return result
 
 
 @dataclass
 class Service:
-    """Everything one process of the service holds."""
+    """Everything one process of the service holds, and what the HTTP layer asks of it."""
 
     settings: Settings
     queue_db: Database
     portfolio_db: Database
     runner: CycleRunner
-    poller: Poller = field(init=False)
-    _state: dict[str, Any] | None = field(default=None, init=False)
-    _state_read_at: float = field(default=0.0, init=False)
-    _state_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    cache: StateCache
+    poller: Poller
+
+    def start(self) -> None:
+        """Start the poller (and the listener); the first cycle runs at once."""
+        self.poller.start()
 
     def liveness(self) -> dict[str, Any]:
         """Tell whether the poller thread runs and, inside a cycle, has made progress recently."""
-        stalled = self.poller.heartbeat.stalled_for()
+        stalled = self.poller.progress.stalled_for()
         if not self.poller.is_alive():
             return {"status": "failing", "poller": "stopped"}
         if stalled > self.settings.liveness_timeout:
@@ -74,82 +169,25 @@ class Service:
 
     def status(self) -> dict[str, Any]:
         """Describe tier values, watermarks, mode, parked count and the last cycle, from the kept snapshot."""
+        listener, last = self.poller.listener, self.poller.last_result
         return {
-            **self.state(),
+            **self.cache.get(),
             "polling_interval": self.settings.polling_interval,
             "this_process": {
                 "poller_alive": self.poller.is_alive(),
-                "listening": self._listening(),
-                "last_attempt": self.poller.last_summary,
+                # None when LISTEN_NOTIFY is off.
+                "listening": None if listener is None else listener.listening.is_set(),
+                "last_attempt": None if last is None else last.to_json(),
             },
         }
 
-    def _listening(self) -> bool | None:
-        """Tell whether this process listens to queue-db notifications now; None when LISTEN_NOTIFY is off."""
-        listener = self.poller.listener
-        return None if listener is None else listener.listening.is_set()
+    def trigger(self) -> CycleResult | None:
+        """Run a cycle now and return its result, or None if it is still running after TRIGGER_WAIT."""
+        return self.poller.trigger()
 
-    def state(self) -> dict[str, Any]:
-        """Return the stored state as of at most STATE_MAX_AGE seconds ago, reading it again only when older.
-
-        One request at a time reads it; meanwhile the others get the kept state, if there is one, rather
-        than queue behind a read that may wait for a connect timeout.
-        """
-        kept = self._state
-        if kept is not None and time.monotonic() - self._state_read_at <= STATE_MAX_AGE:
-            return kept
-        if not self._state_lock.acquire(blocking=kept is None):
-            return kept  # type: ignore[return-value]
-        try:
-            if self._state is not None and time.monotonic() - self._state_read_at <= STATE_MAX_AGE:
-                return self._state  # read by the request this one waited for
-            return self.refresh_state()
-        finally:
-            self._state_lock.release()
-
-    def refresh_state(self) -> dict[str, Any]:
-        """Read the stored state in one transaction and keep it for status requests."""
-        with self.portfolio_db.transaction() as cur:
-            current = tiers.load(cur)
-            cur.execute(query("select_watermarks"))
-            watermarks = {
-                queue: {"updated_at": ts.isoformat(), "queue_id": queue_id, "moved_at": moved.isoformat()}
-                for queue, ts, queue_id, moved in cur.fetchall()
-            }
-            cur.execute(query("count_parked_and_corrections"))
-            parked, corrections = cur.fetchone()
-            cur.execute(query("select_last_cycle"))
-            row = cur.fetchone()
-        self._state = {
-            "tiers": tiers.tiers_json(current),
-            "watermarks": watermarks,
-            "mode": self.runner.mode or (row[0].get("mode") if row else None),
-            "parked_entries": parked,
-            "corrections": corrections,
-            "last_cycle": row[0] if row else None,
-        }
-        self._state_read_at = time.monotonic()
-        return self._state
-
-    def run_cycle(self, lock_wait: float) -> dict[str, Any]:
-        """Run one cycle, then read the state it left, write its summary line and count it in the metrics."""
-        try:
-            summary = self.runner.run(lock_wait)
-        except Exception:
-            report({"result": "error", "error": "internal error; see the service log"})
-            raise
-        try:
-            with self._state_lock:
-                state = self.refresh_state()
-        except Exception:  # the summary line and the metrics still tell of the cycle
-            log.exception("could not read the state after a cycle")
-            report(summary)
-            return summary
-        if summary["result"] == "ok":
-            report(summary, state["watermarks"], state["parked_entries"], state["corrections"])
-        else:
-            report(summary)
-        return summary
+    def metrics(self) -> bytes:
+        """Return the Prometheus metrics of every process of this service instance."""
+        return metrics.exposition(self.settings.metrics_dir)
 
     def corrections(self, limit: int) -> dict[str, Any]:
         """List the applied entries the queue has changed since, newest first."""
@@ -173,8 +211,7 @@ class Service:
         """Store new tier values, all or nothing, and describe the result."""
         with self.portfolio_db.transaction() as cur:
             updated = tiers.update(cur, changes)
-        with self._state_lock:
-            self._state = None  # the next status request reads the new values
+        self.cache.forget()  # the next status request reads the new values
         return tiers.tiers_json(updated)
 
     def close(self) -> None:
@@ -193,15 +230,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def report(
-    summary: dict[str, Any],
-    watermarks: dict[str, Any] | None = None,
-    parked: int | None = None,
-    corrections: int | None = None,
-) -> None:
+def report(result: CycleResult, standing: Standing | None = None) -> None:
     """Write a cycle's summary line and count it in the metrics."""
-    logs.log_cycle(summary, watermarks, parked, corrections)
-    metrics.observe_cycle(summary, parked, corrections)
+    logs.log_cycle(result, standing)
+    metrics.observe_cycle(result, standing)
 
 
 def service_of(flask_app: Flask) -> Service:
@@ -210,14 +242,14 @@ def service_of(flask_app: Flask) -> Service:
 
 
 def build_service(settings: Settings) -> Service:
-    """Wire the databases, the cycle runner and the poller together; nothing connects yet."""
+    """Wire the databases, the cycle runner, the state and the poller together, one way; nothing connects yet."""
     # queue-db keeps its own TimeZone: a queue column without a time zone is read as its writers wrote it.
     queue_db = Database(QUEUE_DB, settings.queue_db_uri, settings, metrics.pool_tracker(QUEUE_DB), utc=False)
     portfolio_db = Database(PORTFOLIO_DB, settings.portfolio_db_uri, settings, metrics.pool_tracker(PORTFOLIO_DB))
-    stopping, heartbeat = threading.Event(), Heartbeat()
-    runner = CycleRunner(settings, queue_db, portfolio_db, stopping, heartbeat)
-    service = Service(settings, queue_db, portfolio_db, runner)
-    service.poller = Poller(service.run_cycle, settings.polling_interval, settings.trigger_wait, stopping, heartbeat)
-    if settings.listen_notify:
-        service.poller.listener = Listener(queue_db, service.poller.wake)
-    return service
+    runner = CycleRunner(settings, queue_db, portfolio_db)
+    cache = StateCache(portfolio_db, runner.watch)
+    wake = threading.Event()
+    listener = Listener(queue_db, wake.set) if settings.listen_notify else None
+    cycle = functools.partial(run_and_report, runner, cache)
+    poller = Poller(cycle, settings.polling_interval, settings.trigger_wait, wake, listener)
+    return Service(settings, queue_db, portfolio_db, runner, cache, poller)

@@ -44,7 +44,7 @@ def idle_cycle_ms(server: str, rows: int, cycles: int = 20) -> tuple[float, floa
         times = []
         for _ in range(cycles):
             started = time.perf_counter()
-            summary = svc.poller.run_once()
+            summary = svc.poller.run_once().to_json()
             times.append((time.perf_counter() - started) * 1000)
             if summary["result"] != "ok" or any(c["read"] for c in summary["counts"].values()):
                 raise RuntimeError(f"an idle cycle found work: {summary}")

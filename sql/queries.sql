@@ -1,6 +1,6 @@
 -- Every statement the service runs, each under a name with a one-line description.
 -- Values always go in as %(name)s parameters. {table} is filled only from a fixed list of queue
--- tables (see apply.QUEUES), never from input.
+-- tables (domain.QUEUES), never from input.
 
 -- ping: check that a database answers
 SELECT 1;
@@ -77,7 +77,7 @@ SELECT EXISTS (
 -- migration_lock: serialise migrations across processes until the transaction ends
 SELECT pg_advisory_xact_lock(%(key)s);
 
--- state_schema_present: whether the service's own schema exists (an operator may create it beforehand)
+-- schema_exists: whether the service's own schema exists (an operator may create it beforehand)
 SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'consistency');
 
 -- create_state_schema: the service's own schema
@@ -90,7 +90,7 @@ CREATE TABLE IF NOT EXISTS consistency.schema_migrations (
     applied_at TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP
 );
 
--- state_schema_exists: whether the migration ledger exists yet
+-- migration_ledger_exists: whether the migration ledger exists yet
 SELECT to_regclass('consistency.schema_migrations') IS NOT NULL;
 
 -- applied_migrations: the versions already applied
@@ -128,12 +128,6 @@ WITH old AS (
 INSERT INTO consistency.tier_value_history (tier, old_pool, new_pool, old_market, new_market)
 SELECT tier, old_pool, pool, old_market, market FROM changed;
 
--- select_tier_history: the most recent tier value changes
-SELECT tier, old_pool, new_pool, old_market, new_market, changed_at
-  FROM consistency.tier_value_history
- ORDER BY id DESC
- LIMIT %(limit)s;
-
 -- try_cycle_lock: take the cycle turn for this session if no other session holds it
 SELECT pg_try_advisory_lock(%(key)s);
 
@@ -154,13 +148,22 @@ UPDATE consistency.watermarks
  WHERE queue = %(queue)s
    AND (updated_at, queue_id) < (%(ts)s::timestamptz, %(id)s::integer);
 
--- savepoint: mark a point to return to if one entry is rejected
+-- savepoint_batch: mark a point to return to if the database rejects a batch applied set-based
+SAVEPOINT batch;
+
+-- rollback_to_batch: undo the rejected batch, keeping what the transaction did before it
+ROLLBACK TO SAVEPOINT batch;
+
+-- release_batch: keep the batch's work
+RELEASE SAVEPOINT batch;
+
+-- savepoint_entry: mark a point to return to if one entry is rejected
 SAVEPOINT entry;
 
--- rollback_to_savepoint: undo the rejected entry only
+-- rollback_to_entry: undo the rejected entry only
 ROLLBACK TO SAVEPOINT entry;
 
--- release_savepoint: keep the entry's work
+-- release_entry: keep the entry's work
 RELEASE SAVEPOINT entry;
 
 -- create_batch_table: the session's table of entries to apply, emptied at every commit
@@ -208,7 +211,7 @@ SELECT e.queue_id
    AND NOT EXISTS (SELECT 1 FROM consistency.parked_entries p
                     WHERE p.queue = %(queue)s AND p.queue_id = e.queue_id);
 
--- unpark_entries: forget parked entries whose queue rows are open again; they are read again when they settle
+-- release_reopened: release parked entries whose queue rows are open again; the cycle reads them again when they settle
 DELETE FROM consistency.parked_entries WHERE queue = %(queue)s AND queue_id = ANY(%(queue_ids)s::integer[]);
 
 -- select_parked_batch: the next parked entries of a queue after a position, for a retry

@@ -119,7 +119,7 @@ def test_while_one_request_reads_the_state_the_others_get_the_kept_one(app, clie
     kept = client.get("/api/v1/consistency/status").get_json()
     mocker.patch.object(service, "STATE_MAX_AGE", 0.0)
     reading, release, finished = threading.Event(), threading.Event(), threading.Event()
-    read_state = svc.refresh_state
+    read_state = svc.cache.refresh
 
     def slow_read() -> dict:
         reading.set()
@@ -129,7 +129,7 @@ def test_while_one_request_reads_the_state_the_others_get_the_kept_one(app, clie
         finally:
             finished.set()
 
-    mocker.patch.object(svc, "refresh_state", side_effect=slow_read)
+    mocker.patch.object(svc.cache, "refresh", side_effect=slow_read)
     slow = threading.Thread(target=lambda: client.get("/api/v1/consistency/status"))
     slow.start()
     try:

@@ -9,7 +9,9 @@ from decimal import Decimal
 import psycopg2
 import pytest
 
-from cycle import read_horizon
+from domain import CycleWork
+from horizon import read_horizon
+from poller import Progress
 from tests.world import World, expected
 
 ACCOUNT = "1000000001"
@@ -26,7 +28,7 @@ def test_completed_investment_scales_values_by_one_plus_delta(svc, world: World)
     world.set_tiers(TIER1_MV="1100000", TIER2_MV="1900000", TIER3_MV="500000")
     request = world.request("investment", ACCOUNT)
 
-    summary = svc.runner.run()
+    summary = svc.runner.run().to_json()
 
     assert counts(summary, "investment")["COMPLETED"] == 1
     got = world.amounts(ACCOUNT)
@@ -44,7 +46,7 @@ def test_completed_withdrawal_scales_allocations_by_one_minus_delta(svc, world: 
     world.set_tiers(TIER1_MV="1100000", TIER2_MV="1900000")
     request = world.request("withdrawal", ACCOUNT)
 
-    counts(svc.runner.run(), "withdrawal")
+    counts(svc.runner.run().to_json(), "withdrawal")
 
     got = world.amounts(ACCOUNT)
     assert got["tier1_allocation"] == expected("100.00", ("900000", "1000000")) == Decimal("90.00")
@@ -63,7 +65,7 @@ def test_failed_and_cancelled_entries_mirror_their_status_and_move_no_money(svc,
     invest = world.request("investment", ACCOUNT, status)
     withdraw = world.request("withdrawal", ACCOUNT, status)
 
-    summary = svc.runner.run()
+    summary = svc.runner.run().to_json()
 
     assert counts(summary, "investment")[status] == 1
     assert world.amounts(ACCOUNT) == before
@@ -139,7 +141,7 @@ def test_a_backlog_larger_than_a_batch_matches_one_at_a_time(make_service, world
     for n in range(17):
         world.request("investment", accounts[n % 3])
 
-    summary = svc.runner.run()
+    summary = svc.runner.run().to_json()
 
     assert counts(summary, "investment") == {
         "read": 17,
@@ -168,7 +170,7 @@ def test_rereading_everything_applies_nothing_twice(svc, world: World) -> None:
     # Forget how far the queues were read: the next cycle re-reads every entry.
     world.p("UPDATE consistency.watermarks SET updated_at = '1970-01-01Z', queue_id = 0")
 
-    summary = svc.runner.run()
+    summary = svc.runner.run().to_json()
 
     assert counts(summary, "investment")["read"] == 5
     assert counts(summary, "investment")["COMPLETED"] == 0
@@ -189,13 +191,13 @@ def test_two_appliers_at_once_apply_each_entry_once_even_without_the_lock(make_s
     for n in range(40):
         world.request("investment", accounts[n % 4])
     start = threading.Barrier(2)
-    results: list[dict] = []
+    results: list[CycleWork] = []
 
     def race(runner) -> None:
         # Bypass the cycle lock on purpose: correctness must not depend on it.
         with runner.portfolio_db.connection() as pconn, runner.queue_db.connection(autocommit=True) as qconn:
             start.wait()
-            results.append(runner._cycle(pconn, qconn))
+            results.append(runner._cycle(pconn, qconn, Progress()))
 
     threads = [threading.Thread(target=race, args=(r,)) for r in runners]
     for t in threads:
@@ -203,7 +205,7 @@ def test_two_appliers_at_once_apply_each_entry_once_even_without_the_lock(make_s
     for t in threads:
         t.join()
 
-    applied = sum(r["counts"]["investment"]["COMPLETED"] for r in results)
+    applied = sum(r.counts["investment"]["COMPLETED"] for r in results)
     assert applied == 40
     assert world.applied() == 40
     for account in accounts:
@@ -217,11 +219,11 @@ def test_with_the_lock_held_elsewhere_a_cycle_skips_its_turn(svc, world: World) 
     request = world.request("investment", ACCOUNT)
     world.p("SELECT pg_advisory_lock(%s)", (CYCLE_LOCK_KEY,))
 
-    assert svc.runner.run(lock_wait=0.3)["result"] == "skipped"
+    assert svc.runner.run(lock_wait=0.3).to_json()["result"] == "skipped"
     assert world.txn_status(request.uuid) == "PENDING"
 
     world.p("SELECT pg_advisory_unlock(%s)", (CYCLE_LOCK_KEY,))
-    assert svc.runner.run()["result"] == "ok"
+    assert svc.runner.run().to_json()["result"] == "ok"
     assert world.txn_status(request.uuid) == "PROCESSED"
 
 
@@ -240,7 +242,7 @@ def test_a_restart_resumes_from_the_stored_watermark(make_service, world: World)
     world.request("investment", ACCOUNT)
 
     second = make_service()
-    summary = second.runner.run()
+    summary = second.runner.run().to_json()
 
     assert counts(summary, "investment")["COMPLETED"] == 2
     assert world.amounts(ACCOUNT)["tier1_value"] == expected("1000.00", *[("1100000", "1000000")] * 3)
@@ -257,7 +259,7 @@ def test_the_watermark_never_passes_an_open_writer_transaction(svc, world: World
         prompt = []
         for _ in range(3):
             prompt.append(world.request("investment", ACCOUNT))
-            summary = svc.runner.run()
+            summary = svc.runner.run().to_json()
             assert summary["mode"] == "exact"
             assert counts(summary, "investment")["COMPLETED"] == 1
             watermark = world.p("SELECT updated_at FROM consistency.watermarks WHERE queue = 'investment'")[0][0]
@@ -267,7 +269,7 @@ def test_the_watermark_never_passes_an_open_writer_transaction(svc, world: World
     finally:
         writer.commit()
 
-    summary = svc.runner.run()
+    summary = svc.runner.run().to_json()
 
     assert counts(summary, "investment")["COMPLETED"] == 1
     assert world.txn_status(late.uuid) == "PROCESSED"
@@ -306,41 +308,41 @@ def test_horizon_is_the_oldest_open_transaction_less_a_margin(svc, dbs) -> None:
 def test_an_old_open_queue_transaction_is_reported_each_cycle_and_warned_about_once(svc, dbs, caplog, mocker) -> None:
     import logging
 
-    import cycle
+    import horizon
 
-    caplog.set_level(logging.INFO, logger="cycle")
-    mocker.patch.object(cycle, "HELD_WARNING_SECONDS", -1.0)  # any open transaction counts as old here
-    before = svc.runner.run()
+    caplog.set_level(logging.INFO, logger="horizon")
+    mocker.patch.object(horizon, "HELD_WARNING_SECONDS", -1.0)  # any open transaction counts as old here
+    before = svc.runner.run().to_json()
     writer = psycopg2.connect(dbs[0])
     with writer.cursor() as cur:
         cur.execute("SELECT 1")  # from here on, idle in transaction
     try:
-        held = [svc.runner.run(), svc.runner.run()]
+        held = [svc.runner.run().to_json(), svc.runner.run().to_json()]
     finally:
         writer.rollback()
         writer.close()
-    after = svc.runner.run()
+    after = svc.runner.run().to_json()
 
     assert before["oldest_transaction_s"] is None
     assert all(summary["oldest_transaction_s"] >= 0 for summary in held)
     assert after["oldest_transaction_s"] is None
-    messages = [r.getMessage() for r in caplog.records if r.name == "cycle"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "horizon"]
     warned = [m for m in messages if m.startswith("a queue-db transaction has been open for")]
     assert len(warned) == 1
     assert messages.count("no queue-db transaction holds the watermarks back any longer") == 1
 
 
 def test_the_backlog_is_read_in_bounded_batches(make_service, world: World, mocker) -> None:
-    import cycle
+    import queue_pass
 
     svc = make_service(batch_size=5)
     svc.runner.prepare()
     world.portfolio_for(ACCOUNT)
     for _ in range(23):
         world.request("withdrawal", ACCOUNT, "CANCELLED")
-    reads = mocker.spy(cycle, "copy_batch")
+    reads = mocker.spy(queue_pass, "copy_batch")
 
-    summary = svc.runner.run()
+    summary = svc.runner.run().to_json()
 
     calls = zip(reads.call_args_list, reads.spy_return_list, strict=True)
     batch_reads = [(call.args[3], data.count(b"\n")) for call, data in calls if call.args[1].name == "withdrawal"]

@@ -88,7 +88,7 @@ def test_every_connection_carries_the_configured_timeouts(settings) -> None:
 
 
 def test_the_portfolio_lock_lets_other_services_insert_transactions(settings, world: World) -> None:
-    from apply import apply_entries
+    from apply import apply_each_entry
     from domain import INVESTMENT
     from tiers import load
 
@@ -99,7 +99,7 @@ def test_the_portfolio_lock_lets_other_services_insert_transactions(settings, wo
     try:
         with db.transaction() as cur:
             factors = [t.invest_factor for t in load(cur)]
-            assert apply_entries(cur, INVESTMENT, [Entry(*entry)], factors) == {"COMPLETED": 1}
+            assert apply_each_entry(cur, INVESTMENT, [Entry(*entry)], factors) == {"COMPLETED": 1}
             # The portfolio service's foreign-key insert must not wait for the cycle's row lock.
             world.p("SET lock_timeout = '1s'")
             world.transaction_for("investment", "1000000001")
@@ -117,7 +117,7 @@ def pooled_pids(db: Database) -> list[int]:
 def test_a_lost_connection_is_named_by_its_own_database_and_only_it_is_discarded(
     svc, world: World, caplog, failing
 ) -> None:
-    assert svc.runner.run()["result"] == "ok"
+    assert svc.runner.run().to_json()["result"] == "ok"
     dbs = {"queue-db": svc.queue_db, "user-portfolio-db": svc.portfolio_db}
     healthy = next(db for name, db in dbs.items() if name != failing)
     kept = pooled_pids(healthy)
@@ -125,7 +125,7 @@ def test_a_lost_connection_is_named_by_its_own_database_and_only_it_is_discarded
         world.p("SELECT pg_terminate_backend(%s, 5000)", (pid,))
 
     with caplog.at_level(logging.ERROR, logger="cycle"):
-        summary = svc.poller.run_once()
+        summary = svc.poller.run_once().to_json()
 
     assert summary["result"] == "error"
     assert summary["error"].startswith(f"{failing}: ")
@@ -134,7 +134,7 @@ def test_a_lost_connection_is_named_by_its_own_database_and_only_it_is_discarded
         f"consistency cycle failed in {summary['duration_ms']:g} ms; error: {summary['error']}"
     ]
     assert pooled_pids(healthy) == kept  # the healthy database's connections stay in the pool
-    assert svc.runner.run()["result"] == "ok"
+    assert svc.runner.run().to_json()["result"] == "ok"
 
 
 def test_a_lock_timeout_on_user_portfolio_db_is_named_so(make_service, world: World) -> None:
@@ -145,7 +145,7 @@ def test_a_lock_timeout_on_user_portfolio_db_is_named_so(make_service, world: Wo
     with world.portfolio.cursor() as cur:
         cur.execute("BEGIN")
         cur.execute("SELECT 1 FROM user_portfolios WHERE accountid = '1000000001' FOR UPDATE")
-        summary = svc.runner.run()
+        summary = svc.runner.run().to_json()
         kept = pooled_pids(svc.queue_db)
         cur.execute("ROLLBACK")
 

@@ -81,7 +81,7 @@ def test_a_prepared_transaction_holds_the_watermark_until_it_commits(make_stage,
         time.sleep(PAST_MARGIN)
 
         with caplog.at_level(logging.WARNING, logger="cycle"):
-            held = svc.runner.run()
+            held = svc.runner.run().to_json()
         early_status = world.txn_status(early.uuid)
         with writer.cursor() as cur:
             cur.execute("COMMIT PREPARED 'cm-late'")
@@ -114,10 +114,10 @@ def test_a_session_that_hides_its_start_turns_the_cycle_to_the_look_back_rule(ma
     time.sleep(PAST_MARGIN)  # past the look-back window too: only a sweep can find the late commit
 
     with caplog.at_level(logging.WARNING, logger="cycle"):
-        hidden = svc.runner.run()
+        hidden = svc.runner.run().to_json()
     writer.commit()
     writer.close()
-    back = svc.runner.run()
+    back = svc.runner.run().to_json()
 
     assert world.txn_status(late.uuid) == world.txn_status(early.uuid) == "PROCESSED"
     assert (hidden["mode"], hidden["untracked_sessions"]) == ("lookback", 1)
@@ -140,7 +140,7 @@ def test_a_queue_column_without_time_zone_is_read_in_queue_dbs_time_zone(make_st
     svc.runner.run()
     time.sleep(PAST_MARGIN)
     svc.runner.run()
-    idle = svc.runner.run()
+    idle = svc.runner.run().to_json()
 
     assert world.txn_status(early.uuid) == world.txn_status(late.uuid) == "PROCESSED"
     assert idle["counts"]["investment"]["read"] == 0  # nothing read again, hours later or earlier

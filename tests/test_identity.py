@@ -11,7 +11,7 @@ import psycopg2
 import psycopg2.errors
 import pytest
 
-from apply import apply_entries
+from apply import apply_each_entry
 from domain import INVESTMENT, Entry
 from tests.world import Request, World, expected
 
@@ -50,7 +50,7 @@ def test_a_second_spelling_of_one_transaction_moves_no_money(svc, rising: World,
     after_first = rising.amounts(ACCOUNT)
     second = rising.finish(rising.enqueue(queue, ACCOUNT, respell(first.uuid), txn=False))
 
-    summary = svc.runner.run()
+    summary = svc.runner.run().to_json()
 
     assert rising.amounts(ACCOUNT) == after_first != before
     assert summary["counts"][queue]["parked"] == 1
@@ -90,7 +90,7 @@ def test_two_spellings_in_one_batch_apply_the_first_only(svc, rising: World) -> 
         (completed.queue_id, completed.queue_id, failed.queue_id),
     )
 
-    summary = svc.runner.run()
+    summary = svc.runner.run().to_json()
 
     assert summary["counts"]["investment"]["read"] == 2
     assert (summary["counts"]["investment"]["COMPLETED"], summary["counts"]["investment"]["parked"]) == (1, 1)
@@ -118,13 +118,13 @@ def test_the_database_refuses_a_second_claim_of_one_transaction_from_another_pro
     factors = (Fraction(11, 10), Fraction(1), Fraction(1))
     holder = psycopg2.connect(settings.portfolio_db_uri)
     with holder.cursor() as cur:
-        apply_entries(cur, INVESTMENT, entries[:1], factors)  # claimed, not committed yet
+        apply_each_entry(cur, INVESTMENT, entries[:1], factors)  # claimed, not committed yet
     outcome: dict[str, object] = {}
 
     def other_process() -> None:
         conn = psycopg2.connect(settings.portfolio_db_uri)
         with conn, conn.cursor() as cur:
-            outcome.update(apply_entries(cur, INVESTMENT, entries[1:], factors))
+            outcome.update(apply_each_entry(cur, INVESTMENT, entries[1:], factors))
         conn.close()
 
     racer = threading.Thread(target=other_process)
@@ -151,12 +151,12 @@ def test_a_correction_of_a_settled_entry_is_kept_shown_and_never_applied(
 
     svc = service_of(app)
     request = rising.request("investment", ACCOUNT, applied)
-    svc.run_cycle(0)
+    svc.poller.run_once(0)
     settled = rising.amounts(ACCOUNT)
     rising.finish(request, corrected)
 
     with caplog.at_level(logging.WARNING, logger="apply"):
-        summary = svc.run_cycle(0)
+        summary = svc.poller.run_once(0).to_json()
 
     assert summary["counts"]["investment"]["corrected"] == 1
     assert rising.amounts(ACCOUNT) == settled  # no second application, no reversal
@@ -186,8 +186,8 @@ def test_a_correction_is_noticed_once_and_ends_when_the_queue_agrees_again(svc, 
     holder.cursor().execute("SELECT 1")
     rising.finish(request, "FAILED")
     with caplog.at_level(logging.WARNING, logger="apply"):
-        first = svc.runner.run()
-        again = svc.runner.run()
+        first = svc.runner.run().to_json()
+        again = svc.runner.run().to_json()
     holder.close()
     assert again["counts"]["investment"]["read"] == 1
     noticed = [r for r in caplog.records if r.name == "apply"]
@@ -208,7 +208,7 @@ def test_an_unknown_status_is_parked_with_it_shown_and_applied_once_when_fixed(s
     rising.q("ALTER TABLE investment_queue ALTER COLUMN status DROP NOT NULL")
     request = rising.finish(rising.enqueue("investment", ACCOUNT), status)
 
-    summary = svc.runner.run()
+    summary = svc.runner.run().to_json()
 
     shown = "NULL" if status is None else "'" + status + "'"
     assert summary["counts"]["investment"]["parked"] == 1
@@ -282,7 +282,7 @@ def test_corrections_found_entry_by_entry_are_each_named_once(svc, rising: World
     rising.p("ALTER TABLE user_portfolios ADD CONSTRAINT tier1_cap CHECK (tier1_value < 1300)")
 
     with caplog.at_level(logging.WARNING, logger="apply"):
-        summary = svc.runner.run()
+        summary = svc.runner.run().to_json()
     holder.close()
 
     named = sorted(r.queue_id for r in caplog.records if r.name == "apply")

@@ -7,6 +7,7 @@ import select
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import psycopg2
 import psycopg2.extensions
@@ -14,8 +15,9 @@ import pytest
 
 import listener
 from db import Database
+from domain import CycleResult
 from listener import LISTENER_NAME, Listener
-from poller import WAKE_MIN_GAP, Heartbeat, Poller
+from poller import WAKE_MIN_GAP, Poller, Progress
 from service import Service
 from tests import pgtest
 from tests.faults.harness import wait_until
@@ -35,7 +37,7 @@ def notifying(dbs: tuple[str, str]) -> None:
 
 def idle(svc: Service) -> bool:
     """Tell whether the service's poller is between cycles."""
-    return svc.poller.heartbeat.stalled_for() == 0.0
+    return svc.poller.progress.stalled_for() == 0.0
 
 
 def started(make_service: Callable[..., Service], **overrides: object) -> Service:
@@ -43,7 +45,7 @@ def started(make_service: Callable[..., Service], **overrides: object) -> Servic
     svc = make_service(polling_interval=60.0, **overrides)
     svc.runner.prepare()
     svc.poller.start()
-    wait_until(lambda: svc.poller.last_summary is not None, 10, "the start-up cycle", interval=0.02)
+    wait_until(lambda: svc.poller.last_result is not None, 10, "the start-up cycle", interval=0.02)
     if svc.poller.listener is not None:
         wait_until(svc.poller.listener.listening.is_set, 10, "the listener", interval=0.02)
     # LISTEN wakes the poller once; let that cycle pass, so that what follows is the test's own doing.
@@ -128,7 +130,7 @@ def test_without_notifications_a_settled_entry_waits_for_the_next_poll(
     assert world.txn_status(request.uuid) == "PENDING"
     assert (svc.poller.listener is not None) == listen
     assert len(listener_pids(world)) == int(listen)
-    assert svc.poller.trigger()["result"] == "ok"  # what the interval would have done
+    assert svc.poller.trigger().to_json()["result"] == "ok"  # what the interval would have done
     assert world.txn_status(request.uuid) == "PROCESSED"
 
 
@@ -178,20 +180,25 @@ def test_a_listener_that_cannot_connect_warns_once_and_never_shows_the_password(
     assert "never-shown" not in caplog.text
 
 
-def fake_poller(cycle: Callable[[float], dict]) -> Poller:
+def fake_poller(cycle: Callable[[float, Progress], object]) -> Poller:
     """A poller around a stand-in cycle, polling every minute."""
-    return Poller(cycle, 60.0, 1.0, threading.Event(), Heartbeat())
+    return Poller(cycle, 60.0, 1.0, threading.Event())  # type: ignore[arg-type]
+
+
+def done() -> CycleResult:
+    """The result a stand-in cycle returns."""
+    return CycleResult(datetime.now(UTC), "ok", 0.0)
 
 
 def test_wake_ups_during_a_cycle_make_exactly_one_more_cycle_right_after() -> None:
     starts: list[float] = []
     release = threading.Event()
 
-    def cycle(lock_wait: float) -> dict:
+    def cycle(lock_wait: float, progress: Progress) -> CycleResult:
         starts.append(time.monotonic())
         if len(starts) == 1:
             release.wait(5)
-        return {"result": "ok"}
+        return done()
 
     poller = fake_poller(cycle)
     poller.start()
@@ -208,7 +215,7 @@ def test_wake_ups_during_a_cycle_make_exactly_one_more_cycle_right_after() -> No
 
 def test_a_stream_of_wake_ups_is_paced_not_a_storm() -> None:
     starts: list[float] = []
-    poller = fake_poller(lambda lock_wait: starts.append(time.monotonic()) or {"result": "ok"})
+    poller = fake_poller(lambda lock_wait, progress: starts.append(time.monotonic()) or done())
     poller.start()
     try:
         end = time.monotonic() + 1.0

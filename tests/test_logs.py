@@ -62,7 +62,7 @@ def test_each_cycle_writes_exactly_one_summary_line_with_its_fields(app, world: 
     world.request("withdrawal", ACCOUNT, "FAILED")
     poller = service_of(app).poller
 
-    summary = poller.run_once()
+    summary = poller.run_once().to_json()
     lines = json_lines(output())
     poller.run_once()
     again = json_lines(output())
@@ -105,11 +105,11 @@ def test_no_password_of_a_database_uri_appears_in_the_log(make_app, dbs: tuple[s
     logs.configure("DEBUG", "json")
     world.portfolio_for(ACCOUNT)
     world.request("investment", ACCOUNT)
-    ok = service_of(app).poller.run_once()
+    ok = service_of(app).poller.run_once().to_json()
     unreachable = f"postgresql://postgres:{PASSWORD}@127.0.0.1:1/queue-db"
     broken = make_app(queue_db_uri=unreachable, portfolio_db_uri=with_password[1], db_connect_timeout=1)
     logs.configure("DEBUG", "json")
-    failed = service_of(broken).poller.run_once()
+    failed = service_of(broken).poller.run_once().to_json()
     logging.getLogger("careless").info("connecting to %s", unreachable)  # a URI logged by mistake is masked
 
     text = output()

@@ -44,26 +44,26 @@ def test_a_late_commit_older_than_the_lookback_is_found_by_reconciliation(limite
     writer = world.finish_uncommitted(late)
     try:
         world.request("investment", ACCOUNT)
-        first = svc.runner.run()
+        first = svc.runner.run().to_json()
         assert first["mode"] == "lookback"
         assert any(r.getMessage().startswith("watermark mode: lookback") for r in caplog.records)
         assert first["reconciled"] is True
         assert first["counts"]["investment"]["COMPLETED"] == 1
         time.sleep(1.3)  # the writer now holds its transaction longer than the look-back window
         world.request("investment", ACCOUNT)
-        second = svc.runner.run()
+        second = svc.runner.run().to_json()
         assert second["counts"]["investment"]["COMPLETED"] == 1
         watermark = world.p("SELECT updated_at FROM consistency.watermarks WHERE queue = 'investment'")[0][0]
         assert watermark > writer.updated_at  # the look-back alone has moved past the late entry
     finally:
         writer.commit()
 
-    missed = svc.runner.run()
+    missed = svc.runner.run().to_json()
     assert missed["reconciled"] is False
     assert world.txn_status(late.uuid) == "PENDING"
 
-    time.sleep(max(0.0, 3.1 - (time.monotonic() - svc.runner._last_reconcile)))
-    swept = svc.runner.run()
+    time.sleep(max(0.0, 3.1 - (time.monotonic() - svc.runner.watch._last_reconcile)))
+    swept = svc.runner.run().to_json()
 
     assert swept["reconciled"] is True
     assert swept["counts"]["investment"]["reconciled"] == 1

@@ -76,7 +76,7 @@ def test_a_real_cycle_is_counted_by_result_queue_and_outcome(app, client, world:
     world.request("investment", ACCOUNT, "PENDING")  # not settled: not counted
     _, before = scrape(client)
 
-    summary = service_of(app).poller.run_once()
+    summary = service_of(app).poller.run_once().to_json()
     _, after = scrape(client)
 
     assert summary["result"] == "ok"
@@ -111,11 +111,11 @@ def test_a_skipped_turn_and_a_failed_cycle_are_counted_apart(app, client, make_a
     _, before = scrape(client)
     world.p("SELECT pg_advisory_lock(%s)", (CYCLE_LOCK_KEY,))
     try:
-        assert service_of(app).poller.run_once()["result"] == "skipped"
+        assert service_of(app).poller.run_once().to_json()["result"] == "skipped"
     finally:
         world.p("SELECT pg_advisory_unlock(%s)", (CYCLE_LOCK_KEY,))
     broken = make_app(queue_db_uri="postgresql://svc@127.0.0.1:1/queue-db", db_connect_timeout=1)
-    assert service_of(broken).poller.run_once()["result"] == "error"
+    assert service_of(broken).poller.run_once().to_json()["result"] == "error"
     _, after = scrape(client)
     for result, grew in (("ok", 0), ("skipped", 1), ("error", 1)):
         name = "consistency_cycles_total"
@@ -148,24 +148,24 @@ def test_lag_is_the_age_of_the_last_entry_read_while_a_drain_is_under_way(app, c
             (age, request.queue_id),
         )
     world.q("ALTER TABLE investment_queue ENABLE TRIGGER USER")
-    runner = service_of(app).runner
+    progress = service_of(app).poller.progress
     observe = metrics.observe_batch
 
     def stop_after_the_first_batch(last_read, applied) -> None:
         observe(last_read, applied)
-        runner.stopping.set()  # as SIGTERM does: the cycle ends after this batch
+        progress.stopping.set()  # as SIGTERM does: the cycle ends after this batch
 
     mocker.patch("metrics.observe_batch", side_effect=stop_after_the_first_batch)
 
-    stopped = service_of(app).poller.run_once()
+    stopped = service_of(app).poller.run_once().to_json()
     _, during = scrape(client)
 
     assert stopped["stopped_early"] and stopped["counts"]["investment"]["COMPLETED"] == 4
     # The 4th entry read is 57 minutes old: every entry not applied yet is younger than that.
     assert 57 * 60 - 5 < value(during, "consistency_lag_seconds") < 57 * 60 + 5
     mocker.stopall()
-    runner.stopping.clear()
-    assert service_of(app).poller.run_once()["counts"]["investment"]["COMPLETED"] == 6
+    progress.stopping.clear()
+    assert service_of(app).poller.run_once().to_json()["counts"]["investment"]["COMPLETED"] == 6
     _, drained = scrape(client)
     assert value(drained, "consistency_lag_seconds") == 0
 
@@ -177,12 +177,12 @@ def test_the_oldest_open_queue_transaction_is_a_gauge_set_by_each_ok_cycle(app, 
         cur.execute("SELECT 1")  # from here on, idle in transaction
     try:
         time.sleep(0.2)  # so that it is measurably old
-        assert poller.run_once()["result"] == "ok"
+        assert poller.run_once().to_json()["result"] == "ok"
         _, held = scrape(client)
     finally:
         writer.rollback()
         writer.close()
-    assert poller.run_once()["result"] == "ok"
+    assert poller.run_once().to_json()["result"] == "ok"
     _, after = scrape(client)
 
     assert value(held, "consistency_oldest_queue_transaction_seconds") >= 0.2

@@ -17,7 +17,7 @@ def test_an_entry_for_a_missing_portfolio_is_parked_then_applied_once_when_it_ap
     orphan = world.request("investment", ACCOUNT, txn=False)
     fine = world.request("investment", OTHER)
 
-    summary = svc.runner.run()
+    summary = svc.runner.run().to_json()
 
     assert summary["counts"]["investment"]["parked"] == 1
     assert world.parked() == {orphan.uuid: f"no portfolio for account {ACCOUNT}"}
@@ -88,7 +88,7 @@ def test_a_malformed_uuid_is_parked_not_fatal(svc, world: World) -> None:
     bad = world.finish(world.enqueue("investment", ACCOUNT, "not-a-uuid", txn=False), "CANCELLED")
     good = world.request("investment", ACCOUNT, "CANCELLED")
 
-    assert svc.runner.run()["result"] == "ok"
+    assert svc.runner.run().to_json()["result"] == "ok"
 
     assert world.parked() == {bad.uuid: "uuid is not a valid UUID"}
     assert world.txn_status(good.uuid) == "CANCELLED"
@@ -103,7 +103,7 @@ def test_a_constraint_violation_parks_only_the_rejected_entry(svc, world: World)
     rejected = world.request("investment", ACCOUNT)
     accepted = world.request("investment", OTHER)
 
-    summary = svc.runner.run()
+    summary = svc.runner.run().to_json()
 
     assert summary["result"] == "ok"
     assert world.parked() == {
@@ -169,7 +169,7 @@ def test_entries_without_uuid_or_account_are_parked_and_the_rest_applied(svc, wo
     )[0][0]
     fine = world.request("investment", ACCOUNT)
 
-    assert svc.runner.run()["result"] == "ok"
+    assert svc.runner.run().to_json()["result"] == "ok"
 
     reasons = {(q, i): r for q, i, r in world.p("SELECT queue, queue_id, reason FROM consistency.parked_entries")}
     assert reasons == {
@@ -200,7 +200,7 @@ def test_uuids_in_other_spellings_find_their_transactions(svc, world: World, wit
     if with_a_malformed_one:  # the batch no longer casts as a whole, so each uuid is read on its own
         world.finish(world.enqueue("withdrawal", ACCOUNT, "{not-a-uuid}", txn=False), "CANCELLED")
 
-    summary = svc.runner.run()
+    summary = svc.runner.run().to_json()
 
     assert summary["counts"]["withdrawal"]["CANCELLED"] == len(spellings)
     assert {name: world.txn_status(txn) for name, txn in ids.items()} == dict.fromkeys(spellings, "CANCELLED")
@@ -208,7 +208,7 @@ def test_uuids_in_other_spellings_find_their_transactions(svc, world: World, wit
 
 
 def test_entry_by_entry_each_entry_is_applied_or_parked_once(svc, world: World) -> None:
-    from apply import apply_one_by_one
+    from apply import apply_each_entry
     from domain import INVESTMENT, Entry
     from tiers import load
 
@@ -219,9 +219,9 @@ def test_entry_by_entry_each_entry_is_applied_or_parked_once(svc, world: World) 
         factors = [t.invest_factor for t in load(cur)]
         rows = world.q("SELECT queue_id, account_number, uuid, status, updated_at FROM investment_queue ORDER BY 1")
         entries = [Entry(*row) for row in rows]
-        apply_one_by_one(cur, INVESTMENT, entries[:1], factors)  # parks the orphan
+        apply_each_entry(cur, INVESTMENT, entries[:1], factors)  # parks the orphan
 
-        counts = apply_one_by_one(cur, INVESTMENT, entries, factors, retrying=True)
+        counts = apply_each_entry(cur, INVESTMENT, entries, factors, retrying=True)
 
     assert counts == {"parked": 1, "COMPLETED": 1}
     assert world.p("SELECT attempts FROM consistency.parked_entries") == [(2,)]

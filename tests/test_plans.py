@@ -74,10 +74,10 @@ def test_an_idle_cycle_makes_a_dozen_statements_and_five_commits(make_service, m
         db, "connect_options", lambda *a, **k: {**options(*a, **k), "connection_factory": CountingConnection}
     )
     svc = make_service()
-    assert svc.poller.run_once()["result"] == "ok"  # the first cycle also migrates and seeds
+    assert svc.poller.run_once().to_json()["result"] == "ok"  # the first cycle also migrates and seeds
     calls.clear()
 
-    summary = svc.poller.run_once()
+    summary = svc.poller.run_once().to_json()
 
     assert summary["result"] == "ok" and all(c["read"] == 0 for c in summary["counts"].values())
     # Over both databases: the turn, the tier values with the watermarks, the horizon, a COPY per queue,

@@ -1,0 +1,170 @@
+"""One queue's part of a cycle: the parked retry, the drain past the watermark and the reconciliation sweep."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from fractions import Fraction
+from typing import Any, TypeVar
+
+import psycopg2
+import psycopg2.extensions
+
+import metrics
+from apply import apply_each_entry, apply_loaded, copy_batch, load_copied, load_entries, park
+from db import in_transaction, pg_array
+from domain import OPEN, Entry, Position, Queue
+from horizon import HOLD, Horizon
+from poller import Progress
+from queries import query, table_query
+
+log = logging.getLogger(__name__)
+
+Connection = psycopg2.extensions.connection
+Cursor = psycopg2.extensions.cursor
+Key = TypeVar("Key")
+# Where the parked retry starts: before every entry.
+START: Position = (HOLD, 0)
+
+
+def read_queue(queue_conn: Connection, name: str, table: str, params: dict[str, Any]) -> list[Entry]:
+    """Run a named read on a queue table and return its rows as entries."""
+    with queue_conn.cursor() as cur:
+        cur.execute(table_query(name, table), params)
+        return [Entry(*row) for row in cur.fetchall()]
+
+
+class QueuePass:
+    """Applies one queue's entries in a cycle, batch by batch, on the cycle's two connections."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        factors: tuple[Fraction, ...],
+        pconn: Connection,
+        qconn: Connection,
+        batch_size: int,
+        progress: Progress,
+    ) -> None:
+        self.queue = queue
+        self.factors = factors
+        self.pconn = pconn
+        self.qconn = qconn
+        self.batch_size = batch_size
+        self.progress = progress
+        self.counts: Counter[str] = Counter()
+
+    def retry_parked(self) -> None:
+        """Try the parked entries again, as their queue rows stand now."""
+        self._pages(self._retry_page, START)
+
+    def drain(self, horizon: Horizon, watermark: Position) -> None:
+        """Steps 2-4 or 5-7 and 8: apply the entries changed since the watermark, and move it.
+
+        Only the process holding the cycle lock moves a watermark, so the one read at the cycle's start holds.
+        """
+        self._pages(lambda after: self._drain_page(after, horizon), watermark)
+
+    def reconcile(self) -> None:
+        """Find terminal entries with no applied record, such as late commits behind the look-back."""
+        self._pages(self._reconcile_page, 0)
+
+    def _pages(self, page: Callable[[Key], tuple[int, Key | None]], start: Key) -> None:
+        """Keyset pagination: run `page` from `start`, then from where each full page ended, until stopped."""
+        after = start
+        while not self.progress.stopping.is_set():
+            size, last = page(after)
+            self.progress.beat()
+            if last is None or size < self.batch_size:
+                return
+            after = last
+
+    def _drain_page(self, after: Position, horizon: Horizon) -> tuple[int, Position | None]:
+        """Copy the next batch out of queue-db, apply it and move the watermark; return its size and end."""
+        with self.qconn.cursor() as qcur:
+            data = copy_batch(qcur, self.queue, after, self.batch_size)
+        if not data:
+            return 0, None  # nothing new, so no transaction to load and apply nothing
+        with in_transaction(self.pconn) as cur:
+            read, last = load_copied(cur, data)
+            if last is None:
+                return 0, None
+            params = {"after_ts": after[0], "after_id": after[1], "last_ts": last[0], "last_id": last[1]}
+            counts = self._apply_or_isolate(cur, lambda: self._read("queue_read_range", params))
+            watermark = min(last, horizon.position)
+            cur.execute(query("advance_watermark"), {"queue": self.queue.name, "ts": watermark[0], "id": watermark[1]})
+        self.counts += counts
+        self.counts["read"] += read
+        metrics.observe_batch(last[0], sum(counts.values()))
+        return read, last
+
+    def _retry_page(self, after: Position) -> tuple[int, Position | None]:
+        """Try the next batch of parked entries again; return its size and the last one's position."""
+        with in_transaction(self.pconn) as cur:
+            params = {"queue": self.queue.name, "after_ts": after[0], "after_id": after[1], "limit": self.batch_size}
+            cur.execute(query("select_parked_batch"), params)
+            parked = [Entry(*row) for row in cur.fetchall()]
+        if not parked:
+            return 0, None
+        current = self._read("queue_select_by_id", {"queue_ids": pg_array(e.queue_id for e in parked)})
+        self._settle(parked, current)
+        return len(parked), parked[-1].position
+
+    def _settle(self, parked: list[Entry], current: list[Entry]) -> None:
+        """Apply parked entries whose rows are still settled; release those reopened, note those gone."""
+        # An unknown status is not open: applying parks it again, with the status in the reason.
+        settled = sorted((e for e in current if e.status not in OPEN), key=lambda e: e.position)
+        reopened = [e.queue_id for e in current if e.status in OPEN]
+        found = {e.queue_id for e in current}
+        gone = [(e, "the queue entry no longer exists") for e in parked if e.queue_id not in found]
+        if reopened or gone:
+            with in_transaction(self.pconn) as cur:
+                if reopened:
+                    # Their next change moves updated_at past the watermark, so the cycle will read them again.
+                    cur.execute(query("release_reopened"), {"queue": self.queue.name, "queue_ids": pg_array(reopened)})
+                if gone:
+                    park(cur, self.queue, gone)
+        if settled:
+            self._apply_entries(settled, retrying=True)
+
+    def _reconcile_page(self, after_id: int) -> tuple[int, int | None]:
+        """Apply the terminal entries of the next batch of queue rows that have no applied record."""
+        batch = self._read("queue_read_terminal", {"after_id": after_id, "limit": self.batch_size})
+        if not batch:
+            return 0, None
+        with in_transaction(self.pconn) as cur:
+            ids = pg_array(e.queue_id for e in batch)
+            cur.execute(query("filter_unapplied"), {"queue": self.queue.name, "queue_ids": ids})
+            missing = {row[0] for row in cur.fetchall()}
+        found = sorted((e for e in batch if e.queue_id in missing), key=lambda e: e.position)
+        if found:
+            self.counts["reconciled"] += len(found)
+            self._apply_entries(found)
+        return len(batch), batch[-1].queue_id
+
+    def _apply_entries(self, entries: Sequence[Entry], retrying: bool = False) -> None:
+        """Apply entries read in Python, in one transaction."""
+        with in_transaction(self.pconn) as cur:
+            load_entries(cur, entries)
+            ids = pg_array(e.queue_id for e in entries)
+            self.counts += self._apply_or_isolate(cur, lambda: entries, retrying, ids)
+
+    def _apply_or_isolate(
+        self, cur: Cursor, entries: Callable[[], Sequence[Entry]], retrying: bool = False, ids: str | None = None
+    ) -> Counter[str]:
+        """Apply the loaded batch set-based; if the database rejects it, apply its entries one at a time."""
+        cur.execute(query("savepoint_batch"))
+        try:
+            counts = apply_loaded(cur, self.queue, self.factors, retrying, ids)
+        except (psycopg2.IntegrityError, psycopg2.DataError) as err:
+            cur.execute(query("rollback_to_batch"))
+            detail = err.diag.message_primary
+            log.warning("a %s batch was rejected (%s); applying it entry by entry", self.queue.name, detail)
+            return apply_each_entry(cur, self.queue, entries(), self.factors, retrying)
+        cur.execute(query("release_batch"))
+        return counts
+
+    def _read(self, name: str, params: dict[str, Any]) -> list[Entry]:
+        """Run a named read on this queue's table."""
+        return read_queue(self.qconn, name, self.queue.table, params)

@@ -1,0 +1,104 @@
+"""The code's shape: the typed cycle result matches its OpenAPI schema, units fit on a screen, the domain is a leaf."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from datetime import UTC, datetime
+from typing import get_args
+
+import jsonschema
+import pytest
+
+from domain import COUNT_KEYS, QUEUES, CycleResult, CycleWork, Mode, Outcome
+from openapi import SPEC
+from tests.pgtest import ROOT
+
+SERVICE_MODULES = sorted(p for p in ROOT.glob("*.py") if p.name not in {"demo.py", "gunicorn.conf.py"})
+SUMMARY = SPEC["components"]["schemas"]["CycleSummary"]
+WORK = CycleWork(
+    mode="exact",
+    horizon=datetime(2026, 1, 2, tzinfo=UTC),
+    oldest_transaction_s=None,
+    prepared_transactions=0,
+    untracked_sessions=0,
+    reconciled=False,
+    counts={queue.name: dict.fromkeys(COUNT_KEYS, 0) for queue in QUEUES},
+    stopped_early=False,
+)
+STARTED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+RESULTS = [
+    CycleResult(STARTED, "ok", 12.5, WORK),
+    CycleResult(STARTED, "error", 3.0, error="queue-db: connection refused"),
+    CycleResult(STARTED, "error", 3.0, WORK, error="user-portfolio-db: the summary could not be stored"),
+    CycleResult(STARTED, "skipped", 0.4),
+]
+
+
+def test_the_summary_schema_names_every_field_of_the_cycle_result_and_no_other() -> None:
+    fields = {f.name for f in dataclasses.fields(CycleResult)} - {"outcome", "work"}
+    fields |= {"result"} | {f.name for f in dataclasses.fields(CycleWork)}
+    assert set(SUMMARY["properties"]) == fields
+    assert SUMMARY["properties"]["result"]["enum"] == list(get_args(Outcome))
+    assert SUMMARY["properties"]["mode"]["enum"] == list(get_args(Mode))
+    assert set(SUMMARY["properties"]["counts"]["additionalProperties"]["properties"]) == set(COUNT_KEYS)
+
+
+@pytest.mark.parametrize("result", RESULTS, ids=lambda r: f"{r.outcome}{'' if r.work is None else '+work'}")
+def test_every_kind_of_cycle_result_is_valid_against_the_summary_schema(result: CycleResult) -> None:
+    summary = result.to_json()
+    schema = {**SUMMARY, "additionalProperties": False, "components": SPEC["components"]}
+    jsonschema.validate(summary, schema, format_checker=jsonschema.FormatChecker())
+    assert summary["result"] == result.outcome and summary["duration_ms"] == result.duration_ms
+
+
+def definitions(module: ast.Module) -> list[ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef]:
+    """Every function, method and class a module defines."""
+    kinds = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+    return [node for node in ast.walk(module) if isinstance(node, kinds)]
+
+
+@pytest.mark.parametrize("path", SERVICE_MODULES, ids=lambda p: p.name)
+def test_functions_fit_on_a_screen_and_classes_stay_small(path) -> None:
+    for node in definitions(ast.parse(path.read_text())):
+        lines = (node.end_lineno or node.lineno) - node.lineno + 1
+        limit = 160 if isinstance(node, ast.ClassDef) else 40
+        assert lines <= limit, f"{path.name}:{node.lineno} {node.name} has {lines} lines"
+
+
+def test_at_most_two_public_names_say_apply() -> None:
+    public = [
+        f"{path.name}:{node.name}"
+        for path in SERVICE_MODULES
+        for node in definitions(ast.parse(path.read_text()))
+        if "apply" in node.name and not node.name.startswith("_")
+    ]
+    assert len(public) <= 2, public
+
+
+def imported_modules(path) -> set[str]:
+    """The top-level names of the modules a file imports."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_the_domain_module_is_a_leaf() -> None:
+    own = {path.stem for path in SERVICE_MODULES}
+    assert imported_modules(ROOT / "domain.py") <= {"__future__", "dataclasses", "datetime", "time", "typing"}
+    assert not imported_modules(ROOT / "domain.py") & own
+
+
+@pytest.mark.parametrize("literal", ["queue-db", "user-portfolio-db", "CANCELLED", "TIER1_MV", "investment_queue"])
+def test_domain_constants_are_written_only_in_the_domain_module(literal: str) -> None:
+    writers = [
+        path.name
+        for path in SERVICE_MODULES
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and node.value == literal
+    ]
+    assert writers == ["domain.py"] * len(writers) and writers, writers
