@@ -15,9 +15,13 @@ demo: $(VENV)/.installed  ## sample databases, the service, and curl commands to
 test: $(VENV)/.installed lint  ## lint, then every test against real PostgreSQL
 	$(PYTHON) -m pytest tests/ -v
 
-lint: $(VENV)/.installed
+# The service modules, which mypy checks: every top-level module but the demo and the gunicorn settings.
+SERVICE_MODULES := $(filter-out demo.py gunicorn.conf.py,$(wildcard *.py))
+
+lint: $(VENV)/.installed  ## ruff, and mypy --strict on the service modules
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m mypy $(SERVICE_MODULES)
 
 check-deploy: $(VENV)/.installed  ## hadolint, kustomize + kubernetes-validate, skaffold.yaml, promtool
 	bash .ci/deploy-checks

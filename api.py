@@ -28,7 +28,7 @@ PARKED_LIMIT_MAX = 1000
 
 def service() -> Service:
     """Return the service this app serves."""
-    return service_of(current_app)  # type: ignore[arg-type]
+    return service_of(current_app)
 
 
 def error(status: int, message: str, **extra: Any) -> tuple[Response, int]:

@@ -74,7 +74,8 @@ def check_tier_value(name: str, value: Decimal) -> str | None:
         return f"{name} must be greater than 0"
     if value.copy_abs() >= TIER_LIMIT:  # copy_abs is exact: abs() could overflow on a huge exponent
         return f"{name} must be less than {TIER_LIMIT:f}"
-    if value.as_tuple().exponent < -TIER_PLACES:  # type: ignore[operator]
+    exponent = value.as_tuple().exponent  # an int for a finite value, which the checks above ensure
+    if isinstance(exponent, int) and exponent < -TIER_PLACES:
         return f"{name} must have at most {TIER_PLACES} decimal places"
     return None
 

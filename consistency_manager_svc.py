@@ -6,6 +6,7 @@ import signal
 from types import FrameType
 
 from flask import Flask
+from flask.json.provider import DefaultJSONProvider
 
 import logs
 from api import bp
@@ -15,13 +16,19 @@ from service import EXTENSION, build_service, service_of
 MAX_BODY_BYTES = 4096
 
 
+class OrderedJSON(DefaultJSONProvider):
+    """JSON answers with their keys in the order the service writes them."""
+
+    sort_keys = False
+
+
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the Flask app around a service; the poller is started by the server, not here."""
     settings = settings or load_settings()
     logs.configure(settings.log_level, settings.log_format)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
-    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.json = OrderedJSON(app)
     app.extensions[EXTENSION] = build_service(settings)
     app.register_blueprint(bp)
     return app

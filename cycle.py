@@ -14,7 +14,7 @@ from psycopg2.extras import Json
 import migrations
 import tiers
 from config import Settings
-from db import Database, DatabaseError, first_line, in_transaction
+from db import Database, DatabaseError, first_line, in_transaction, one_row
 from domain import COUNT_KEYS, QUEUES, CycleResult, CycleWork, Queue
 from horizon import HorizonWatch, read_horizon
 from poller import Progress
@@ -137,7 +137,7 @@ def _take_turn(pconn: Connection, wait: float) -> bool:
     while True:
         with in_transaction(pconn) as cur:
             cur.execute(query("try_cycle_lock"), {"key": CYCLE_LOCK_KEY})
-            if cur.fetchone()[0]:
+            if one_row(cur)[0]:
                 return True
         if time.monotonic() >= deadline:
             return False

@@ -6,6 +6,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from datetime import datetime
+from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg2
@@ -53,9 +54,7 @@ def _ignore(change: int) -> None:
     """Take no note of a pool's lending."""
 
 
-def connect_options(
-    settings: Settings, application_name: str = APPLICATION_NAME, utc: bool = True
-) -> dict[str, object]:
+def connect_options(settings: Settings, application_name: str = APPLICATION_NAME, utc: bool = True) -> dict[str, Any]:
     """Return the options of every connection the service opens: timeouts, keepalives, its name and time zone.
 
     utc=False keeps the server's TimeZone, which the queue writers' CURRENT_TIMESTAMP follows: a queue
@@ -148,7 +147,9 @@ class Database:
     def dedicated(self, application_name: str) -> psycopg2.extensions.connection:
         """Open a connection outside the pool, in autocommit mode, with the pool's options; the caller closes it."""
         try:
-            conn = psycopg2.connect(self.uri, **{**self._options, "application_name": application_name})
+            conn: psycopg2.extensions.connection = psycopg2.connect(
+                self.uri, **{**self._options, "application_name": application_name}
+            )
         except psycopg2.Error as err:
             raise DatabaseError(self.name, self.redact(first_line(err))) from err
         conn.autocommit = True
@@ -189,6 +190,14 @@ def in_transaction(conn: psycopg2.extensions.connection) -> Iterator[psycopg2.ex
             with suppress(psycopg2.Error):
                 conn.rollback()
         raise
+
+
+def one_row(cur: psycopg2.extensions.cursor) -> tuple[Any, ...]:
+    """Return the row of a statement that always yields exactly one, such as a SELECT of aggregates."""
+    row = cur.fetchone()
+    if row is None:
+        raise psycopg2.ProgrammingError("the statement returned no row")
+    return row
 
 
 def first_line(err: Exception) -> str:

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg2.extensions
 
+from db import one_row
 from domain import Mode, Position
 from queries import query
 
@@ -54,7 +55,7 @@ def read_horizon(queue_conn: psycopg2.extensions.connection, lookback: float) ->
     """
     with queue_conn.cursor() as cur:
         cur.execute(query("queue_horizon"))
-        exact, oldest, untracked, prepared, oldest_prepared, now = cur.fetchone()
+        exact, oldest, untracked, prepared, oldest_prepared, now = one_row(cur)
     if exact and not untracked:
         # A prepared transaction began before it was prepared: its age is at least the time since then.
         holder = min((t for t in (oldest, oldest_prepared) if t is not None), default=None)

@@ -95,8 +95,8 @@ class Listener:
         # Entries that settled while nobody listened notified no one: have the poller look once now.
         self._wake()
         while not self._stopping.is_set():
-            readable, _, _ = select.select([conn, bell], [], [])
-            if conn not in readable:
+            readable, _, _ = select.select([conn.fileno(), bell.fileno()], [], [])
+            if conn.fileno() not in readable:
                 continue
             conn.poll()
             if conn.notifies:

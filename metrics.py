@@ -113,5 +113,5 @@ def exposition(metrics_dir: str | None) -> bytes:
     if metrics_dir is None:
         return generate_latest(REGISTRY)
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=metrics_dir)
+    MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]  # unannotated upstream
     return generate_latest(registry)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import psycopg2.extensions
 
+from db import one_row
 from queries import SQL_DIR, query
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ def migrate(cur: psycopg2.extensions.cursor) -> list[int]:
     """Apply the missing migrations in one transaction, serialised across processes."""
     cur.execute(query("migration_lock"), {"key": MIGRATION_LOCK_KEY})
     cur.execute(query("schema_exists"))
-    if not cur.fetchone()[0]:
+    if not one_row(cur)[0]:
         # Needs CREATE on the database; schema/grants.sql creates the schema instead, for least privilege.
         cur.execute(query("create_state_schema"))
     cur.execute(query("create_migration_ledger"))
@@ -54,7 +55,7 @@ def migrate(cur: psycopg2.extensions.cursor) -> list[int]:
 def schema_version(cur: psycopg2.extensions.cursor) -> int | None:
     """Return the newest applied migration, or None when the schema is not there."""
     cur.execute(query("migration_ledger_exists"))
-    if not cur.fetchone()[0]:
+    if not one_row(cur)[0]:
         return None
     cur.execute(query("applied_migrations"))
     versions = [row[0] for row in cur.fetchall()]
@@ -66,7 +67,7 @@ def missing_watermark_indexes(cur: psycopg2.extensions.cursor, tables: list[str]
     missing = []
     for table in tables:
         cur.execute(query("queue_has_watermark_index"), {"table": table})
-        if not cur.fetchone()[0]:
+        if not one_row(cur)[0]:
             missing.append(table)
     return missing
 

@@ -20,7 +20,7 @@ import migrations
 import tiers
 from config import Settings
 from cycle import CycleRunner
-from db import Database, DatabaseError
+from db import Database, DatabaseError, one_row
 from domain import PORTFOLIO_DB, QUEUE_DB, CycleResult, Standing
 from horizon import HorizonWatch
 from listener import Listener
@@ -53,10 +53,11 @@ class StateCache:
         than queue behind a read that may wait for a connect timeout.
         """
         kept = self._state
-        if kept is not None and time.monotonic() - self._read_at <= STATE_MAX_AGE:
-            return kept
-        if not self._lock.acquire(blocking=kept is None):
-            return kept  # type: ignore[return-value]
+        if kept is not None:
+            if time.monotonic() - self._read_at <= STATE_MAX_AGE or not self._lock.acquire(blocking=False):
+                return kept
+        else:
+            self._lock.acquire()
         try:
             if self._state is not None and time.monotonic() - self._read_at <= STATE_MAX_AGE:
                 return self._state  # read by the request this one waited for
@@ -85,7 +86,7 @@ class StateCache:
                 for queue, ts, queue_id, moved in cur.fetchall()
             }
             cur.execute(query("count_parked_and_corrections"))
-            parked, corrections = cur.fetchone()
+            parked, corrections = one_row(cur)
             cur.execute(query("select_last_cycle"))
             row = cur.fetchone()
         self._state = {
@@ -201,9 +202,9 @@ class Service:
         """Run a listing's two named queries: how many rows it has, and the first `limit` as JSON objects."""
         with self.portfolio_db.transaction() as cur:
             cur.execute(query(count))
-            total = cur.fetchone()[0]
+            total = one_row(cur)[0]
             cur.execute(query(rows), {"limit": limit})
-            columns = [c.name for c in cur.description]
+            columns = [c.name for c in cur.description or ()]
             entries = [dict(zip(columns, map(_plain, row), strict=True)) for row in cur.fetchall()]
         return {"count": total, "entries": entries}
 
@@ -238,7 +239,8 @@ def report(result: CycleResult, standing: Standing | None = None) -> None:
 
 def service_of(flask_app: Flask) -> Service:
     """Return the service behind a Flask app."""
-    return flask_app.extensions[EXTENSION]
+    service: Service = flask_app.extensions[EXTENSION]
+    return service
 
 
 def build_service(settings: Settings) -> Service:

@@ -56,7 +56,7 @@ class Tier:
         return 1 - self.delta
 
 
-Tiers = tuple[Tier, Tier, Tier]
+Tiers = tuple[Tier, ...]  # three, in tier order
 
 
 def shown_delta(tier: Tier) -> str:
@@ -100,7 +100,7 @@ def load(cur: psycopg2.extensions.cursor, lock: bool = False) -> Tiers:
     rows = cur.fetchall()
     if len(rows) != 3:
         raise TiersNotStored("tier values are not stored yet")
-    return tuple(Tier(pool, market) for _, pool, market in rows)  # type: ignore[return-value]
+    return tuple(Tier(pool, market) for _, pool, market in rows)
 
 
 def parse_update(body: Any) -> dict[str, Decimal]:
@@ -144,4 +144,4 @@ def update(cur: psycopg2.extensions.cursor, changes: dict[str, Decimal]) -> Tier
         if (pool, market) != (tier.pool, tier.market):
             cur.execute(query("update_tier_value"), {"tier": n, "pool": pool, "market": market})
         result.append(Tier(pool, market))
-    return tuple(result)  # type: ignore[return-value]
+    return tuple(result)
