@@ -19,16 +19,16 @@ from bench.data import TIERS, build_templates, snapshot
 from bench.idle import idle_cycle_ms
 from bench.latency import measure_latency
 from bench.serve import gunicorn, service_env, status
-from tests import pgtest
-from tests.faults.harness import wait_until
+from devkit import postgres
+from devkit.net import free_port, wait_until
 
 SERVICE_PATHS = ("/health", "/api/v1/consistency/status")
 
 
 def fresh_copy(server: str, templates: tuple[str, str]) -> tuple[str, str, list[str]]:
     """Clone the backlog's databases; return their URIs and names."""
-    names = [pgtest.clone(server, template) for template in templates]
-    return pgtest.with_database(server, names[0]), pgtest.with_database(server, names[1]), names
+    names = [postgres.clone(server, template) for template in templates]
+    return postgres.with_database(server, names[0]), postgres.with_database(server, names[1]), names
 
 
 def worker_peak_rss_mb(master: int) -> float:
@@ -48,7 +48,7 @@ def run_service(
 
     Return the drain's seconds, the workers' peak RSS, and whether the drain outlasted `during`.
     """
-    port = pgtest.free_port()
+    port = free_port()
     # No cycle but the start-up one, so that the last cycle is the drain.
     env = service_env(
         queue_uri, portfolio_uri, port, POLLING_INTERVAL="3600", BATCH_SIZE=str(batch_size), LISTEN_NOTIFY="false"
@@ -71,7 +71,7 @@ def run_service(
 
 def run_floor(queue_uri: str, portfolio_uri: str, during: Callable[[int], None]) -> bool:
     """Serve the do-nothing floor app while the set-based bound drains; tell whether the drain outlasted `during`."""
-    port = pgtest.free_port()
+    port = free_port()
     env = service_env(queue_uri, portfolio_uri, port)  # what the shipped gunicorn.conf.py reads
     with gunicorn(env, "-c", "python:bench.floor", "bench.floor:app"):
         wait_until(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1), 30, "the floor")
@@ -144,10 +144,10 @@ def measure(
                 results["snapshots"].append(snapshot(portfolio_uri))
             finally:
                 for dbname in names:
-                    pgtest.drop(server, dbname)
+                    postgres.drop(server, dbname)
     finally:
         for template in templates:
-            pgtest.drop(server, template)
+            postgres.drop(server, template)
     return results
 
 
@@ -225,7 +225,7 @@ def main() -> None:
         "--polling-interval", type=float, default=1.0, help="POLLING_INTERVAL for the latency runs (default 1.0)"
     )
     args = parser.parse_args()
-    server, keep_alive = pgtest.server_uri()
+    server, keep_alive = postgres.server_uri()
     with_per_entry = args.entries <= args.per_entry_entries
     big = measure(server, args.entries, args.batch_size, with_per_entry, args.http_seconds, args.rounds)
     small = big if args.entries <= args.per_entry_entries else measure(

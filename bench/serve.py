@@ -10,11 +10,9 @@ import sys
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 from bench.data import TIERS
-
-ROOT = Path(__file__).resolve().parent.parent
+from devkit import ROOT
 
 
 def service_env(queue_uri: str, portfolio_uri: str, port: int, **settings: str) -> dict[str, str]:

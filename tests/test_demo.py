@@ -6,8 +6,8 @@ import os
 import subprocess
 import sys
 
-from tests.pgtest import ROOT
-from tests.test_e2e import free_port
+from devkit import ROOT
+from devkit.net import free_port
 
 
 def test_demo_applies_its_sample_with_an_embedded_postgresql() -> None:

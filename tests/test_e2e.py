@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from devkit import ROOT
+from devkit.net import free_port, wait_until
 from tests.conftest import API_TOKEN
-from tests.faults.harness import wait_until
 from tests.manifests import termination_grace_period
-from tests.pgtest import ROOT, free_port
 from tests.test_metrics import FAMILIES, Samples, parse
 from tests.world import World, expected
 

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import psycopg2
 
+from devkit import ROOT
+from devkit.net import free_port, wait_until
 from domain import MIRRORED, TERMINAL
-from tests.pgtest import ROOT, free_port
 from tests.world import TABLES, TYPES, World, expected
 
 API_TOKEN = "fault-token-0123456789abcdef"
@@ -113,19 +114,6 @@ class Replica:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=10)
-
-
-def wait_until(check, timeout: float, what: str, interval: float = 0.1) -> None:
-    """Poll until check() is true; fail naming what was awaited."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except (OSError, urllib.error.URLError, psycopg2.Error):
-            pass
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class Writers:
