@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -17,7 +15,7 @@ from collections import Counter
 import psycopg2
 
 from config import demo_server_uri, load_settings
-from devkit import ROOT, postgres
+from devkit import ROOT, gunicorn, postgres
 from devkit.net import wait_until
 
 QUEUE_DB, PORTFOLIO_DB = "consistency_demo_queue", "consistency_demo_portfolio"
@@ -178,24 +176,21 @@ def main() -> None:
         "API_TOKEN": DEMO_TOKEN,
         "POLLING_INTERVAL": os.environ.get("POLLING_INTERVAL", "5"),
     }
-    command = [sys.executable, "-m", "gunicorn", "consistency_manager_svc:app"]
-    service = subprocess.Popen(command, cwd=ROOT, env=env)  # noqa: S603 - our own fixed command
     try:
-        wait_ready(port, service)
-        if args.smoke:
-            smoke(portfolio_uri)
-            return
-        print_try_these(port)
-        while service.poll() is None:
-            time.sleep(15)
-            done = settle_one(queue_uri)
-            if done:
-                print(f"queue: {done}")
+        with gunicorn.running(gunicorn.command(), env) as service:  # its lines go to this terminal
+            wait_ready(port, service)
+            if args.smoke:
+                smoke(portfolio_uri)
+                return
+            print_try_these(port)
+            while service.poll() is None:
+                time.sleep(15)
+                done = settle_one(queue_uri)
+                if done:
+                    print(f"queue: {done}")
     except KeyboardInterrupt:
         pass
     finally:
-        service.send_signal(signal.SIGTERM)
-        service.wait(timeout=30)
         del embedded
 
 

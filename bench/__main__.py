@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import subprocess
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -18,8 +19,8 @@ from bench.approaches import per_entry, set_based
 from bench.data import TIERS, build_templates, snapshot
 from bench.idle import idle_cycle_ms
 from bench.latency import measure_latency
-from bench.serve import gunicorn, service_env, status
-from devkit import postgres
+from bench.serve import service_env, status
+from devkit import gunicorn, postgres
 from devkit.net import free_port, wait_until
 
 SERVICE_PATHS = ("/health", "/api/v1/consistency/status")
@@ -53,7 +54,7 @@ def run_service(
     env = service_env(
         queue_uri, portfolio_uri, port, POLLING_INTERVAL="3600", BATCH_SIZE=str(batch_size), LISTEN_NOTIFY="false"
     )
-    with gunicorn(env, "consistency_manager_svc:app") as service:
+    with gunicorn.running(gunicorn.command(), env, subprocess.DEVNULL) as service:
         wait_until(lambda: last_cycle(port) is not False, 60, "the service to answer")
         if during is not None:
             during(port)
@@ -73,7 +74,8 @@ def run_floor(queue_uri: str, portfolio_uri: str, during: Callable[[int], None])
     """Serve the do-nothing floor app while the set-based bound drains; tell whether the drain outlasted `during`."""
     port = free_port()
     env = service_env(queue_uri, portfolio_uri, port)  # what the shipped gunicorn.conf.py reads
-    with gunicorn(env, "-c", "python:bench.floor", "bench.floor:app"):
+    floor = gunicorn.command("-c", "python:bench.floor", app="bench.floor:app")
+    with gunicorn.running(floor, env, subprocess.DEVNULL):
         wait_until(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1), 30, "the floor")
         with ThreadPoolExecutor(max_workers=1) as pool:
             drain = pool.submit(set_based, queue_uri, portfolio_uri, TIERS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,8 +15,8 @@ import psycopg2
 import psycopg2.extensions
 
 from bench.data import build_templates
-from bench.serve import gunicorn, service_env, status
-from devkit import ROOT, postgres
+from bench.serve import service_env, status
+from devkit import ROOT, gunicorn, postgres
 from devkit.net import free_port, wait_until
 
 NOTIFY_SQL = ROOT / "schema" / "queue_notify.sql"
@@ -45,7 +46,7 @@ def service(queue_uri: str, portfolio_uri: str, notify: bool, polling_interval: 
     port = free_port()
     env = service_env(queue_uri, portfolio_uri, port, POLLING_INTERVAL=str(polling_interval),
                       LISTEN_NOTIFY="true" if notify else "false")  # fmt: skip
-    with gunicorn(env, "consistency_manager_svc:app", "--workers", str(workers)):
+    with gunicorn.running(gunicorn.command("--workers", str(workers)), env, subprocess.DEVNULL):
         wait_until(lambda: started_up(port), 60, "the service's start-up cycle")
         yield port
 

@@ -1,18 +1,12 @@
-"""Running an app under gunicorn for the benchmark: its environment, its life, and the service's status."""
+"""The service under gunicorn for the benchmark: its environment, and what its status endpoint reports."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from bench.data import TIERS
-from devkit import ROOT
 
 
 def service_env(queue_uri: str, portfolio_uri: str, port: int, **settings: str) -> dict[str, str]:
@@ -26,18 +20,6 @@ def service_env(queue_uri: str, portfolio_uri: str, port: int, **settings: str) 
         "LOG_LEVEL": "WARNING",
         **settings,
     }
-
-
-@contextmanager
-def gunicorn(env: dict[str, str], *args: str) -> Iterator[subprocess.Popen]:
-    """Run gunicorn from the project's folder with these arguments until the block ends, then stop it."""
-    command = [sys.executable, "-m", "gunicorn", *args]
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        yield process
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
 
 
 def status(port: int) -> dict:
