@@ -19,7 +19,7 @@ from bench.approaches import per_entry, set_based
 from bench.data import TIERS, build_templates, snapshot
 from bench.idle import idle_cycle_ms
 from bench.latency import measure_latency
-from bench.serve import service_env, status
+from bench.serve import service_env, status, stored_cycle
 from devkit import gunicorn, postgres
 from devkit.net import free_port, wait_until
 
@@ -55,18 +55,16 @@ def run_service(
         queue_uri, portfolio_uri, port, POLLING_INTERVAL="3600", BATCH_SIZE=str(batch_size), LISTEN_NOTIFY="false"
     )
     with gunicorn.running(gunicorn.command(), env, subprocess.DEVNULL) as service:
-        wait_until(lambda: last_cycle(port) is not False, 60, "the service to answer")
+        wait_until(lambda: status(port), 60, "the service to answer")
         if during is not None:
             during(port)
         loaded_until = datetime.now(UTC)
-        seen: list[Any] = []  # one answer: another worker's may be up to a second older
-        wait_until(lambda: bool(seen.append(last_cycle(port)) or seen[-1]), 3600, "the drain to finish", interval=0.2)
-        last = seen[-1]
-        read = sum(counts["read"] for counts in last["counts"].values()) if last["result"] == "ok" else 0  # type: ignore[index]
+        last = stored_cycle(port, 3600, "the drain to finish")
+        read = sum(counts["read"] for counts in last["counts"].values()) if last["result"] == "ok" else 0
         if read != entries:
             raise SystemExit(f"the service's last cycle is not the drain of {entries} entries: {last}")
-        seconds = last["duration_ms"] / 1000  # type: ignore[index]
-        drained_at = datetime.fromisoformat(last["started_at"]) + timedelta(seconds=seconds)  # type: ignore[index]
+        seconds = last["duration_ms"] / 1000
+        drained_at = datetime.fromisoformat(last["started_at"]) + timedelta(seconds=seconds)
         return seconds, worker_peak_rss_mb(service.pid), drained_at > loaded_until
 
 
@@ -83,14 +81,6 @@ def run_floor(queue_uri: str, portfolio_uri: str, during: Callable[[int], None])
             outlasted = not drain.done()
             drain.result()  # the drain's own error, if it failed
         return outlasted
-
-
-def last_cycle(port: int) -> dict[str, object] | bool | None:
-    """Return the last finished cycle the service reports, None before the first, False if it is not up."""
-    try:
-        return status(port).get("last_cycle")
-    except OSError:
-        return False
 
 
 def http_loads(seconds: int, paths: tuple[str, ...]) -> tuple[dict[str, http.Load], Callable[[int], None]]:

@@ -15,7 +15,7 @@ import psycopg2
 import psycopg2.extensions
 
 from bench.data import build_templates
-from bench.serve import service_env, status
+from bench.serve import service_env, status, stored_cycle
 from devkit import ROOT, gunicorn, postgres
 from devkit.net import free_port, wait_until
 
@@ -99,7 +99,7 @@ def measure_latency(
                 # Random spacing: the commits land anywhere in the polling interval, not in step with it.
                 time.sleep(rng.uniform(0.1, 0.1 + polling_interval))
                 latencies.append(one_sample(queue, portfolio))
-                cycles.append(status(port)["last_cycle"]["duration_ms"])
+                cycles.append(stored_cycle(port, 30, "a stored cycle")["duration_ms"])
         finally:
             queue.close()
             portfolio.close()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import urllib.request
+from typing import Any
 
 from bench.data import TIERS
+from devkit.net import wait_until
 
 
 def service_env(queue_uri: str, portfolio_uri: str, port: int, **settings: str) -> dict[str, str]:
@@ -26,3 +28,14 @@ def status(port: int) -> dict:
     """Read the service's status endpoint."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/consistency/status", timeout=5) as answer:
         return json.loads(answer.read())
+
+
+def stored_cycle(port: int, timeout: float, what: str) -> dict[str, Any]:
+    """Wait until the worker that answers reports a stored cycle, and return it.
+
+    Each worker keeps what it last read for up to a second, so one may answer None just after another stored
+    the first cycle.
+    """
+    seen: list[Any] = []
+    wait_until(lambda: bool(seen.append(status(port).get("last_cycle")) or seen[-1]), timeout, what, interval=0.2)
+    return seen[-1]
