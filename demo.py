@@ -175,6 +175,8 @@ def main() -> None:
         "USER_PORTFOLIO_DB_URI": portfolio_uri,
         "API_TOKEN": DEMO_TOKEN,
         "POLLING_INTERVAL": os.environ.get("POLLING_INTERVAL", "5"),
+        # Lines for a person: the text format, which leaves out the cycles that found nothing to do.
+        "LOG_FORMAT": os.environ.get("LOG_FORMAT", "text"),
     }
     try:
         with gunicorn.running(gunicorn.command(), env) as service:  # its lines go to this terminal

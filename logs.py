@@ -74,6 +74,8 @@ def configure(level: str, fmt: str) -> None:
         root.removeHandler(handler)
     handler = StdoutHandler()
     handler.setFormatter(formatter(fmt))
+    if fmt == "text":
+        handler.addFilter(IdleCycleFilter())
     root.addHandler(handler)
     root.setLevel(level)
 
@@ -135,3 +137,25 @@ def log_cycle(
     level = {"ok": logging.INFO, "error": logging.ERROR}.get(summary["result"], logging.DEBUG)
     fields = cycle_fields(summary, watermarks, parked, corrections)
     logging.getLogger("cycle").log(level, cycle_message(summary), extra=fields)
+
+
+class IdleCycleFilter(logging.Filter):
+    """Leaves out the summary line of a cycle that found nothing to do: for the text format, read by a person.
+
+    Such a cycle went through without an error and applied, corrected and reconciled no entry. Reading entries
+    already applied does not count, nor parking again the entries its retry still finds blocked: it parks
+    every one of them each cycle, so only more parked than in this process's previous cycle is news.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._parked = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Tell whether to write the record: every one but an idle cycle's summary."""
+        counts = getattr(record, "counts", None)
+        if record.name != "cycle" or getattr(record, "result", None) != "ok" or not isinstance(counts, dict):
+            return True
+        before, self._parked = self._parked, sum(queue.get("parked", 0) for queue in counts.values())
+        busy = any(n for queue in counts.values() for key, n in queue.items() if key not in ("read", "parked"))
+        return busy or self._parked > before or bool(getattr(record, "error", None))
