@@ -5,23 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 import uuid as uuidlib
 from collections import Counter
-from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
 
 from config import demo_server_uri, load_settings
+from devkit import ROOT, gunicorn, postgres
+from devkit.net import wait_until
 
-ROOT = Path(__file__).resolve().parent
-LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 QUEUE_DB, PORTFOLIO_DB = "consistency_demo_queue", "consistency_demo_portfolio"
 # Development default, for the demo only: never use it anywhere else.
 DEMO_TOKEN = "demo-token-not-for-production"  # noqa: S105 - a marked development default
@@ -46,45 +42,10 @@ SAMPLE_REQUESTS = [
 ORPHAN_ACCOUNT = "1099999999"  # a request for an account with no portfolio yet: it will be parked
 
 
-def with_database(uri: str, dbname: str) -> str:
-    """Return the server URI aimed at another database."""
-    return urlunsplit(urlsplit(uri)._replace(path=f"/{dbname}"))
-
-
-def find_server() -> tuple[str, object | None]:
-    """Use DEMO_PG_URI, else 127.0.0.1:5432 if it answers, else start an embedded PostgreSQL."""
-    chosen = demo_server_uri()
-    if chosen and chosen != "embedded":
-        return chosen, None
-    if chosen is None:
-        try:
-            psycopg2.connect(LOCAL_SERVER, connect_timeout=3).close()
-            return LOCAL_SERVER, None
-        except psycopg2.OperationalError:
-            pass
-    import pgserver  # ships its own PostgreSQL binaries
-
-    pgdata = ROOT / ".demo" / "pgdata"
-    pgdata.mkdir(parents=True, exist_ok=True)
-    print(f"starting an embedded PostgreSQL in {pgdata.relative_to(ROOT)}")
-    server = pgserver.get_server(pgdata, cleanup_mode="stop")
-    return server.get_uri(), server
-
-
 def recreate(server: str, dbname: str, schema: str) -> str:
     """Drop and create a demo database with a schema file; return its URI."""
-    admin = psycopg2.connect(server)
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
-        cur.execute(f'CREATE DATABASE "{dbname}"')
-    admin.close()
-    uri = with_database(server, dbname)
-    conn = psycopg2.connect(uri)
-    with conn, conn.cursor() as cur:
-        cur.execute((ROOT / "schema" / schema).read_text())
-    conn.close()
-    return uri
+    postgres.drop(server, dbname)
+    return postgres.create_database(server, dbname, ROOT / "schema" / schema)
 
 
 def load_sample(queue_uri: str, portfolio_uri: str) -> None:
@@ -148,19 +109,14 @@ def get(port: int, path: str) -> tuple[int, dict]:
         return err.code, json.loads(err.read())
 
 
-def wait_ready(port: int, service: subprocess.Popen, timeout: float = 60) -> None:
-    """Wait until the service reports ready, or fail if it exits."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if service.poll() is not None:
-            raise SystemExit(f"the service exited with status {service.returncode}")
-        try:
-            if get(port, "/ready")[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("the service did not become ready")
+def wait_ready(port: int, service: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """Wait until the service reports ready; stop the demo if it exits first or takes too long."""
+    try:
+        wait_until(lambda: service.poll() is not None or get(port, "/ready")[0] == 200, timeout, "readiness", 0.2)
+    except AssertionError:
+        raise SystemExit("the service did not become ready") from None
+    if service.poll() is not None:
+        raise SystemExit(f"the service exited with status {service.returncode}")
 
 
 def print_try_these(port: int) -> None:
@@ -207,7 +163,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="check the demo works, then stop")
     args = parser.parse_args()
-    server, embedded = find_server()
+    server, embedded = postgres.find_server(demo_server_uri(), ROOT / ".demo" / "pgdata")
     queue_uri = recreate(server, QUEUE_DB, "queue_db.sql")
     portfolio_uri = recreate(server, PORTFOLIO_DB, "user_portfolio_db.sql")
     load_sample(queue_uri, portfolio_uri)
@@ -219,25 +175,24 @@ def main() -> None:
         "USER_PORTFOLIO_DB_URI": portfolio_uri,
         "API_TOKEN": DEMO_TOKEN,
         "POLLING_INTERVAL": os.environ.get("POLLING_INTERVAL", "5"),
+        # Lines for a person: the text format, which leaves out the cycles that found nothing to do.
+        "LOG_FORMAT": os.environ.get("LOG_FORMAT", "text"),
     }
-    command = [sys.executable, "-m", "gunicorn", "consistency_manager_svc:app"]
-    service = subprocess.Popen(command, cwd=ROOT, env=env)  # noqa: S603 - our own fixed command
     try:
-        wait_ready(port, service)
-        if args.smoke:
-            smoke(portfolio_uri)
-            return
-        print_try_these(port)
-        while service.poll() is None:
-            time.sleep(15)
-            done = settle_one(queue_uri)
-            if done:
-                print(f"queue: {done}")
+        with gunicorn.running(gunicorn.command(), env) as service:  # its lines go to this terminal
+            wait_ready(port, service)
+            if args.smoke:
+                smoke(portfolio_uri)
+                return
+            print_try_these(port)
+            while service.poll() is None:
+                time.sleep(15)
+                done = settle_one(queue_uri)
+                if done:
+                    print(f"queue: {done}")
     except KeyboardInterrupt:
         pass
     finally:
-        service.send_signal(signal.SIGTERM)
-        service.wait(timeout=30)
         del embedded
 
 

@@ -81,11 +81,6 @@ class CycleWork:
     counts: dict[str, dict[str, int]]
     stopped_early: bool
 
-    @property
-    def idle(self) -> bool:
-        """Tell whether the cycle found nothing at all to do."""
-        return not any(any(counts.values()) for counts in self.counts.values())
-
 
 @dataclass(frozen=True)
 class CycleResult:

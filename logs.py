@@ -76,6 +76,8 @@ def configure(level: str, fmt: str) -> None:
         root.removeHandler(handler)
     handler = StdoutHandler()
     handler.setFormatter(formatter(fmt))
+    if fmt == "text":
+        handler.addFilter(IdleCycleFilter())
     root.addHandler(handler)
     root.setLevel(level)
 
@@ -124,3 +126,25 @@ def log_cycle(result: CycleResult, standing: Standing | None = None) -> None:
     """Write a cycle's one summary line: INFO when it ran, ERROR when it failed, DEBUG when it skipped its turn."""
     level = {"ok": logging.INFO, "error": logging.ERROR}.get(result.outcome, logging.DEBUG)
     logging.getLogger("cycle").log(level, cycle_message(result), extra=cycle_fields(result, standing))
+
+
+class IdleCycleFilter(logging.Filter):
+    """Leaves out the summary line of a cycle that found nothing to do: for the text format, read by a person.
+
+    Such a cycle went through without an error and applied, corrected and reconciled no entry. Reading entries
+    already applied does not count, nor parking again the entries its retry still finds blocked: it parks
+    every one of them each cycle, so only more parked than in this process's previous cycle is news.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._parked = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Tell whether to write the record: every one but an idle cycle's summary."""
+        counts = getattr(record, "counts", None)
+        if record.name != "cycle" or getattr(record, "result", None) != "ok" or not isinstance(counts, dict):
+            return True
+        before, self._parked = self._parked, sum(queue.get("parked", 0) for queue in counts.values())
+        busy = any(n for queue in counts.values() for key, n in queue.items() if key not in ("read", "parked"))
+        return busy or self._parked > before or bool(getattr(record, "error", None))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import subprocess
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -18,17 +19,17 @@ from bench.approaches import per_entry, set_based
 from bench.data import TIERS, build_templates, snapshot
 from bench.idle import idle_cycle_ms
 from bench.latency import measure_latency
-from bench.serve import gunicorn, service_env, status
-from tests import pgtest
-from tests.faults.harness import wait_until
+from bench.serve import service_env, status, stored_cycle
+from devkit import gunicorn, postgres
+from devkit.net import free_port, wait_until
 
 SERVICE_PATHS = ("/health", "/api/v1/consistency/status")
 
 
 def fresh_copy(server: str, templates: tuple[str, str]) -> tuple[str, str, list[str]]:
     """Clone the backlog's databases; return their URIs and names."""
-    names = [pgtest.clone(server, template) for template in templates]
-    return pgtest.with_database(server, names[0]), pgtest.with_database(server, names[1]), names
+    names = [postgres.clone(server, template) for template in templates]
+    return postgres.with_database(server, names[0]), postgres.with_database(server, names[1]), names
 
 
 def worker_peak_rss_mb(master: int) -> float:
@@ -48,32 +49,31 @@ def run_service(
 
     Return the drain's seconds, the workers' peak RSS, and whether the drain outlasted `during`.
     """
-    port = pgtest.free_port()
+    port = free_port()
     # No cycle but the start-up one, so that the last cycle is the drain.
     env = service_env(
         queue_uri, portfolio_uri, port, POLLING_INTERVAL="3600", BATCH_SIZE=str(batch_size), LISTEN_NOTIFY="false"
     )
-    with gunicorn(env, "consistency_manager_svc:app") as service:
-        wait_until(lambda: last_cycle(port) is not False, 60, "the service to answer")
+    with gunicorn.running(gunicorn.command(), env, subprocess.DEVNULL) as service:
+        wait_until(lambda: status(port), 60, "the service to answer")
         if during is not None:
             during(port)
         loaded_until = datetime.now(UTC)
-        seen: list[Any] = []  # one answer: another worker's may be up to a second older
-        wait_until(lambda: bool(seen.append(last_cycle(port)) or seen[-1]), 3600, "the drain to finish", interval=0.2)
-        last = seen[-1]
-        read = sum(counts["read"] for counts in last["counts"].values()) if last["result"] == "ok" else 0  # type: ignore[index]
+        last = stored_cycle(port, 3600, "the drain to finish")
+        read = sum(counts["read"] for counts in last["counts"].values()) if last["result"] == "ok" else 0
         if read != entries:
             raise SystemExit(f"the service's last cycle is not the drain of {entries} entries: {last}")
-        seconds = last["duration_ms"] / 1000  # type: ignore[index]
-        drained_at = datetime.fromisoformat(last["started_at"]) + timedelta(seconds=seconds)  # type: ignore[index]
+        seconds = last["duration_ms"] / 1000
+        drained_at = datetime.fromisoformat(last["started_at"]) + timedelta(seconds=seconds)
         return seconds, worker_peak_rss_mb(service.pid), drained_at > loaded_until
 
 
 def run_floor(queue_uri: str, portfolio_uri: str, during: Callable[[int], None]) -> bool:
     """Serve the do-nothing floor app while the set-based bound drains; tell whether the drain outlasted `during`."""
-    port = pgtest.free_port()
+    port = free_port()
     env = service_env(queue_uri, portfolio_uri, port)  # what the shipped gunicorn.conf.py reads
-    with gunicorn(env, "-c", "python:bench.floor", "bench.floor:app"):
+    floor = gunicorn.command("-c", "python:bench.floor", app="bench.floor:app")
+    with gunicorn.running(floor, env, subprocess.DEVNULL):
         wait_until(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1), 30, "the floor")
         with ThreadPoolExecutor(max_workers=1) as pool:
             drain = pool.submit(set_based, queue_uri, portfolio_uri, TIERS)
@@ -81,14 +81,6 @@ def run_floor(queue_uri: str, portfolio_uri: str, during: Callable[[int], None])
             outlasted = not drain.done()
             drain.result()  # the drain's own error, if it failed
         return outlasted
-
-
-def last_cycle(port: int) -> dict[str, object] | bool | None:
-    """Return the last finished cycle the service reports, None before the first, False if it is not up."""
-    try:
-        return status(port).get("last_cycle")
-    except OSError:
-        return False
 
 
 def http_loads(seconds: int, paths: tuple[str, ...]) -> tuple[dict[str, http.Load], Callable[[int], None]]:
@@ -144,10 +136,10 @@ def measure(
                 results["snapshots"].append(snapshot(portfolio_uri))
             finally:
                 for dbname in names:
-                    pgtest.drop(server, dbname)
+                    postgres.drop(server, dbname)
     finally:
         for template in templates:
-            pgtest.drop(server, template)
+            postgres.drop(server, template)
     return results
 
 
@@ -225,7 +217,7 @@ def main() -> None:
         "--polling-interval", type=float, default=1.0, help="POLLING_INTERVAL for the latency runs (default 1.0)"
     )
     args = parser.parse_args()
-    server, keep_alive = pgtest.server_uri()
+    server, keep_alive = postgres.server_uri()
     with_per_entry = args.entries <= args.per_entry_entries
     big = measure(server, args.entries, args.batch_size, with_per_entry, args.http_seconds, args.rounds)
     small = big if args.entries <= args.per_entry_entries else measure(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import psycopg2
 
-from tests import pgtest
+from devkit import ROOT, postgres
 
 # Deltas of a few percent, so every application changes the portfolio.
 TIERS = {"TIER1": "1000000", "TIER1_MV": "1030000", "TIER2": "2000000", "TIER2_MV": "1990000",
@@ -22,9 +22,9 @@ def run(uri: str, statement: str, params: tuple = ()) -> None:
 
 def build_templates(server: str, entries: int) -> tuple[str, str]:
     """Create template databases holding the backlog; return their names."""
-    queue = pgtest.create_template(server, "bench_tpl_queue", pgtest.ROOT / "schema" / "queue_db.sql")
-    portfolio = pgtest.create_template(server, "bench_tpl_portfolio", pgtest.ROOT / "schema" / "user_portfolio_db.sql")
-    quri, puri = pgtest.with_database(server, queue), pgtest.with_database(server, portfolio)
+    queue = postgres.create_template(server, "bench_tpl_queue", ROOT / "schema" / "queue_db.sql")
+    portfolio = postgres.create_template(server, "bench_tpl_portfolio", ROOT / "schema" / "user_portfolio_db.sql")
+    quri, puri = postgres.with_database(server, queue), postgres.with_database(server, portfolio)
     accounts = max(1, entries // ENTRIES_PER_ACCOUNT)
     run(puri, "INSERT INTO user_portfolios (accountid, tier1_allocation, tier2_allocation, tier3_allocation,"
               " total_allocation, tier1_value, tier2_value, tier3_value, total_value)"

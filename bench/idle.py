@@ -10,16 +10,16 @@ import psycopg2
 import config
 import service
 from bench.data import TIERS, run
-from tests import pgtest
+from devkit import ROOT, postgres
 
 TABLES = ("investment_queue", "withdrawal_queue")
 
 
 def build(server: str, rows: int) -> tuple[str, str]:
     """Create queue-db with `rows` settled entries per queue table and user-portfolio-db; return their names."""
-    queue = pgtest.create_template(server, "bench_idle_queue", pgtest.ROOT / "schema" / "queue_db.sql")
-    portfolio = pgtest.create_template(server, "bench_idle_portfolio", pgtest.ROOT / "schema" / "user_portfolio_db.sql")
-    quri = pgtest.with_database(server, queue)
+    queue = postgres.create_template(server, "bench_idle_queue", ROOT / "schema" / "queue_db.sql")
+    portfolio = postgres.create_template(server, "bench_idle_portfolio", ROOT / "schema" / "user_portfolio_db.sql")
+    quri = postgres.with_database(server, queue)
     for table in TABLES:
         run(quri, f"INSERT INTO {table} (account_number, uuid, status, updated_at)"  # noqa: S608
                   " SELECT (1000000000 + n / 10)::text, md5(n::text)::uuid::text, 'COMPLETED',"
@@ -32,7 +32,7 @@ def build(server: str, rows: int) -> tuple[str, str]:
 def idle_cycle_ms(server: str, rows: int, cycles: int = 20) -> tuple[float, float]:
     """Time cycles with nothing new behind watermarks at the end of `rows` rows per queue; return median, max ms."""
     names = build(server, rows)
-    quri, puri = (pgtest.with_database(server, name) for name in names)
+    quri, puri = (postgres.with_database(server, name) for name in names)
     settings = config.load_settings({**TIERS, "QUEUE_DB_URI": quri, "USER_PORTFOLIO_DB_URI": puri})
     svc = service.build_service(settings)
     try:
@@ -52,7 +52,7 @@ def idle_cycle_ms(server: str, rows: int, cycles: int = 20) -> tuple[float, floa
     finally:
         svc.close()
         for name in names:
-            pgtest.drop(server, name)
+            postgres.drop(server, name)
 
 
 def newest(queue_uri: str, table: str) -> tuple:

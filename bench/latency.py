@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,9 +15,9 @@ import psycopg2
 import psycopg2.extensions
 
 from bench.data import build_templates
-from bench.serve import ROOT, gunicorn, service_env, status
-from tests import pgtest
-from tests.faults.harness import wait_until
+from bench.serve import service_env, status, stored_cycle
+from devkit import ROOT, gunicorn, postgres
+from devkit.net import free_port, wait_until
 
 NOTIFY_SQL = ROOT / "schema" / "queue_notify.sql"
 ACCOUNT = "1000000000"  # the first account of the backlog build_templates makes
@@ -28,24 +29,24 @@ PROBE_EVERY = 0.005  # seconds between two reads of the portfolio transaction's 
 def fresh_databases(server: str, notify: bool) -> Iterator[tuple[str, str]]:
     """Build fresh queue-db and user-portfolio-db, with the notify trigger if asked; drop them afterwards."""
     templates = build_templates(server, BACKLOG)
-    names = [pgtest.clone(server, template) for template in templates]
+    names = [postgres.clone(server, template) for template in templates]
     try:
-        queue_uri, portfolio_uri = (pgtest.with_database(server, name) for name in names)
+        queue_uri, portfolio_uri = (postgres.with_database(server, name) for name in names)
         if notify:
-            pgtest.apply_schema(queue_uri, NOTIFY_SQL)
+            postgres.apply_schema(queue_uri, NOTIFY_SQL)
         yield queue_uri, portfolio_uri
     finally:
         for name in [*names, *templates]:
-            pgtest.drop(server, name)
+            postgres.drop(server, name)
 
 
 @contextmanager
 def service(queue_uri: str, portfolio_uri: str, notify: bool, polling_interval: float, workers: int) -> Iterator[int]:
     """Run the service under gunicorn until its start-up cycle is done; yield its port, then stop it."""
-    port = pgtest.free_port()
+    port = free_port()
     env = service_env(queue_uri, portfolio_uri, port, POLLING_INTERVAL=str(polling_interval),
                       LISTEN_NOTIFY="true" if notify else "false")  # fmt: skip
-    with gunicorn(env, "consistency_manager_svc:app", "--workers", str(workers)):
+    with gunicorn.running(gunicorn.command("--workers", str(workers)), env, subprocess.DEVNULL):
         wait_until(lambda: started_up(port), 60, "the service's start-up cycle")
         yield port
 
@@ -98,7 +99,7 @@ def measure_latency(
                 # Random spacing: the commits land anywhere in the polling interval, not in step with it.
                 time.sleep(rng.uniform(0.1, 0.1 + polling_interval))
                 latencies.append(one_sample(queue, portfolio))
-                cycles.append(status(port)["last_cycle"]["duration_ms"])
+                cycles.append(stored_cycle(port, 30, "a stored cycle")["duration_ms"])
         finally:
             queue.close()
             portfolio.close()
@@ -136,7 +137,7 @@ def main() -> None:
     parser.add_argument("--polling-interval", type=float, default=1.0, help="POLLING_INTERVAL (default 1.0)")
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (default 2, as shipped)")
     args = parser.parse_args()
-    server, keep_alive = pgtest.server_uri()
+    server, keep_alive = postgres.server_uri()
     on = measure_latency(server, True, args.polling_interval, args.samples, args.workers)
     off = measure_latency(server, False, args.polling_interval, args.samples, args.workers)
     print(f"{args.samples} commits per mode, POLLING_INTERVAL {args.polling_interval:g} s, --workers {args.workers}")

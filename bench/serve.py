@@ -1,20 +1,14 @@
-"""Running an app under gunicorn for the benchmark: its environment, its life, and the service's status."""
+"""The service under gunicorn for the benchmark: its environment, and what its status endpoint reports."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
+from typing import Any
 
 from bench.data import TIERS
-
-ROOT = Path(__file__).resolve().parent.parent
+from devkit.net import wait_until
 
 
 def service_env(queue_uri: str, portfolio_uri: str, port: int, **settings: str) -> dict[str, str]:
@@ -30,19 +24,18 @@ def service_env(queue_uri: str, portfolio_uri: str, port: int, **settings: str) 
     }
 
 
-@contextmanager
-def gunicorn(env: dict[str, str], *args: str) -> Iterator[subprocess.Popen]:
-    """Run gunicorn from the project's folder with these arguments until the block ends, then stop it."""
-    command = [sys.executable, "-m", "gunicorn", *args]
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        yield process
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
-
-
 def status(port: int) -> dict:
     """Read the service's status endpoint."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/consistency/status", timeout=5) as answer:
         return json.loads(answer.read())
+
+
+def stored_cycle(port: int, timeout: float, what: str) -> dict[str, Any]:
+    """Wait until the worker that answers reports a stored cycle, and return it.
+
+    Each worker keeps what it last read for up to a second, so one may answer None just after another stored
+    the first cycle.
+    """
+    seen: list[Any] = []
+    wait_until(lambda: bool(seen.append(status(port).get("last_cycle")) or seen[-1]), timeout, what, interval=0.2)
+    return seen[-1]

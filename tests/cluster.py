@@ -11,7 +11,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from tests.pgtest import free_port
+from devkit.net import free_port
 
 
 def _bindir() -> Path:

@@ -10,6 +10,7 @@ import pytest
 import migrations
 import tiers
 from config import Settings
+from devkit import ROOT, postgres
 from service import Service, build_service
 from tests import pgtest
 from tests.world import World
@@ -20,7 +21,7 @@ API_TOKEN = "test-token-0123456789abcdef"
 @pytest.fixture(scope="session")
 def pg() -> Iterator[str]:
     """The URI of the server the tests use."""
-    uri, keep_alive = pgtest.server_uri()
+    uri, keep_alive = postgres.server_uri()
     yield uri
     del keep_alive
 
@@ -34,14 +35,12 @@ def templates(pg: str) -> Iterator[tuple[str, str]]:
         tiers.seed(cur, Settings().tier_seed)
 
     names = (
-        pgtest.create_template(pg, "cmtpl_queue", pgtest.ROOT / "schema" / "queue_db.sql"),
-        pgtest.create_template(
-            pg, "cmtpl_portfolio", pgtest.ROOT / "schema" / "user_portfolio_db.sql", migrate_and_seed
-        ),
+        postgres.create_template(pg, "cmtpl_queue", ROOT / "schema" / "queue_db.sql"),
+        postgres.create_template(pg, "cmtpl_portfolio", ROOT / "schema" / "user_portfolio_db.sql", migrate_and_seed),
     )
     yield names
     for name in names:
-        pgtest.drop(pg, name)
+        postgres.drop(pg, name)
 
 
 @pytest.fixture(scope="session")
@@ -61,10 +60,10 @@ def lookback_role(pg: str) -> Iterator[str]:
 @pytest.fixture
 def dbs(pg: str, templates: tuple[str, str]) -> Iterator[tuple[str, str]]:
     """Fresh queue-db and user-portfolio-db for one test, as URIs."""
-    names = [pgtest.clone(pg, template) for template in templates]
-    yield pgtest.with_database(pg, names[0]), pgtest.with_database(pg, names[1])
+    names = [postgres.clone(pg, template) for template in templates]
+    yield postgres.with_database(pg, names[0]), postgres.with_database(pg, names[1])
     for name in names:
-        pgtest.drop(pg, name)
+        postgres.drop(pg, name)
 
 
 @pytest.fixture

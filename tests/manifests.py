@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from tests.pgtest import ROOT
+from devkit import ROOT
 
 DOCKERFILE = ROOT / "Dockerfile"
 BASE_DEPLOYMENT = ROOT / "k8s" / "base" / "deployment.yaml"

@@ -1,20 +1,52 @@
-"""The demo works on a machine with no PostgreSQL: it starts an embedded one and applies its sample."""
+"""The demo works on a machine with no PostgreSQL, and shows a person text lines without a flood of idle cycles."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
-from tests.pgtest import ROOT
-from tests.test_e2e import free_port
+from devkit import ROOT, gunicorn
+from devkit.net import free_port, wait_until
+
+DEMO = [sys.executable, "demo.py"]
+
+
+def demo_env(**settings: str) -> dict[str, str]:
+    """The environment of `make demo` on a machine with no PostgreSQL, on a free port, in the demo's log format."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LOG_FORMAT", "POLLING_INTERVAL")}
+    return {**env, "DEMO_PG_URI": "embedded", "PORT": str(free_port()), "PYTHONUNBUFFERED": "1", **settings}
+
+
+def cycle_lines(output: str) -> list[str]:
+    """Return the summary lines of the cycles that ran, as the text format writes them."""
+    return [line for line in output.splitlines() if " INFO cycle: consistency cycle ok" in line]
 
 
 def test_demo_applies_its_sample_with_an_embedded_postgresql() -> None:
-    env = {**os.environ, "DEMO_PG_URI": "embedded", "PORT": str(free_port())}
-    result = subprocess.run(
-        [sys.executable, "demo.py", "--smoke"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
-    )
+    result = subprocess.run([*DEMO, "--smoke"], cwd=ROOT, env=demo_env(), capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "starting an embedded PostgreSQL" in result.stdout
     assert "demo smoke check passed" in result.stdout
+    assert not [line for line in result.stdout.splitlines() if line.startswith("{")]  # text lines, not JSON
+    assert "COMPLETED=2 FAILED=1" in cycle_lines(result.stdout)[0]  # the start-up cycle applied the sample
+
+
+def test_demo_shows_the_cycles_that_did_something_and_not_the_idle_ones(tmp_path) -> None:
+    log = tmp_path / "demo.log"
+    demo = gunicorn.start(DEMO, demo_env(POLLING_INTERVAL="0.1"), log)
+    try:
+        wait_until(lambda: "Ctrl-C stops it all" in log.read_text(), 120, "the demo to start")
+        # Some 30 cycles, none with anything new: the demo settles its first pending request after 15 s.
+        time.sleep(3)
+    finally:
+        demo.send_signal(signal.SIGINT)  # Ctrl-C: the demo stops the service and the embedded server
+        code = demo.wait(timeout=60)
+    output = log.read_text()
+    assert code == 0, output[-3000:]
+    cycles = cycle_lines(output)
+    assert "COMPLETED=2 FAILED=1" in cycles[0]
+    # Then the orphan parked again by each cycle's retry; shown only by the other worker's first cycle.
+    assert len(cycles) <= 2, "\n".join(cycles)

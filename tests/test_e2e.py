@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from devkit import ROOT, gunicorn
+from devkit.net import free_port, wait_until
 from tests.conftest import API_TOKEN
-from tests.faults.harness import wait_until
 from tests.manifests import termination_grace_period
-from tests.pgtest import ROOT, free_port
 from tests.test_metrics import FAMILIES, Samples, parse
 from tests.world import World, expected
 
@@ -50,16 +50,12 @@ def call(port: int, method: str, path: str, body: dict | None = None) -> tuple[i
 
 @contextmanager
 def running(command: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT) -> Iterator[subprocess.Popen]:
-    """Run the service as a child process, stopping it afterwards if the test has not."""
-    with log.open("w") as out:
-        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
-        try:
+    """Run the service as a child process logging to a file, stop it if the test has not, and show the log's end."""
+    try:
+        with gunicorn.running(command, env, log, cwd) as process:
             yield process
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-            print(log.read_text()[-4000:])
+    finally:
+        print(log.read_text()[-4000:])
 
 
 @pytest.fixture
@@ -81,7 +77,7 @@ def test_gunicorn_applies_concurrent_traffic_exactly_once(service_env, world: Wo
     for account in ACCOUNTS:
         world.portfolio_for(account)
     port = int(service_env["PORT"])
-    command = [sys.executable, "-m", "gunicorn", "consistency_manager_svc:app", "--workers", "3"]
+    command = gunicorn.command("--workers", "3")
     temporary = tmp_path / "tmp"  # gunicorn's worker_tmp_dir, where it makes the metrics directory
     temporary.mkdir()
     with running(command, {**service_env, "TMPDIR": str(temporary)}, tmp_path / "gunicorn.log") as process:
@@ -160,7 +156,7 @@ def test_gunicorn_workers_share_their_metrics_and_log_only_json(service_env, wor
     (shared / "counter_999999.db").write_bytes(b"left over from an earlier run")  # unreadable: must be cleared
     service_env.update(PROMETHEUS_MULTIPROC_DIR=str(shared), LOG_FORMAT="json")
     port = int(service_env["PORT"])
-    command = [sys.executable, "-m", "gunicorn", "consistency_manager_svc:app"]  # gunicorn.conf.py: 2 workers
+    command = gunicorn.command()  # gunicorn.conf.py: 2 workers
     log = tmp_path / "gunicorn.log"
     with running(command, service_env, log) as process:
         wait_until(lambda: call(port, "GET", "/ready")[0] == 200, 30, "readiness")
@@ -207,7 +203,7 @@ def test_python_entry_point_serves_the_api_and_stops_on_sigterm(service_env, wor
 
 @pytest.mark.parametrize(
     "command",
-    [[sys.executable, "consistency_manager_svc.py"], [sys.executable, "-m", "gunicorn", "consistency_manager_svc:app"]],
+    [[sys.executable, "consistency_manager_svc.py"], gunicorn.command()],
 )
 def test_bad_configuration_stops_the_start_naming_every_variable(command) -> None:
     env = {**os.environ, "POLLING_INTERVAL": "soon", "PORT": "0", "QUEUE_DB_URI": "mysql://u:pw@h/db"}

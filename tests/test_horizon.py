@@ -13,8 +13,8 @@ import pytest
 import migrations
 import tiers
 from config import Settings
+from devkit import ROOT, postgres
 from service import Service, build_service
-from tests import pgtest
 from tests.cluster import Cluster
 from tests.world import World
 
@@ -37,20 +37,20 @@ def make_stage(own_server: Cluster) -> Iterator:
     made: list[tuple[Service, World, list[str]]] = []
 
     def make(naive: bool = False, timezone: str | None = None) -> tuple[Service, World]:
-        names = [pgtest.unique_name("cm_own_queue"), pgtest.unique_name("cm_own_portfolio")]
+        names = [postgres.unique_name("cm_own_queue"), postgres.unique_name("cm_own_portfolio")]
         for name in names:
-            pgtest.admin(own_server.uri, f'CREATE DATABASE "{name}"')
-        queue_uri, portfolio_uri = (pgtest.with_database(own_server.uri, name) for name in names)
+            postgres.admin(own_server.uri, f'CREATE DATABASE "{name}"')
+        queue_uri, portfolio_uri = (postgres.with_database(own_server.uri, name) for name in names)
         if timezone:
-            pgtest.admin(own_server.uri, f"ALTER DATABASE \"{names[0]}\" SET timezone = '{timezone}'")
-        pgtest.apply_schema(queue_uri, pgtest.ROOT / "schema" / "queue_db.sql")
+            postgres.admin(own_server.uri, f"ALTER DATABASE \"{names[0]}\" SET timezone = '{timezone}'")
+        postgres.apply_schema(queue_uri, ROOT / "schema" / "queue_db.sql")
         if naive:
             with closing(psycopg2.connect(queue_uri)) as conn, conn, conn.cursor() as cur:
                 for table in ("investment_queue", "withdrawal_queue"):
                     cur.execute(f"ALTER TABLE {table} ALTER COLUMN updated_at TYPE timestamp")
-        pgtest.apply_schema(
+        postgres.apply_schema(
             portfolio_uri,
-            pgtest.ROOT / "schema" / "user_portfolio_db.sql",
+            ROOT / "schema" / "user_portfolio_db.sql",
             lambda cur: (migrations.migrate(cur), tiers.seed(cur, Settings().tier_seed)),
         )
         settings = Settings(queue_db_uri=queue_uri, portfolio_db_uri=portfolio_uri, batch_size=4)
@@ -64,7 +64,7 @@ def make_stage(own_server: Cluster) -> Iterator:
         svc.close()
         world.close()
         for name in names:
-            pgtest.drop(own_server.uri, name)
+            postgres.drop(own_server.uri, name)
 
 
 def test_a_prepared_transaction_holds_the_watermark_until_it_commits(make_stage, caplog) -> None:

@@ -228,16 +228,16 @@ def test_an_unknown_status_is_parked_with_it_shown_and_applied_once_when_fixed(s
 def test_entries_recorded_before_the_upgrade_keep_one_settlement_per_transaction(world: World, pg: str) -> None:
     """Migration 3 gives each recorded entry its transaction; of two that named one, the first keeps it."""
     import migrations
-    from tests import pgtest
+    from devkit import ROOT, postgres
 
-    name = pgtest.unique_name("cm_upgrade")
-    pgtest.admin(pg, f'CREATE DATABASE "{name}"')
-    uri = pgtest.with_database(pg, name)
+    name = postgres.unique_name("cm_upgrade")
+    postgres.admin(pg, f'CREATE DATABASE "{name}"')
+    uri = postgres.with_database(pg, name)
     txn = str(uuidlib.uuid4())
     try:
         conn = psycopg2.connect(uri)
         with conn, conn.cursor() as cur:
-            cur.execute((pgtest.ROOT / "schema" / "user_portfolio_db.sql").read_text())
+            cur.execute((ROOT / "schema" / "user_portfolio_db.sql").read_text())
             cur.execute("CREATE SCHEMA consistency")
             for _, _, path in migrations.available_migrations()[:2]:
                 cur.execute(path.read_text())
@@ -258,7 +258,7 @@ def test_entries_recorded_before_the_upgrade_keep_one_settlement_per_transaction
             assert cur.fetchall() == [(1, txn), (2, None), (3, None)]
         conn.close()
     finally:
-        pgtest.drop(pg, name)
+        postgres.drop(pg, name)
 
 
 def test_the_retired_apply_batch_refuses_so_an_older_release_cannot_apply_without_the_guarantee(

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests import pgtest
-from tests.faults.harness import wait_until
-from tests.manifests import DOCKERFILE, ImageStage, assemble_workdir, base_deployment, final_stage
+from devkit import ROOT, postgres
+from devkit.net import free_port, wait_until
+from tests.manifests import DOCKERFILE, ImageStage, assemble_workdir, base_deployment, context_files, final_stage
 from tests.manifests import termination_grace_period as grace_period
 from tests.test_e2e import call, running
 
@@ -30,11 +30,11 @@ IMAGE_TMP = "/tmp"  # noqa: S108 - the image's temp folder, not one the tests us
 @pytest.fixture
 def fresh_dbs(pg: str, templates: tuple[str, str]) -> Iterator[tuple[str, str]]:
     """A queue-db, and a user-portfolio-db with the portfolio tables only, so start-up runs the migrations."""
-    queue = pgtest.clone(pg, templates[0])
-    portfolio = pgtest.create_template(pg, "cmimg_portfolio", pgtest.ROOT / "schema" / "user_portfolio_db.sql")
-    yield pgtest.with_database(pg, queue), pgtest.with_database(pg, portfolio)
+    queue = postgres.clone(pg, templates[0])
+    portfolio = postgres.create_template(pg, "cmimg_portfolio", ROOT / "schema" / "user_portfolio_db.sql")
+    yield postgres.with_database(pg, queue), postgres.with_database(pg, portfolio)
     for name in (queue, portfolio):
-        pgtest.drop(pg, name)
+        postgres.drop(pg, name)
 
 
 def image_env(stage: ImageStage, dbs: tuple[str, str], port: int) -> dict[str, str]:
@@ -48,7 +48,7 @@ def image_env(stage: ImageStage, dbs: tuple[str, str], port: int) -> dict[str, s
 
 def test_the_image_command_serves_and_stops_cleanly_on_sigterm(fresh_dbs, tmp_path) -> None:
     workdir = assemble_workdir(STAGE, tmp_path / "image")
-    port = pgtest.free_port()
+    port = free_port()
     with running(STAGE.cmd, image_env(STAGE, fresh_dbs, port), tmp_path / "image.log", cwd=workdir) as process:
         wait_until(lambda: process.poll() is not None or call(port, "GET", "/ready")[0] == 200, 30, "readiness")
         assert process.poll() is None, "the image's command exited"
@@ -64,7 +64,7 @@ def test_the_image_command_serves_and_stops_cleanly_on_sigterm(fresh_dbs, tmp_pa
 def test_a_broken_command_is_caught(fresh_dbs, tmp_path) -> None:
     broken = final_stage(DOCKERFILE.read_text().replace("consistency_manager_svc:app", "consistency_manager:app"))
     workdir = assemble_workdir(broken, tmp_path / "image")
-    port = pgtest.free_port()
+    port = free_port()
     with running(broken.cmd, image_env(broken, fresh_dbs, port), tmp_path / "image.log", cwd=workdir) as process:
         assert process.wait(timeout=30) != 0
 
@@ -74,7 +74,8 @@ def test_the_image_holds_what_the_service_reads_and_nothing_of_the_tests(tmp_pat
     shipped = {str(p.relative_to(workdir)) for p in workdir.rglob("*") if p.is_file()}
     needed = {"consistency_manager_svc.py", "gunicorn.conf.py", "sql/queries.sql", "sql/migrations/0001_state.sql"}
     assert needed <= shipped
-    assert not any(name.startswith(("tests/", "bench/", ".venv/", ".git")) for name in shipped)
+    assert not any(name.startswith(("tests/", "bench/", "devkit/", ".venv/", ".git")) for name in shipped)
+    assert not any(path.parts[0] in {"tests", "bench", "devkit", "demo.py"} for path in context_files())
 
 
 def test_the_deployment_runs_the_image_as_its_user_on_its_port_with_a_writable_tmp() -> None:
@@ -84,7 +85,7 @@ def test_the_deployment_runs_the_image_as_its_user_on_its_port_with_a_writable_t
     assert pod["securityContext"]["runAsUser"] == container["securityContext"]["runAsUser"] == int(STAGE.user)
     assert [str(p["containerPort"]) for p in container["ports"]] == STAGE.expose == ["8080"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
-    conf = runpy.run_path(str(pgtest.ROOT / "gunicorn.conf.py"))
+    conf = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
     # worker_tmp_dir unset: gunicorn's heartbeat files go to the temp folder, which is /tmp in the image.
     assert conf.get("worker_tmp_dir") is None
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}

@@ -15,16 +15,16 @@ import pytest
 
 import listener
 from db import Database
+from devkit import ROOT, postgres
+from devkit.net import wait_until
 from domain import CycleResult
 from listener import LISTENER_NAME, Listener
 from poller import WAKE_MIN_GAP, Poller, Progress
 from service import Service
-from tests import pgtest
-from tests.faults.harness import wait_until
 from tests.world import World
 
 ACCOUNT = "5000000001"
-NOTIFY_SQL = pgtest.ROOT / "schema" / "queue_notify.sql"
+NOTIFY_SQL = ROOT / "schema" / "queue_notify.sql"
 # libpq quotes a badly percent-encoded password back in its error message.
 PASSWORD = "pw%zz-never-shown-77"
 
@@ -32,7 +32,7 @@ PASSWORD = "pw%zz-never-shown-77"
 @pytest.fixture
 def notifying(dbs: tuple[str, str]) -> None:
     """Install the opt-in trigger on the test's queue-db, as an operator would."""
-    pgtest.apply_schema(dbs[0], NOTIFY_SQL)
+    postgres.apply_schema(dbs[0], NOTIFY_SQL)
 
 
 def idle(svc: Service) -> bool:
@@ -80,7 +80,7 @@ def received(conn: psycopg2.extensions.connection, wait: float = 0.5) -> list[st
 
 
 def test_the_trigger_notifies_once_per_table_and_only_when_entries_settle(notifying, dbs, world: World) -> None:
-    pgtest.apply_schema(dbs[0], NOTIFY_SQL)  # a second run replaces, and adds nothing
+    postgres.apply_schema(dbs[0], NOTIFY_SQL)  # a second run replaces, and adds nothing
     ours = world.q("SELECT count(*) FROM pg_trigger WHERE tgname LIKE '%notify%'")[0][0]
     ear = psycopg2.connect(dbs[0])
     ear.autocommit = True
@@ -120,7 +120,7 @@ def test_without_notifications_a_settled_entry_waits_for_the_next_poll(
     trigger: bool, listen: bool, dbs, make_service, world: World
 ) -> None:
     if trigger:
-        pgtest.apply_schema(dbs[0], NOTIFY_SQL)
+        postgres.apply_schema(dbs[0], NOTIFY_SQL)
     world.portfolio_for(ACCOUNT)
     svc = started(make_service, listen_notify=listen)
 

@@ -18,6 +18,7 @@ from service import service_of
 from tests.world import World
 
 ACCOUNT = "4000000001"
+ORPHAN = "4999999999"  # an account with no portfolio
 PASSWORD = "Log-pw-never-shown-42"
 
 
@@ -135,3 +136,51 @@ def test_text_format_is_for_a_terminal(app, world: World, output) -> None:
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO cycle: consistency cycle ok in .*", line)
     assert "investment read=1 COMPLETED=1" in line
     assert not line.startswith("{")
+
+
+def test_text_format_leaves_out_idle_cycles_and_json_writes_every_one(app, world: World, output) -> None:
+    poller = service_of(app).poller
+    world.portfolio_for(ACCOUNT)
+
+    def cycle_lines() -> list[str]:
+        """Run one cycle; return the summary lines it wrote."""
+        poller.run_once()
+        return [line for line in output().splitlines() if "consistency cycle" in line]
+
+    logs.configure("INFO", "text")
+    world.request("investment", ACCOUNT)
+    world.request("withdrawal", ORPHAN, txn=False)  # no portfolio: parked, and parked again by every cycle's retry
+    busy = cycle_lines()
+    idle = [cycle_lines() for _ in range(3)]
+    world.request("investment", ORPHAN, txn=False)
+    newly_parked = cycle_lines()
+    quiet_again = cycle_lines()
+    logs.configure("INFO", "json")
+    json_idle = [json_lines("\n".join(cycle_lines())) for _ in range(2)]
+
+    assert len(busy) == 1 and "investment read=1 COMPLETED=1" in busy[0] and "parked=1" in busy[0]
+    assert idle == [[], [], []]
+    assert len(newly_parked) == 1 and re.search(r"investment read=\d+ COMPLETED=0 \S+ \S+ parked=1", newly_parked[0])
+    assert quiet_again == []
+    for [line] in json_idle:
+        assert line["event"] == "cycle" and line["result"] == "ok"
+        assert line["counts"]["investment"]["COMPLETED"] == line["counts"]["withdrawal"]["COMPLETED"] == 0
+        assert line["counts"]["investment"]["parked"] + line["counts"]["withdrawal"]["parked"] == 2
+
+
+def test_the_idle_filter_lets_through_every_line_but_an_idle_cycles_summary() -> None:
+    idle_counts = {"read": 3, "COMPLETED": 0, "FAILED": 0, "CANCELLED": 0, "parked": 0, "corrected": 0}
+    only = logs.IdleCycleFilter()
+
+    def passes(name: str, **fields: object) -> bool:
+        record = logging.LogRecord(name, logging.INFO, __file__, 1, "a line", None, None)
+        record.__dict__.update(fields)
+        return only.filter(record)
+
+    assert not passes("cycle", result="ok", counts={"investment": idle_counts}, error=None)
+    assert passes("cycle", result="error", counts={"investment": idle_counts}, error="queue-db: down")
+    assert passes("cycle", result="skipped")
+    assert passes("cycle")  # the cycle logger's other lines, such as the watermark mode
+    assert passes("poller", result="ok", counts={"investment": idle_counts})
+    for key in ("FAILED", "corrected", "reconciled"):
+        assert passes("cycle", result="ok", counts={"investment": {**idle_counts, key: 1}}, error=None), key

@@ -10,9 +10,9 @@ from typing import get_args
 import jsonschema
 import pytest
 
+from devkit import ROOT
 from domain import COUNT_KEYS, QUEUES, CycleResult, CycleWork, Mode, Outcome
 from openapi import SPEC
-from tests.pgtest import ROOT
 
 SERVICE_MODULES = sorted(p for p in ROOT.glob("*.py") if p.name not in {"demo.py", "gunicorn.conf.py"})
 SUMMARY = SPEC["components"]["schemas"]["CycleSummary"]

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
+from devkit import ROOT
 from queries import QUERIES
-from tests.pgtest import ROOT
 
 SERVICE_MODULES = sorted(p for p in ROOT.glob("*.py") if p.name not in {"demo.py", "gunicorn.conf.py"})
 

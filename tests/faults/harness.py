@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -21,8 +19,9 @@ from pathlib import Path
 
 import psycopg2
 
+from devkit import gunicorn
+from devkit.net import free_port, wait_until
 from domain import MIRRORED, TERMINAL
-from tests.pgtest import ROOT, free_port
 from tests.world import TABLES, TYPES, World, expected
 
 API_TOKEN = "fault-token-0123456789abcdef"
@@ -66,13 +65,9 @@ class Replica:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> Replica:
-        """Start gunicorn in a process group of its own."""
-        command = [sys.executable, "-m", "gunicorn", "consistency_manager_svc:app", "--workers", str(self.workers)]
-        out = self.log.open("a")
-        self.process = subprocess.Popen(
-            command, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        out.close()
+        """Start gunicorn in a process group of its own, logging to the replica's file."""
+        command = gunicorn.command("--workers", str(self.workers))
+        self.process = gunicorn.start(command, self.env, self.log, own_group=True)
         return self
 
     def get(self, path: str, method: str = "GET") -> tuple[int, dict]:
@@ -104,28 +99,13 @@ class Replica:
     def terminate(self, timeout: float = 15) -> int:
         """SIGTERM the master and return its exit status."""
         assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=timeout)
+        return gunicorn.stop(self.process, timeout)
 
     def cleanup(self) -> None:
         """Make sure nothing of this replica is left running."""
         if self.process is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
+            gunicorn.kill(self.process)
             self.process.wait(timeout=10)
-
-
-def wait_until(check, timeout: float, what: str, interval: float = 0.1) -> None:
-    """Poll until check() is true; fail naming what was awaited."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except (OSError, urllib.error.URLError, psycopg2.Error):
-            pass
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class Writers:

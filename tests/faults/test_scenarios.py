@@ -7,6 +7,8 @@ import time
 
 import psycopg2
 
+from devkit import ROOT, postgres
+from devkit.net import wait_until
 from tests import pgtest
 from tests.cluster import Cluster
 from tests.faults.conftest import Stage, record
@@ -17,7 +19,6 @@ from tests.faults.harness import (
     check_model,
     open_portfolios,
     wait_caught_up,
-    wait_until,
 )
 from tests.world import World
 
@@ -152,12 +153,12 @@ def test_least_privilege_lookback_loses_nothing(lookback_stage: Stage, world: Wo
 def test_database_outage_recovers_without_restart(exact_role: str, tmp_path) -> None:
     cluster = Cluster()
     try:
-        pgtest.admin(cluster.uri, f"CREATE ROLE {exact_role} LOGIN")
+        postgres.admin(cluster.uri, f"CREATE ROLE {exact_role} LOGIN")
         names = []
         for prefix, ddl in (("outage_queue", "queue_db.sql"), ("outage_portfolio", "user_portfolio_db.sql")):
-            names.append(pgtest.create_template(cluster.uri, prefix, pgtest.ROOT / "schema" / ddl))
+            names.append(postgres.create_template(cluster.uri, prefix, ROOT / "schema" / ddl))
         pgtest.apply_grants(cluster.uri, exact_role, *names, read_all_stats=True)
-        dbs = (pgtest.with_database(cluster.uri, names[0]), pgtest.with_database(cluster.uri, names[1]))
+        dbs = (postgres.with_database(cluster.uri, names[0]), postgres.with_database(cluster.uri, names[1]))
         world = World(*dbs)
         stage = Stage(cluster.uri, dbs, exact_role, world, tmp_path)
         try:
