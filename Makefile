@@ -30,4 +30,4 @@ run: $(VENV)/.installed  ## the production command, configured from the environm
 	$(VENV)/bin/gunicorn consistency_manager_svc:app
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .ruff_cache
+	rm -rf $(VENV) .demo .pytest_cache .ruff_cache .mypy_cache
