@@ -1,6 +1,7 @@
 """Applies batches of queue entries to user-portfolio-db, exactly once, parking what cannot apply.
 
-The work itself is set-based SQL: consistency.apply_batch_v2 in sql/migrations/0003_one_settlement_per_transaction.sql.
+The work itself is set-based SQL: the steps consistency.claim_batch_v1, check_batch_v1, compound_batch_v1 and
+settle_batch_v1 in sql/migrations/0004_versioned_apply_steps.sql.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import psycopg2
 import psycopg2.extensions
 
 from db import pg_array
-from domain import Entry, Position, Queue
+from domain import MIRRORED, OPEN, TERMINAL, Entry, Position, Queue
 from queries import query, table_query
 
 log = logging.getLogger(__name__)
@@ -87,11 +88,19 @@ def apply_loaded(
         "transaction_type": queue.transaction_type,
         "columns": queue.portfolio_columns,
         "retrying": retrying,
+        "terminal": pg_array(TERMINAL),
+        "open": pg_array(OPEN),
+        "mirrored": pg_array(MIRRORED[status] for status in TERMINAL),
         **factor_arrays(factors),
     }
-    cur.execute(query("apply_batch"), params)
+    cur.execute(query("claim_batch"), params)
+    corrected = cur.fetchone()[0]
+    cur.execute(query("check_batch"), params)
+    cur.execute(query("compound_batch"), params)
+    cur.execute(query("settle_batch"), params)
     counts = Counter(dict(cur.fetchall()))
-    if counts["corrected"]:
+    if corrected:
+        counts["corrected"] = corrected
         _warn_corrections(cur, queue, queue_ids)
     return counts
 
