@@ -126,7 +126,7 @@ BEGIN
          WHERE reason IS NULL AND status = 'COMPLETED'
          GROUP BY account_number
     ), computed AS (
-        SELECT p.accountid, c.result, c.applied, c.problem
+        SELECT p.accountid, c.result, c.applied, c.problem, e.k
           FROM eligible e
           JOIN user_portfolios p ON p.accountid = e.account_number
          CROSS JOIN LATERAL consistency.compound(
@@ -136,16 +136,17 @@ BEGIN
                END,
                p_numerators, p_denominators, e.k) AS c
     ), ranked AS (
-        SELECT queue_id, account_number,
-               row_number() OVER (PARTITION BY account_number ORDER BY updated_at, queue_id) AS n
-          FROM pg_temp.cm_batch
-         WHERE reason IS NULL AND status = 'COMPLETED'
+        -- Only the portfolios where a step could not be stored: usually none.
+        SELECT b.queue_id, c.applied, c.problem,
+               row_number() OVER (PARTITION BY b.account_number ORDER BY b.updated_at, b.queue_id) AS n
+          FROM pg_temp.cm_batch b
+          JOIN computed c ON c.accountid = b.account_number AND c.applied < c.k
+         WHERE b.reason IS NULL AND b.status = 'COMPLETED'
     ), blocked AS (
         UPDATE pg_temp.cm_batch b
-           SET reason = c.problem
+           SET reason = r.problem
           FROM ranked r
-          JOIN computed c ON c.accountid = r.account_number
-         WHERE b.queue_id = r.queue_id AND r.n > c.applied
+         WHERE b.queue_id = r.queue_id AND r.n > r.applied
     )
     UPDATE user_portfolios p
        SET tier1_value = CASE p_columns WHEN 'values' THEN c.result[1] ELSE p.tier1_value END,
@@ -172,10 +173,10 @@ CREATE FUNCTION consistency.settle_batch_v1(p_queue TEXT, p_terminal TEXT[], p_m
 RETURNS TABLE (outcome TEXT, entries BIGINT)
 LANGUAGE plpgsql AS $$
 BEGIN
-    DELETE FROM consistency.applied_entries a
-     USING pg_temp.cm_batch b
-     WHERE b.reason IS NOT NULL AND NOT b.unclaimed
-       AND a.queue = p_queue AND a.queue_id = b.queue_id;
+    -- By index, whatever the planner believes of the ledger's queues.
+    DELETE FROM consistency.applied_entries
+     WHERE queue = p_queue
+       AND queue_id = ANY (ARRAY(SELECT queue_id FROM pg_temp.cm_batch WHERE reason IS NOT NULL AND NOT unclaimed));
     PERFORM consistency.park_batch(p_queue);
 
     -- No other entry can have settled these transactions: the unique record of the claim says so.
