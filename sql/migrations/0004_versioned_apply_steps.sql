@@ -56,8 +56,9 @@ CREATE FUNCTION consistency.sort_unclaimed_v1(p_queue TEXT, p_terminal TEXT[], p
 RETURNS BIGINT
 LANGUAGE plpgsql AS $$
 DECLARE
-    corrected BIGINT := consistency.note_corrections(p_queue);
+    corrected BIGINT;
 BEGIN
+    corrected := consistency.note_corrections(p_queue);
     -- A terminal entry left unclaimed names a transaction another entry settled; a status outside the
     -- known ones is never applied, nor skipped without a word.
     UPDATE pg_temp.cm_batch b
