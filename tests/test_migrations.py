@@ -50,8 +50,7 @@ def apply_with_v2(
 def apply_functions(cur: psycopg2.extensions.cursor) -> set[str]:
     """Name the apply functions the state schema holds."""
     cur.execute(
-        "SELECT proname FROM pg_proc WHERE pronamespace = 'consistency'::regnamespace"
-        " AND (proname LIKE 'apply_batch%%' OR proname LIKE '%%_batch_v_')"
+        "SELECT proname FROM pg_proc WHERE pronamespace = 'consistency'::regnamespace AND proname LIKE '%%batch%%'"
     )
     return {row[0] for row in cur.fetchall()}
 
@@ -83,12 +82,13 @@ def test_one_upgrade_keeps_apply_batch_v2_beside_the_steps_and_each_entry_applie
     conn = psycopg2.connect(at_version_3)
     try:
         with conn, conn.cursor() as cur:
-            assert apply_functions(cur) == {"apply_batch", "apply_batch_v2"}
+            assert "apply_batch_v2" in apply_functions(cur)
+            assert not STEPS & apply_functions(cur)
             assert apply_with_v2(cur, INVESTMENT, [first], FACTORS) == {"COMPLETED": 1}
 
         with conn, conn.cursor() as cur:
             assert migrations.migrate(cur) == [4]
-            assert apply_functions(cur) == {"apply_batch", "apply_batch_v2", *STEPS}
+            assert {"apply_batch_v2", *STEPS} <= apply_functions(cur)
 
         # This release, through the steps: the old entry read again, another spelling of its transaction, a new one.
         with conn, conn.cursor() as cur:

@@ -26,27 +26,60 @@ BEGIN
         UPDATE pg_temp.cm_batch SET txn_id = consistency.to_uuid(uuid);
     END;
 
-    -- The exactly-once record, under (queue, queue_id) and under the portfolio transaction; the queue's
-    -- spelling of the uuid is kept only where it is not the transaction's own.
-    WITH claimed AS (
-        INSERT INTO consistency.applied_entries (queue, queue_id, uuid, txn_id, status)
-        SELECT p_queue, b.queue_id, NULLIF(b.uuid, b.txn_id::text), b.txn_id, b.status
-          FROM pg_temp.cm_batch b
-         WHERE b.status = ANY (p_terminal)
-         ORDER BY b.updated_at, b.queue_id
-            ON CONFLICT DO NOTHING
-        RETURNING queue_id
-    )
-    UPDATE pg_temp.cm_batch b
-       SET unclaimed = TRUE
-     WHERE NOT EXISTS (SELECT 1 FROM claimed c WHERE c.queue_id = b.queue_id);
-    GET DIAGNOSTICS left_over = ROW_COUNT;
+    left_over := consistency.record_batch_v1(p_queue, p_terminal);
     -- Row counts for the planner: the statements after this join the batch to large tables.
     ANALYZE pg_temp.cm_batch;
     IF left_over = 0 THEN
         RETURN 0;
     END IF;
     RETURN consistency.sort_unclaimed_v1(p_queue, p_terminal, p_open);
+END
+$$;
+
+-- Records the batch's terminal entries as applied, under (queue, queue_id) and under the portfolio
+-- transaction, and marks the others unclaimed; returns how many it marked. The queue's spelling of the
+-- uuid is kept only where it is not the transaction's own.
+CREATE FUNCTION consistency.record_batch_v1(p_queue TEXT, p_terminal TEXT[]) RETURNS BIGINT
+LANGUAGE plpgsql AS $$
+DECLARE
+    left_over BIGINT;
+BEGIN
+    -- Most batches name no transaction recorded before, and none twice: a plain INSERT of the entries not
+    -- recorded yet then checks each unique index once. A conflict undoes it, and the statement after it
+    -- settles each one as ON CONFLICT does, the first entry in order keeping the transaction.
+    BEGIN
+        WITH claimed AS (
+            INSERT INTO consistency.applied_entries (queue, queue_id, uuid, txn_id, status)
+            SELECT p_queue, b.queue_id, NULLIF(b.uuid, b.txn_id::text), b.txn_id, b.status
+              FROM pg_temp.cm_batch b
+             WHERE b.status = ANY (p_terminal)
+               AND b.queue_id NOT IN (SELECT a.queue_id
+                                        FROM consistency.applied_entries a
+                                       WHERE a.queue = p_queue
+                                         AND a.queue_id = ANY (ARRAY(SELECT queue_id FROM pg_temp.cm_batch)))
+             ORDER BY b.updated_at, b.queue_id
+            RETURNING queue_id
+        )
+        UPDATE pg_temp.cm_batch b
+           SET unclaimed = TRUE
+         WHERE NOT EXISTS (SELECT 1 FROM claimed c WHERE c.queue_id = b.queue_id);
+        GET DIAGNOSTICS left_over = ROW_COUNT;
+    EXCEPTION WHEN unique_violation THEN
+        WITH claimed AS (
+            INSERT INTO consistency.applied_entries (queue, queue_id, uuid, txn_id, status)
+            SELECT p_queue, b.queue_id, NULLIF(b.uuid, b.txn_id::text), b.txn_id, b.status
+              FROM pg_temp.cm_batch b
+             WHERE b.status = ANY (p_terminal)
+             ORDER BY b.updated_at, b.queue_id
+                ON CONFLICT DO NOTHING
+            RETURNING queue_id
+        )
+        UPDATE pg_temp.cm_batch b
+           SET unclaimed = TRUE
+         WHERE NOT EXISTS (SELECT 1 FROM claimed c WHERE c.queue_id = b.queue_id);
+        GET DIAGNOSTICS left_over = ROW_COUNT;
+    END;
+    RETURN left_over;
 END
 $$;
 
