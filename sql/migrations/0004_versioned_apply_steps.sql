@@ -6,7 +6,8 @@
 -- statuses are terminal, open and mirrored comes in as parameters, from domain.py.
 
 -- Claims the batch's terminal entries, once per entry and once per portfolio transaction, in
--- (updated_at, queue_id) order; parks what is left unclaimed and not open. Returns the corrections noted.
+-- (updated_at, queue_id) order, and gives what is left unclaimed and not open its reason. Returns the
+-- corrections noted.
 CREATE FUNCTION consistency.claim_batch_v1(p_queue TEXT, p_retrying BOOLEAN, p_terminal TEXT[], p_open TEXT[])
 RETURNS BIGINT
 LANGUAGE plpgsql AS $$
@@ -45,9 +46,11 @@ LANGUAGE plpgsql AS $$
 DECLARE
     left_over BIGINT;
 BEGIN
-    -- Most batches name no transaction recorded before, and none twice: a plain INSERT of the entries not
-    -- recorded yet then checks each unique index once. A conflict undoes it, and the statement after it
-    -- settles each one as ON CONFLICT does, the first entry in order keeping the transaction.
+    -- Most batches name no transaction recorded before, and none twice. For them a plain INSERT of the
+    -- entries not recorded yet searches the index on the transaction (a random key) once per entry, where
+    -- ON CONFLICT searches it twice. A conflict (with a row recorded before, by another process or in this
+    -- batch) raises and undoes the block; the statement after it then resolves each as ON CONFLICT does,
+    -- the first entry in (updated_at, queue_id) order keeping the transaction. The indexes decide, in both.
     BEGIN
         WITH claimed AS (
             INSERT INTO consistency.applied_entries (queue, queue_id, uuid, txn_id, status)
