@@ -1,6 +1,7 @@
 """Applies batches of queue entries to user-portfolio-db, exactly once, parking what cannot apply.
 
-The work itself is set-based SQL: consistency.apply_batch_v2 in sql/migrations/0003_one_settlement_per_transaction.sql.
+The work itself is set-based SQL: the steps consistency.claim_batch_v1, check_batch_v1, compound_batch_v1 and
+settle_batch_v1 in sql/migrations/0004_versioned_apply_steps.sql.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from fractions import Fraction
 import psycopg2
 import psycopg2.extensions
 
-from db import pg_array
-from domain import Entry, Position, Queue
+from db import one_row, pg_array
+from domain import MIRRORED, OPEN, TERMINAL, Entry, Position, Queue
 from queries import query, table_query
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def load_entries(
     )
 
 
-def apply_loaded(
+def apply_batch_table(
     cur: psycopg2.extensions.cursor,
     queue: Queue,
     factors: Sequence[Fraction],
@@ -87,11 +88,19 @@ def apply_loaded(
         "transaction_type": queue.transaction_type,
         "columns": queue.portfolio_columns,
         "retrying": retrying,
+        "terminal": pg_array(TERMINAL),
+        "open": pg_array(OPEN),
+        "mirrored": pg_array(MIRRORED[status] for status in TERMINAL),
         **factor_arrays(factors),
     }
-    cur.execute(query("apply_batch"), params)
+    cur.execute(query("claim_batch"), params)
+    corrected = one_row(cur)[0]
+    cur.execute(query("check_batch"), params)
+    cur.execute(query("compound_batch"), params)
+    cur.execute(query("settle_batch"), params)
     counts = Counter(dict(cur.fetchall()))
-    if counts["corrected"]:
+    if corrected:
+        counts["corrected"] = corrected
         _warn_corrections(cur, queue, queue_ids)
     return counts
 
@@ -125,7 +134,7 @@ def apply_each_entry(
         cur.execute(query("savepoint_entry"))
         try:
             load_entries(cur, [entry])
-            counts += apply_loaded(cur, queue, factors, retrying, pg_array([entry.queue_id]))
+            counts += apply_batch_table(cur, queue, factors, retrying, pg_array([entry.queue_id]))
         except (psycopg2.IntegrityError, psycopg2.DataError) as err:
             cur.execute(query("rollback_to_entry"))
             detail = err.diag.message_primary or type(err).__name__

@@ -12,7 +12,7 @@ import psycopg2
 import psycopg2.extensions
 
 import metrics
-from apply import apply_each_entry, apply_loaded, copy_batch, load_copied, load_entries, park
+from apply import apply_batch_table, apply_each_entry, copy_batch, load_copied, load_entries, park
 from db import in_transaction, pg_array
 from domain import OPEN, Entry, Position, Queue
 from horizon import HOLD, Horizon
@@ -156,7 +156,7 @@ class QueuePass:
         """Apply the loaded batch set-based; if the database rejects it, apply its entries one at a time."""
         cur.execute(query("savepoint_batch"))
         try:
-            counts = apply_loaded(cur, self.queue, self.factors, retrying, ids)
+            counts = apply_batch_table(cur, self.queue, self.factors, retrying, ids)
         except (psycopg2.IntegrityError, psycopg2.DataError) as err:
             cur.execute(query("rollback_to_batch"))
             detail = err.diag.message_primary

@@ -198,10 +198,17 @@ SELECT count(*) OVER (), updated_at, queue_id
  ORDER BY updated_at DESC, queue_id DESC
  LIMIT 1;
 
--- apply_batch: apply the batch table's entries (see sql/migrations/0003_one_settlement_per_transaction.sql)
-SELECT outcome, entries
-  FROM consistency.apply_batch_v2(%(queue)s, %(transaction_type)s, %(columns)s, %(retrying)s,
-                                  %(numerators)s::numeric[], %(denominators)s::numeric[]);
+-- claim_batch: step 1 of applying the batch table's entries, which records them once each; the corrections it noted (see sql/migrations/0004_versioned_apply_steps.sql)
+SELECT consistency.claim_batch_v1(%(queue)s, %(retrying)s, %(terminal)s::text[], %(open)s::text[]);
+
+-- check_batch: step 2, which gives each claimed entry that cannot apply now its reason
+SELECT consistency.check_batch_v1(%(transaction_type)s);
+
+-- compound_batch: step 3, which compounds the completed entries on their portfolios
+SELECT consistency.compound_batch_v1(%(columns)s, %(numerators)s::numeric[], %(denominators)s::numeric[]);
+
+-- settle_batch: step 4, which parks the blocked entries, mirrors the others' statuses, and counts the outcomes
+SELECT outcome, entries FROM consistency.settle_batch_v1(%(queue)s, %(terminal)s::text[], %(mirrored)s::text[]);
 
 -- filter_unapplied: of the given entries, those neither applied nor parked
 SELECT e.queue_id

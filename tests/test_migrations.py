@@ -1,0 +1,271 @@
+"""Versioned SQL: migration 4 adds the apply steps (_v1) beside apply_batch_v2, and both apply each entry once."""
+
+from __future__ import annotations
+
+import random
+import threading
+import uuid as uuidlib
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from fractions import Fraction
+
+import psycopg2
+import psycopg2.extensions
+import pytest
+
+import migrations
+from apply import apply_entries, factor_arrays, load_entries
+from domain import INVESTMENT, WITHDRAWAL, Entry, Queue
+from tests import pgtest
+from tests.world import World, expected
+
+ACCOUNT = "1000000001"
+RISE = ("1100000", "1000000")
+FACTORS = (Fraction(11, 10), Fraction(1), Fraction(1))
+STEPS = {"claim_batch_v1", "check_batch_v1", "compound_batch_v1", "settle_batch_v1"}
+T0 = datetime(2026, 12, 1, tzinfo=UTC)
+
+# What a pod of the previous release runs for a loaded batch (its sql/queries.sql, named apply_batch).
+APPLY_BATCH_V2 = (
+    "SELECT outcome, entries FROM consistency.apply_batch_v2(%(queue)s, %(transaction_type)s, %(columns)s,"
+    " %(retrying)s, %(numerators)s::numeric[], %(denominators)s::numeric[])"
+)
+
+
+def apply_with_v2(
+    cur: psycopg2.extensions.cursor,
+    queue: Queue,
+    entries: list[Entry],
+    factors: tuple[Fraction, ...],
+    retrying: bool = False,
+) -> Counter[str]:
+    """Apply entries the way the previous release does: one call of apply_batch_v2."""
+    load_entries(cur, entries)
+    params = {"queue": queue.name, "transaction_type": queue.transaction_type, "columns": queue.portfolio_columns}
+    cur.execute(APPLY_BATCH_V2, {**params, "retrying": retrying, **factor_arrays(factors)})
+    return Counter(dict(cur.fetchall()))
+
+
+def apply_functions(cur: psycopg2.extensions.cursor) -> set[str]:
+    """Name the apply functions the state schema holds."""
+    cur.execute(
+        "SELECT proname FROM pg_proc WHERE pronamespace = 'consistency'::regnamespace AND proname LIKE '%%batch%%'"
+    )
+    return {row[0] for row in cur.fetchall()}
+
+
+@pytest.fixture
+def at_version_3(pg: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A user-portfolio-db migrated as the previous release left it: up to migration 3."""
+    name = pgtest.unique_name("cm_v3")
+    pgtest.admin(pg, f'CREATE DATABASE "{name}"')
+    uri = pgtest.with_database(pg, name)
+    previous = [m for m in migrations.available_migrations() if m[0] <= 3]
+    with monkeypatch.context() as patched:
+        patched.setattr(migrations, "available_migrations", lambda: previous)
+        pgtest.apply_schema(uri, pgtest.ROOT / "schema" / "user_portfolio_db.sql", migrations.migrate)
+    yield uri
+    pgtest.drop(pg, name)
+
+
+def test_one_upgrade_keeps_apply_batch_v2_beside_the_steps_and_each_entry_applies_once(
+    pg: str, at_version_3: str
+) -> None:
+    world = World(pgtest.with_database(pg, "postgres"), at_version_3)
+    world.portfolio_for(ACCOUNT)
+    old, new, late = (world.transaction_for("investment", ACCOUNT) for _ in range(3))
+    first = Entry(1, ACCOUNT, old, "COMPLETED", T0)
+    respelled = Entry(2, ACCOUNT, old.upper(), "COMPLETED", T0 + timedelta(seconds=1))
+    second = Entry(3, ACCOUNT, new, "COMPLETED", T0 + timedelta(seconds=2))
+    third = Entry(4, ACCOUNT, late, "COMPLETED", T0 + timedelta(seconds=3))
+    conn = psycopg2.connect(at_version_3)
+    try:
+        with conn, conn.cursor() as cur:
+            assert "apply_batch_v2" in apply_functions(cur)
+            assert not STEPS & apply_functions(cur)
+            assert apply_with_v2(cur, INVESTMENT, [first], FACTORS) == {"COMPLETED": 1}
+
+        with conn, conn.cursor() as cur:
+            assert migrations.migrate(cur) == [4]
+            assert {"apply_batch_v2", *STEPS} <= apply_functions(cur)
+
+        # This release, through the steps: the old entry read again, another spelling of its transaction, a new one.
+        with conn, conn.cursor() as cur:
+            assert apply_entries(cur, INVESTMENT, [first, respelled, second], FACTORS) == {"COMPLETED": 1, "parked": 1}
+        # A pod of the previous release during the rollout: everything again, and one entry more.
+        with conn, conn.cursor() as cur:
+            assert apply_with_v2(cur, INVESTMENT, [first, second, third], FACTORS) == {"COMPLETED": 1}
+    finally:
+        conn.close()
+
+    assert world.amounts(ACCOUNT)["tier1_value"] == expected("1000.00", RISE, RISE, RISE)
+    assert [world.txn_status(txn) for txn in (old, new, late)] == ["PROCESSED"] * 3
+    assert world.parked() == {old.upper(): "portfolio transaction already settled by investment entry 1"}
+    assert world.p("SELECT queue_id, txn_id::text FROM consistency.applied_entries ORDER BY queue_id") == [
+        (1, old),
+        (3, new),
+        (4, late),
+    ]
+    world.close()
+
+
+def test_a_claim_by_apply_batch_v2_holds_the_steps_off_its_transaction(dbs: tuple[str, str]) -> None:
+    """During a rollout the two versions share one unique record: the database, not a check, keeps them apart."""
+    world = World(*dbs)
+    world.portfolio_for(ACCOUNT)
+    txn = world.transaction_for("investment", ACCOUNT)
+    first, second = Entry(1, ACCOUNT, txn, "COMPLETED", T0), Entry(2, ACCOUNT, txn.upper(), "COMPLETED", T0)
+    holder = psycopg2.connect(dbs[1])
+    with holder.cursor() as cur:
+        assert apply_with_v2(cur, INVESTMENT, [first], FACTORS) == {"COMPLETED": 1}  # not committed yet
+    outcome: dict[str, int] = {}
+
+    def new_release() -> None:
+        conn = psycopg2.connect(dbs[1])
+        with conn, conn.cursor() as cur:
+            outcome.update(apply_entries(cur, INVESTMENT, [second], FACTORS))
+        conn.close()
+
+    racer = threading.Thread(target=new_release)
+    racer.start()
+    racer.join(timeout=1)
+    assert racer.is_alive()  # it waits on the unique record of the transaction
+    holder.commit()
+    holder.close()
+    racer.join(timeout=10)
+
+    assert outcome == {"parked": 1}
+    assert world.amounts(ACCOUNT)["tier1_value"] == expected("1000.00", RISE)
+    assert world.parked() == {txn.upper(): "portfolio transaction already settled by investment entry 1"}
+    world.close()
+
+
+# Per tier: a portfolio's value and allocation. A value of 3e12 overflows NUMERIC(15,2) after a few rises.
+AMOUNTS = (("1000.00", "100.00"), ("3000000000000.00", "0.00"))
+SPELLINGS = (str, str, str, str.upper, lambda u: u.replace("-", ""), lambda u: "{" + u + "}", lambda u: "urn:uuid:" + u)
+STATUSES = ["COMPLETED"] * 10 + ["FAILED"] * 2 + ["CANCELLED"] * 2 + ["PENDING", "PROCESSING", "completed", "", None]
+
+
+class Scenario:
+    """Portfolios, transactions and queue entries with every kind of trouble, drawn from one seed."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.accounts = [f"10000000{n:02d}" for n in range(6)]  # the last one has no portfolio
+        self.portfolios = {a: self.rng.choice(AMOUNTS) for a in self.accounts[:5]}
+        self.transactions: list[tuple[str, str, str]] = []  # id, account, type
+        self.entries = {queue.name: self._entries(queue, 40) for queue in (INVESTMENT, WITHDRAWAL)}
+
+    def _entries(self, queue: Queue, count: int) -> list[Entry]:
+        """Queue entries of one queue, in (updated_at, queue_id) order, naming transactions of every kind."""
+        rng, entries = self.rng, []
+        for n in range(1, count + 1):
+            account = rng.choice([*self.accounts, *self.accounts, None])
+            txn = self._transaction(queue, account)
+            spelled = None if txn is None else rng.choice(SPELLINGS)(txn)
+            spelled = rng.choice([spelled] * 9 + ["not-a-uuid"])
+            entries.append(Entry(n, account, spelled, rng.choice(STATUSES), T0 + timedelta(seconds=n // 2)))
+        return entries
+
+    def _transaction(self, queue: Queue, account: str | None) -> str | None:
+        """A transaction for an entry: mostly its own, sometimes one named before, another's, or none."""
+        kind = self.rng.choice(["own"] * 6 + ["again", "other account", "other type", "missing"])
+        if kind == "again" and self.transactions:
+            return self.rng.choice(self.transactions)[0]
+        if kind == "missing":
+            return str(uuidlib.UUID(int=self.rng.getrandbits(128)))
+        owner = self.rng.choice(self.accounts[:5]) if kind == "other account" or account is None else account
+        kind_of = {"other type": "WITHDRAWAL" if queue is INVESTMENT else "INVEST"}.get(kind, queue.transaction_type)
+        if owner not in self.portfolios:
+            return str(uuidlib.UUID(int=self.rng.getrandbits(128)))  # a transaction needs its portfolio
+        self.transactions.append((str(uuidlib.UUID(int=self.rng.getrandbits(128))), owner, kind_of))
+        return self.transactions[-1][0]
+
+    def build(self, cur: psycopg2.extensions.cursor) -> None:
+        """Create the portfolios and transactions, as the portfolio service does."""
+        for account, (value, allocation) in self.portfolios.items():
+            cur.execute(
+                "INSERT INTO user_portfolios (accountid, tier1_allocation, tier2_allocation, tier3_allocation,"
+                " total_allocation, tier1_value, tier2_value, tier3_value, total_value)"
+                " VALUES (%s, %s, %s, %s, 3 * %s::numeric, %s, %s, %s, 3 * %s::numeric)",
+                (account, *[allocation] * 4, *[value] * 4),
+            )
+        for txn, account, kind in self.transactions:
+            cur.execute(
+                "INSERT INTO portfolio_transactions (id, accountid, transaction_type) VALUES (%s, %s, %s)",
+                (txn, account, kind),
+            )
+
+    def changed(self, entries: list[Entry]) -> list[Entry]:
+        """The same entries read again after the queue changed some statuses (corrections, fixes, reopenings)."""
+        return [
+            Entry(e.queue_id, e.account_number, e.uuid, self.rng.choice([e.status, e.status, *STATUSES]), e.updated_at)
+            for e in entries
+        ]
+
+
+FACTOR_SETS = {
+    "rising": {"investment": FACTORS, "withdrawal": (Fraction(9, 10), Fraction(1), Fraction(19, 20))},
+    "negative": {"investment": (Fraction(3), Fraction(1), Fraction(1)), "withdrawal": (Fraction(-1, 2),) * 3},
+}
+
+
+def run_batches(conn: psycopg2.extensions.connection, scenario: Scenario, factor_set: str, apply) -> list[object]:
+    """Apply the scenario's batches of both queues, read again and retried, one transaction each; return outcomes."""
+    outcomes: list[object] = []
+    for queue in (INVESTMENT, WITHDRAWAL):
+        factors, entries = FACTOR_SETS[factor_set][queue.name], scenario.entries[queue.name]
+        changed = scenario.changed(entries[:30])
+        for batch in (entries[:20], changed[10:30], entries[30:]):
+            with conn, conn.cursor() as cur:
+                outcomes.append(apply(cur, queue, batch, factors))
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT queue_id FROM consistency.parked_entries WHERE queue = %s", (queue.name,))
+            parked = {row[0] for row in cur.fetchall()}
+            retried = [e for e in [*changed, *entries[30:]] if e.queue_id in parked]
+            outcomes.append(apply(cur, queue, retried, factors, retrying=True))
+    return outcomes
+
+
+STATE = {
+    "portfolios": "SELECT accountid, tier1_value, tier2_value, tier3_value, total_value, tier1_allocation,"
+    " tier2_allocation, tier3_allocation, total_allocation FROM user_portfolios ORDER BY accountid",
+    "transactions": "SELECT id, status FROM portfolio_transactions ORDER BY id",
+    "applied": "SELECT queue, queue_id, uuid, txn_id, status FROM consistency.applied_entries ORDER BY queue, queue_id",
+    "parked": "SELECT queue, queue_id, uuid, account_number, status, updated_at, reason, attempts"
+    " FROM consistency.parked_entries ORDER BY queue, queue_id",
+    "corrections": "SELECT queue, queue_id, uuid, applied_status, queue_status FROM consistency.corrections"
+    " ORDER BY queue, queue_id",
+}
+
+
+def outcome_and_state(pg: str, template: str, seed: int, factor_set: str, apply) -> dict[str, object]:
+    """Run one seed's scenario on a fresh database with one apply, and read back everything it left."""
+    name = pgtest.clone(pg, template)
+    conn = psycopg2.connect(pgtest.with_database(pg, name))
+    try:
+        scenario = Scenario(seed)
+        with conn, conn.cursor() as cur:
+            scenario.build(cur)
+        found: dict[str, object] = {"outcomes": run_batches(conn, scenario, factor_set, apply)}
+        with conn, conn.cursor() as cur:
+            for key, statement in STATE.items():
+                cur.execute(statement)
+                found[key] = cur.fetchall()
+        return found
+    finally:
+        conn.close()
+        pgtest.drop(pg, name)
+
+
+@pytest.mark.parametrize("factor_set", sorted(FACTOR_SETS))
+@pytest.mark.parametrize("seed", range(4))
+def test_the_steps_do_what_apply_batch_v2_does(pg: str, templates: tuple[str, str], seed: int, factor_set: str) -> None:
+    """Same batches, same databases: the same outcomes, money, statuses, records, parking reasons and corrections."""
+    old = outcome_and_state(pg, templates[1], seed, factor_set, apply_with_v2)
+    new = outcome_and_state(pg, templates[1], seed, factor_set, apply_entries)
+
+    assert new == old
+    outcomes = Counter(key for counts in old["outcomes"] for key in counts)  # type: ignore[union-attr]
+    assert {"COMPLETED", "FAILED", "CANCELLED", "parked"} <= set(outcomes)
