@@ -15,9 +15,11 @@ import psycopg2.extensions
 import pytest
 
 import migrations
-from apply import apply_entries, factor_arrays, load_entries
+from apply import apply_batch_table, factor_arrays, load_entries
+from db import pg_array
+from devkit import ROOT
+from devkit import postgres as pgtest
 from domain import INVESTMENT, WITHDRAWAL, Entry, Queue
-from tests import pgtest
 from tests.world import World, expected
 
 ACCOUNT = "1000000001"
@@ -31,6 +33,12 @@ APPLY_BATCH_V2 = (
     "SELECT outcome, entries FROM consistency.apply_batch_v2(%(queue)s, %(transaction_type)s, %(columns)s,"
     " %(retrying)s, %(numerators)s::numeric[], %(denominators)s::numeric[])"
 )
+
+
+def apply_entries(cur, queue, entries, factors, retrying=False):
+    """Load entries into the batch table and apply them set-based, as a cycle does."""
+    load_entries(cur, entries)
+    return apply_batch_table(cur, queue, factors, retrying, pg_array(e.queue_id for e in entries))
 
 
 def apply_with_v2(
@@ -64,7 +72,7 @@ def at_version_3(pg: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     previous = [m for m in migrations.available_migrations() if m[0] <= 3]
     with monkeypatch.context() as patched:
         patched.setattr(migrations, "available_migrations", lambda: previous)
-        pgtest.apply_schema(uri, pgtest.ROOT / "schema" / "user_portfolio_db.sql", migrations.migrate)
+        pgtest.apply_schema(uri, ROOT / "schema" / "user_portfolio_db.sql", migrations.migrate)
     yield uri
     pgtest.drop(pg, name)
 
