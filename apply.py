@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 def factor_arrays(factors: Sequence[Fraction]) -> dict[str, str]:
-    """Write exact tier factors as the numerator and denominator arrays consistency.apply_batch takes."""
+    """Write exact tier factors as the numerator and denominator arrays the apply steps take."""
     return {
         "numerators": pg_array(f.numerator for f in factors),
         "denominators": pg_array(f.denominator for f in factors),
