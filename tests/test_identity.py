@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 import uuid as uuidlib
 from fractions import Fraction
 
@@ -13,7 +12,7 @@ import pytest
 
 from apply import apply_each_entry
 from domain import INVESTMENT, Entry
-from tests.world import Request, World, expected
+from tests.world import Request, World, claim_raced, expected
 
 ACCOUNT = "1000000001"
 RISE = ("1100000", "1000000")  # TIER1_MV / TIER1 with TIER1_MV = 1100000
@@ -116,24 +115,11 @@ def test_the_database_refuses_a_second_claim_of_one_transaction_from_another_pro
     rows = rising.q("SELECT queue_id, account_number, uuid, status, updated_at FROM investment_queue ORDER BY queue_id")
     entries = [Entry(*row) for row in rows]
     factors = (Fraction(11, 10), Fraction(1), Fraction(1))
-    holder = psycopg2.connect(settings.portfolio_db_uri)
-    with holder.cursor() as cur:
-        apply_each_entry(cur, INVESTMENT, entries[:1], factors)  # claimed, not committed yet
-    outcome: dict[str, object] = {}
-
-    def other_process() -> None:
-        conn = psycopg2.connect(settings.portfolio_db_uri)
-        with conn, conn.cursor() as cur:
-            outcome.update(apply_each_entry(cur, INVESTMENT, entries[1:], factors))
-        conn.close()
-
-    racer = threading.Thread(target=other_process)
-    racer.start()
-    racer.join(timeout=1)
-    assert racer.is_alive()  # it waits on the unique record of the transaction
-    holder.commit()
-    holder.close()
-    racer.join(timeout=10)
+    outcome = claim_raced(
+        settings.portfolio_db_uri,
+        lambda cur: apply_each_entry(cur, INVESTMENT, entries[:1], factors),
+        lambda cur: apply_each_entry(cur, INVESTMENT, entries[1:], factors),
+    )
 
     assert outcome == {"parked": 1}
     settled_once(rising, first.uuid)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import threading
 import uuid as uuidlib
 from collections import Counter
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from db import pg_array
 from devkit import ROOT
 from devkit import postgres as pgtest
 from domain import INVESTMENT, WITHDRAWAL, Entry, Queue
-from tests.world import World, expected
+from tests.world import World, claim_raced, expected
 
 ACCOUNT = "1000000001"
 RISE = ("1100000", "1000000")
@@ -124,24 +123,11 @@ def test_a_claim_by_apply_batch_v2_holds_the_steps_off_its_transaction(dbs: tupl
     world.portfolio_for(ACCOUNT)
     txn = world.transaction_for("investment", ACCOUNT)
     first, second = Entry(1, ACCOUNT, txn, "COMPLETED", T0), Entry(2, ACCOUNT, txn.upper(), "COMPLETED", T0)
-    holder = psycopg2.connect(dbs[1])
-    with holder.cursor() as cur:
-        assert apply_with_v2(cur, INVESTMENT, [first], FACTORS) == {"COMPLETED": 1}  # not committed yet
-    outcome: dict[str, int] = {}
-
-    def new_release() -> None:
-        conn = psycopg2.connect(dbs[1])
-        with conn, conn.cursor() as cur:
-            outcome.update(apply_entries(cur, INVESTMENT, [second], FACTORS))
-        conn.close()
-
-    racer = threading.Thread(target=new_release)
-    racer.start()
-    racer.join(timeout=1)
-    assert racer.is_alive()  # it waits on the unique record of the transaction
-    holder.commit()
-    holder.close()
-    racer.join(timeout=10)
+    outcome = claim_raced(
+        dbs[1],
+        lambda cur: apply_with_v2(cur, INVESTMENT, [first], FACTORS),  # the previous release's pod
+        lambda cur: apply_entries(cur, INVESTMENT, [second], FACTORS),  # this release's
+    )
 
     assert outcome == {"parked": 1}
     assert world.amounts(ACCOUNT)["tier1_value"] == expected("1000.00", RISE)

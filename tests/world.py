@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import uuid as uuidlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal, localcontext
 from typing import Any
@@ -169,3 +171,28 @@ def expected(amount: str | Decimal, *factors: tuple[str, str]) -> Decimal:
         for num, den in factors:
             value = (value * Decimal(num) / Decimal(den)).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
     return value
+
+
+def claim_raced(uri: str, first: Callable[[Any], object], second: Callable[[Any], dict]) -> dict:
+    """Run `first` in a transaction left open, and `second` on another connection: check that the second
+    waits for the first (on the unique record of a transaction), commit the first, and return what the
+    second counted."""
+    holder = psycopg2.connect(uri)
+    with holder.cursor() as cur:
+        first(cur)
+    outcome: dict = {}
+
+    def other_process() -> None:
+        conn = psycopg2.connect(uri)
+        with conn, conn.cursor() as cur:
+            outcome.update(second(cur))
+        conn.close()
+
+    racer = threading.Thread(target=other_process)
+    racer.start()
+    racer.join(timeout=1)
+    assert racer.is_alive()  # it waits on the unique record of the transaction
+    holder.commit()
+    holder.close()
+    racer.join(timeout=10)
+    return outcome
