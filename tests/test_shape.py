@@ -102,3 +102,38 @@ def test_domain_constants_are_written_only_in_the_domain_module(literal: str) ->
         if isinstance(node, ast.Constant) and node.value == literal
     ]
     assert writers == ["domain.py"] * len(writers) and writers, writers
+
+
+def attribute_names(path) -> set[str]:
+    """Every attribute name a file reads or writes."""
+    return {node.attr for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Attribute)}
+
+
+def test_the_http_layer_reaches_no_part_of_the_service_but_its_methods_and_settings() -> None:
+    parts = {"poller", "runner", "cache", "queue_db", "portfolio_db", "listener", "progress"}
+    assert not attribute_names(ROOT / "api.py") & parts
+
+
+def test_nothing_is_assigned_to_the_wired_objects_after_they_are_built() -> None:
+    build = next(
+        node
+        for node in ast.walk(ast.parse((ROOT / "service.py").read_text()))
+        if isinstance(node, ast.FunctionDef) and node.name == "build_service"
+    )
+    targets = [t for node in ast.walk(build) if isinstance(node, ast.Assign) for t in node.targets]
+    assert all(isinstance(target, ast.Name) for target in targets), "build_service assigns an attribute"
+
+
+def test_the_unexpected_error_message_is_written_once() -> None:
+    writers = [
+        path.name
+        for path in SERVICE_MODULES
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and "see the service log" in node.value
+    ]
+    assert writers == ["service.py"]
+
+
+def test_the_benchmark_imports_nothing_from_the_tests() -> None:
+    for path in sorted((ROOT / "bench").glob("*.py")):
+        assert "tests" not in imported_modules(path), path.name
