@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from fractions import Fraction
 from typing import Any, TypeVar
 
@@ -15,7 +16,7 @@ import metrics
 from apply import apply_batch_table, apply_each_entry, copy_batch, load_copied, load_entries, park
 from db import in_transaction, pg_array
 from domain import OPEN, Entry, Position, Queue
-from horizon import HOLD, Horizon
+from horizon import Horizon
 from poller import Progress
 from queries import query, table_query
 
@@ -25,14 +26,7 @@ Connection = psycopg2.extensions.connection
 Cursor = psycopg2.extensions.cursor
 Key = TypeVar("Key")
 # Where the parked retry starts: before every entry.
-START: Position = (HOLD, 0)
-
-
-def read_queue(queue_conn: Connection, name: str, table: str, params: dict[str, Any]) -> list[Entry]:
-    """Run a named read on a queue table and return its rows as entries."""
-    with queue_conn.cursor() as cur:
-        cur.execute(table_query(name, table), params)
-        return [Entry(*row) for row in cur.fetchall()]
+START: Position = (datetime(1970, 1, 1, tzinfo=UTC), 0)
 
 
 class QueuePass:
@@ -166,5 +160,7 @@ class QueuePass:
         return counts
 
     def _read(self, name: str, params: dict[str, Any]) -> list[Entry]:
-        """Run a named read on this queue's table."""
-        return read_queue(self.qconn, name, self.queue.table, params)
+        """Run a named read on this queue's table and return its rows as entries."""
+        with self.qconn.cursor() as cur:
+            cur.execute(table_query(name, self.queue.table), params)
+            return [Entry(*row) for row in cur.fetchall()]
