@@ -1,14 +1,11 @@
-"""The HTTP API: probes, status, parked entries, the manual trigger and tier value updates."""
+"""The HTTP API: probes, status, parked entries, the manual trigger, tier value updates and the operators' tools."""
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import re
-from collections.abc import Callable
 from decimal import Decimal
-from functools import wraps
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
@@ -16,7 +13,9 @@ from werkzeug.exceptions import HTTPException
 
 import metrics
 import tiers
+from auth import OPERATE, READ, actor, require
 from db import DatabaseError
+from domain import InputError
 from openapi import SPEC
 from service import INTERNAL_ERROR, Service, service_of
 
@@ -24,6 +23,7 @@ log = logging.getLogger(__name__)
 
 bp = Blueprint("consistency", __name__)
 PARKED_LIMIT_MAX = 1000
+REASON_MAX = 500  # characters of an operator's reason
 
 
 def service() -> Service:
@@ -34,24 +34,6 @@ def service() -> Service:
 def error(status: int, message: str, **extra: Any) -> tuple[Response, int]:
     """Build a JSON error answer."""
     return jsonify({"error": message, **extra}), status
-
-
-def require_token(view: Callable[..., Any]) -> Callable[..., Any]:
-    """Let a request through only with `Authorization: Bearer <API_TOKEN>`."""
-
-    @wraps(view)
-    def checked(*args: Any, **kwargs: Any) -> Any:
-        expected = service().settings.api_token
-        if expected is None:
-            return error(401, "POST endpoints are disabled: API_TOKEN is not set on the server")
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
-            response, status = error(401, "missing or wrong bearer token")
-            response.headers["WWW-Authenticate"] = "Bearer"
-            return response, status
-        return view(*args, **kwargs)
-
-    return checked
 
 
 @bp.get("/health")
@@ -88,6 +70,7 @@ def status() -> Any:
 
 
 @bp.get("/api/v1/consistency/parked")
+@require(READ)
 def parked() -> Any:
     """The parked entries, oldest first, with their reasons."""
     limit = listing_limit()
@@ -95,6 +78,7 @@ def parked() -> Any:
 
 
 @bp.get("/api/v1/consistency/corrections")
+@require(READ)
 def corrections() -> Any:
     """The applied entries whose queue status changed afterwards, newest first."""
     limit = listing_limit()
@@ -103,12 +87,40 @@ def corrections() -> Any:
 
 def listing_limit() -> int | None:
     """Read a listing's one `limit` parameter; None when it is repeated or not a whole number in range."""
-    given = request.args.getlist("limit") or ["100"]
-    raw = given[0]
-    # ASCII digits only: str.isdigit() also takes '¹', which int() refuses (found by schemathesis).
-    if len(given) > 1 or not re.fullmatch(r"[0-9]{1,4}", raw) or not 1 <= int(raw) <= PARKED_LIMIT_MAX:
+    raw = one_argument("limit", "100")
+    if raw is None or not re.fullmatch(r"[0-9]{1,4}", raw) or not 1 <= int(raw) <= PARKED_LIMIT_MAX:
         return None
     return int(raw)
+
+
+def one_argument(name: str, default: str) -> str | None:
+    """Read a query parameter given at most once; None when it is repeated."""
+    given = request.args.getlist(name) or [default]
+    return given[0] if len(given) == 1 else None
+
+
+def page_arguments() -> tuple[int, int | None] | tuple[Response, int]:
+    """Read a paged listing's `limit` and `before` (the `next_before` of the page before), or answer 400."""
+    limit = listing_limit()
+    if limit is None:
+        return bad_limit()
+    raw = one_argument("before", "")
+    # ASCII digits only: str.isdigit() also takes '¹', which int() refuses (found by schemathesis).
+    if raw is None or not re.fullmatch(r"[0-9]{0,18}", raw):
+        return error(400, "before: must be one whole number, the next_before of the page before", field="before")
+    return limit, int(raw) if raw else None
+
+
+def reason_of(body: Any, required: bool) -> str | None:
+    """Read an action's `reason` from its JSON body; raise InputError when it is missing or not text."""
+    reason = body.get("reason") if isinstance(body, dict) else None
+    if reason is None and not required:
+        return None
+    if not isinstance(reason, str) or not reason.strip():
+        raise InputError("reason", "give a reason: a non-empty string")
+    if len(reason) > REASON_MAX:
+        raise InputError("reason", f"at most {REASON_MAX} characters")
+    return reason.strip()
 
 
 def bad_limit() -> tuple[Response, int]:
@@ -116,8 +128,19 @@ def bad_limit() -> tuple[Response, int]:
     return error(400, f"limit: must be one whole number from 1 to {PARKED_LIMIT_MAX}", field="limit")
 
 
+@bp.get("/api/v1/consistency/audit")
+@require(READ)
+def audit_trail() -> Any:
+    """Every operator action, newest first, paged."""
+    paging = page_arguments()
+    if isinstance(paging[0], Response):
+        return paging
+    limit, before = paging
+    return jsonify(service().audit.page(limit, before))
+
+
 @bp.post("/api/v1/consistency/trigger")
-@require_token
+@require(OPERATE)
 def trigger() -> Any:
     """Run a cycle now and return its summary."""
     result = service().trigger()
@@ -132,28 +155,57 @@ def trigger() -> Any:
 
 
 @bp.post("/api/v1/consistency/update-tier-values")
-@require_token
+@require(OPERATE)
 def update_tier_values() -> Any:
-    """Change any of the six tier values, all or nothing; return the new values and deltas."""
+    """Change any of the six tier values, all or nothing, with an optional reason; return the new values."""
+    body = json_body()
+    if isinstance(body, tuple):
+        return body
+    try:
+        reason = reason_of(body, required=False)
+        values = {k: v for k, v in body.items() if k != "reason"} if isinstance(body, dict) else body
+        changes = tiers.parse_update(values)
+    except InputError as err:
+        return error(400, str(err), field=err.field)
+    return jsonify({"tiers": service().update_tiers(changes, actor(), reason)})
+
+
+def json_body(optional: bool = False) -> Any:
+    """Read the request's JSON body, or answer 415 or 400; an optional body may be empty, read as {}."""
+    if optional and not request.get_data(cache=True):
+        return {}
     if not request.is_json:
         return error(415, "body: send JSON with Content-Type: application/json", field="body")
     try:
-        body = parse_json(request.get_data(cache=False))
-        changes = tiers.parse_update(body)
-    except tiers.TierInputError as err:
+        return parse_json(request.get_data(cache=False))
+    except InputError as err:
         return error(400, str(err), field=err.field)
     except (ValueError, RecursionError):
         return error(400, "body: not valid JSON", field="body")
-    return jsonify({"tiers": service().update_tiers(changes)})
 
 
 def parse_json(data: bytes) -> Any:
     """Parse a JSON body with numbers kept exact as Decimal, refusing NaN and Infinity."""
 
     def refuse(constant: str) -> Any:
-        raise tiers.TierInputError("body", f"{constant} is not a number")
+        raise InputError("body", f"{constant} is not a number")
 
     return json.loads(data, parse_float=Decimal, parse_int=Decimal, parse_constant=refuse)
+
+
+# The journal: one account's records and one entry's story.
+
+
+# Operator actions on entries: retry and resolve, one or in bulk.
+
+
+# The pause.
+
+
+# Drift checks.
+
+
+# Adoption: the baseline.
 
 
 @bp.app_errorhandler(HTTPException)

@@ -6,7 +6,8 @@ import math
 import os
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import TypeVar
 
@@ -29,6 +30,12 @@ LOG_FORMATS = ("json", "text")
 BOOLEANS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 # prometheus_client reads this variable itself when it is imported: it switches it to multiprocess mode.
 METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+# What a bearer token may do: `read` the GET endpoints, or `operate`, which also acts.
+READ, OPERATE = "read", "operate"
+ROLES = (READ, OPERATE)
+# The name API_TOKEN acts under in the audit trail.
+API_TOKEN_NAME = "api-token"  # noqa: S105 - a name, not a secret
+TOKEN_MIN_LENGTH = 16
 
 
 class ConfigError(Exception):
@@ -37,6 +44,19 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("invalid configuration: " + "; ".join(problems))
         self.problems = problems
+
+
+@dataclass(frozen=True)
+class Credential:
+    """A bearer token the API accepts: the name its holder acts under, and its role."""
+
+    name: str
+    role: str
+    token: str = field(repr=False)
+
+    def may(self, role: str) -> bool:
+        """Tell whether this credential may do what `role` allows: operate includes read."""
+        return self.role == OPERATE or role == READ
 
 
 @dataclass(frozen=True)
@@ -50,7 +70,8 @@ class Settings:
     tier_seed: tuple[tuple[Decimal, Decimal], ...] = tuple(
         (Decimal(TIER_DEFAULTS[f"TIER{n}"]), Decimal(TIER_DEFAULTS[f"TIER{n}_MV"])) for n in (1, 2, 3)
     )
-    api_token: str | None = None
+    api_token: str | None = field(default=None, repr=False)
+    api_tokens: tuple[Credential, ...] = ()  # from API_TOKENS_FILE
     batch_size: int = 5000
     lookback_window: float = 300.0
     reconcile_interval: float = 300.0
@@ -64,6 +85,15 @@ class Settings:
     db_statement_timeout: float = 30.0
     db_lock_timeout: float = 10.0
     listen_notify: bool = True
+    drift_check_interval: float = 3600.0  # 0: no scheduled drift checks
+    # Where a queue's first watermark starts when none is stored: "now", a time, or None for the start of time.
+    initial_watermark: datetime | str | None = None
+
+    @property
+    def credentials(self) -> tuple[Credential, ...]:
+        """Every token the API accepts: the named ones, and API_TOKEN, which may operate."""
+        single = () if self.api_token is None else (Credential(API_TOKEN_NAME, OPERATE, self.api_token),)
+        return (*self.api_tokens, *single)
 
 
 def check_tier_value(name: str, value: Decimal) -> str | None:
@@ -130,6 +160,28 @@ class _Reader:
 
         return self.get(name, default, parse, "a postgresql:// URI")
 
+    def tokens_file(self, name: str) -> tuple[Credential, ...]:
+        """Return the named tokens of the file a variable names: one `name token [role]` line each."""
+        path = self.environ.get(name, "").strip()
+        if not path:
+            return ()
+        try:
+            with open(path, encoding="utf-8") as file:
+                lines = file.read().splitlines()
+        except OSError as err:
+            self.problems.append(f"{name} must name a readable file (got {path!r}: {err.strerror})")
+            return ()
+        found = [_credential(line) for line in lines]
+        for number, (_, problem) in enumerate(found, start=1):
+            if problem:
+                self.problems.append(f"{name} line {number}: {problem}")
+        credentials = tuple(c for c, _ in found if c is not None)
+        if len({c.name for c in credentials}) < len(credentials):
+            self.problems.append(f"{name}: every token needs a name of its own")
+        if len({c.token for c in credentials}) < len(credentials):
+            self.problems.append(f"{name}: two names share one token")
+        return credentials
+
     def tier(self, name: str) -> Decimal:
         """Return one tier seed value."""
         value = self.get(name, Decimal(TIER_DEFAULTS[name]), parse_decimal, "a decimal number")
@@ -137,6 +189,21 @@ class _Reader:
         if problem:
             self.problems.append(problem)
         return value
+
+
+def _credential(line: str) -> tuple[Credential | None, str | None]:
+    """Parse one line of a tokens file; blank lines and # comments hold nothing. Never quotes the token."""
+    fields = line.split()
+    if not fields or fields[0].startswith("#"):
+        return None, None
+    if len(fields) not in (2, 3):
+        return None, "expected `name token` or `name token role`"
+    name, token, role = fields[0], fields[1], fields[2] if len(fields) == 3 else READ
+    if role not in ROLES:
+        return None, f"role must be one of {', '.join(ROLES)} (got {role[:20]!r})"
+    if len(token) < TOKEN_MIN_LENGTH:
+        return None, f"the token of {name[:40]!r} must be at least {TOKEN_MIN_LENGTH} characters"
+    return Credential(name, role, token), None
 
 
 def _shown(name: str, raw: str) -> str:
@@ -170,9 +237,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         db_statement_timeout=env.number("DB_STATEMENT_TIMEOUT", 30.0, 0.1, 3600),
         db_lock_timeout=env.number("DB_LOCK_TIMEOUT", 10.0, 0.1, 3600),
         listen_notify=env.get("LISTEN_NOTIFY", True, _boolean, "true or false"),
+        api_tokens=env.tokens_file("API_TOKENS_FILE"),
+        drift_check_interval=env.number("DRIFT_CHECK_INTERVAL", 3600.0, 0, 30 * 86400),
+        initial_watermark=env.get(
+            "INITIAL_WATERMARK", None, _initial_watermark, "`now` or an ISO 8601 time with an offset"
+        ),
     )
-    if settings.api_token is not None and len(settings.api_token) < 16:
-        env.problems.append("API_TOKEN must be at least 16 characters")
+    if settings.api_token is not None and len(settings.api_token) < TOKEN_MIN_LENGTH:
+        env.problems.append(f"API_TOKEN must be at least {TOKEN_MIN_LENGTH} characters")
     if env.problems:
         raise ConfigError(env.problems)
     return settings
@@ -191,6 +263,16 @@ def load_settings_or_exit() -> Settings:
         for problem in err.problems:
             print(f"configuration error: {problem}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _initial_watermark(raw: str) -> datetime | str:
+    """Parse INITIAL_WATERMARK: `now`, or an ISO 8601 time that names its offset (Z or +hh:mm)."""
+    if raw.lower() == "now":
+        return "now"
+    value = datetime.fromisoformat(raw)
+    if value.tzinfo is None:
+        raise ValueError(raw)
+    return value
 
 
 def _log_level(raw: str) -> str:

@@ -8,6 +8,7 @@ from types import FrameType
 from flask import Flask
 from flask.json.provider import DefaultJSONProvider
 
+import auth
 import logs
 from api import bp
 from config import Settings, load_settings, load_settings_or_exit
@@ -30,6 +31,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json = OrderedJSON(app)
     app.extensions[EXTENSION] = build_service(settings)
+    app.extensions[auth.EXTENSION] = settings.credentials
     app.register_blueprint(bp)
     return app
 

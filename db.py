@@ -6,6 +6,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -15,6 +16,7 @@ import psycopg2.pool
 
 from config import Settings
 from logs import mask_uri
+from queries import query
 
 # How the service's sessions are named in pg_stat_activity.
 APPLICATION_NAME = "consistency-manager-svc"
@@ -198,6 +200,35 @@ def one_row(cur: psycopg2.extensions.cursor) -> tuple[Any, ...]:
     if row is None:
         raise psycopg2.ProgrammingError("the statement returned no row")
     return row
+
+
+def json_rows(cur: psycopg2.extensions.cursor) -> list[dict[str, Any]]:
+    """Return the rows a statement left as JSON objects named by its columns, values shown faithfully."""
+    columns = [c.name for c in cur.description or ()]
+    return [dict(zip(columns, map(plain, row), strict=True)) for row in cur.fetchall()]
+
+
+def plain(value: Any) -> Any:
+    """Turn a database value into something JSON shows faithfully: times in ISO 8601, decimals as strings."""
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    return value
+
+
+def fetch_page(cur: psycopg2.extensions.cursor, name: str, params: dict[str, Any], limit: int) -> dict[str, Any]:
+    """Run a named listing newest first by `id`, below `before` when given; return a page and where the next starts.
+
+    The statement takes %(before)s (NULL for the first page) and %(limit)s, and is asked for one row more than
+    the page, to tell whether another page follows.
+    """
+    cur.execute(query(name), {**params, "limit": limit + 1})
+    rows = json_rows(cur)
+    more = len(rows) > limit
+    return {"entries": rows[:limit], "next_before": rows[limit - 1]["id"] if more else None}
 
 
 def first_line(err: Exception) -> str:

@@ -129,7 +129,7 @@ The consistency manager is running on {base}. Try:
   curl -s {base}/health
   curl -s {base}/ready
   curl -s {base}/api/v1/consistency/status
-  curl -s {base}/api/v1/consistency/parked
+  curl -s {auth} {base}/api/v1/consistency/parked
   curl -s -X POST {auth} {base}/api/v1/consistency/trigger
   curl -s -X POST {auth} -H "Content-Type: application/json" \\
        -d '{{"TIER1_MV": "1050000"}}' {base}/api/v1/consistency/update-tier-values

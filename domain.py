@@ -24,6 +24,16 @@ OUTCOMES = (*TERMINAL, PARKED)
 # The six tier values: pool (TIERn) and market (TIERn_MV) per tier.
 TIER_KEYS = ("TIER1", "TIER1_MV", "TIER2", "TIER2_MV", "TIER3", "TIER3_MV")
 
+
+class InputError(ValueError):
+    """Bad input from a caller, with the field it is in."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
 # Where an entry sits in the order the service reads a queue: (updated_at, queue_id).
 Position = tuple[datetime, int]
 

@@ -17,7 +17,9 @@ def _errors(*codes: int) -> dict[str, Any]:
     """JSON error responses for the given status codes."""
     meaning = {
         400: "bad input; `field` names what is wrong",
-        401: "missing or wrong bearer token, or API_TOKEN unset on the server",
+        401: "missing or wrong bearer token, or no token configured on the server",
+        403: "the token's role does not allow this: actions need the operate role",
+        404: "no such entry",
         409: "another process held the cycle turn for longer than TRIGGER_WAIT",
         413: "body larger than 4 KiB",
         415: "body is not JSON",
@@ -39,6 +41,16 @@ def _tier_value(low: dict[str, int]) -> dict[str, Any]:
     return {"oneOf": [number, {"type": "string", "pattern": _DECIMAL_STRING}]}
 
 
+def _before() -> dict[str, Any]:
+    """The `before` query parameter of a paged listing: the `next_before` of the page before."""
+    return {
+        "name": "before",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "integer", "minimum": 0, "maximum": 999_999_999_999_999_999},
+    }
+
+
 def _limit() -> dict[str, Any]:
     """The `limit` query parameter of a listing; a new object for each operation, as tools may annotate it."""
     return {
@@ -50,6 +62,9 @@ def _limit() -> dict[str, Any]:
 
 
 _POOL = _tier_value({"exclusiveMinimum": 0})
+_REASON = {"type": "string", "minLength": 1, "maxLength": 500, "pattern": r"\S"}
+_READ: list[dict[str, list[str]]] = [{"bearer": []}]  # a token with the read or the operate role
+_OPERATE: list[dict[str, list[str]]] = [{"bearer": []}]  # a token with the operate role
 _MARKET = _tier_value({"minimum": 0})
 _COUNTS = {
     "type": "object",
@@ -73,6 +88,17 @@ _SUMMARY = {
         "error": {"type": ["string", "null"]},
     },
 }
+
+# The operators' endpoints, by part.
+_JOURNAL_PATHS: dict[str, Any] = {}
+
+_ACTION_PATHS: dict[str, Any] = {}
+
+_PAUSE_PATHS: dict[str, Any] = {}
+
+_DRIFT_PATHS: dict[str, Any] = {}
+
+_ADOPTION_PATHS: dict[str, Any] = {}
 
 SPEC: dict[str, Any] = {
     "openapi": "3.1.0",
@@ -147,7 +173,18 @@ SPEC: dict[str, Any] = {
                 "type": "object",
                 "minProperties": 1,
                 "additionalProperties": False,
-                "properties": {key: _MARKET if key.endswith("_MV") else _POOL for key in TIER_KEYS},
+                "properties": {
+                    **{key: _MARKET if key.endswith("_MV") else _POOL for key in TIER_KEYS},
+                    "reason": _REASON,
+                },
+            },
+            "Page": {
+                "type": "object",
+                "required": ["entries", "next_before"],
+                "properties": {
+                    "entries": {"type": "array", "items": {"type": "object"}},
+                    "next_before": {"type": ["integer", "null"]},
+                },
             },
         },
     },
@@ -173,32 +210,42 @@ SPEC: dict[str, Any] = {
         "/api/v1/consistency/parked": {
             "get": {
                 "summary": "Parked entries, oldest first",
+                "security": _READ,
                 "parameters": [_limit()],
-                "responses": {"200": _json("Listing", "parked entries"), **_errors(400, 503), **_TOO_LONG},
+                "responses": {"200": _json("Listing", "parked entries"), **_errors(400, 401, 503), **_TOO_LONG},
             }
         },
         "/api/v1/consistency/corrections": {
             "get": {
                 "summary": "Applied entries whose queue status changed afterwards, newest first",
+                "security": _READ,
                 "parameters": [_limit()],
-                "responses": {"200": _json("Listing", "corrections"), **_errors(400, 503), **_TOO_LONG},
+                "responses": {"200": _json("Listing", "corrections"), **_errors(400, 401, 503), **_TOO_LONG},
+            }
+        },
+        "/api/v1/consistency/audit": {
+            "get": {
+                "summary": "Every operator action, newest first: actor, time, action, what it touched and why",
+                "security": _READ,
+                "parameters": [_limit(), _before()],
+                "responses": {"200": _json("Page", "operator actions"), **_errors(400, 401, 503), **_TOO_LONG},
             }
         },
         "/api/v1/consistency/trigger": {
             "post": {
                 "summary": "Run a cycle now and return its summary",
-                "security": [{"bearer": []}],
+                "security": _OPERATE,
                 "responses": {
                     "200": _json("CycleSummary", "the cycle ran"),
                     "202": _json("Running", "the cycle is still running after TRIGGER_WAIT"),
-                    **_errors(401, 409, 503),
+                    **_errors(401, 403, 409, 503),
                 },
             }
         },
         "/api/v1/consistency/update-tier-values": {
             "post": {
-                "summary": "Change any of the six tier values, all or nothing",
-                "security": [{"bearer": []}],
+                "summary": "Change any of the six tier values, all or nothing, with an optional reason",
+                "security": _OPERATE,
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/TierUpdate"}}},
@@ -216,10 +263,15 @@ SPEC: dict[str, Any] = {
                             }
                         },
                     },
-                    **_errors(400, 401, 413, 415, 503),
+                    **_errors(400, 401, 403, 413, 415, 503),
                 },
             }
         },
+        **_JOURNAL_PATHS,
+        **_ACTION_PATHS,
+        **_PAUSE_PATHS,
+        **_DRIFT_PATHS,
+        **_ADOPTION_PATHS,
         "/metrics": {
             "get": {
                 "summary": "Prometheus metrics of every process of this instance",

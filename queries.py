@@ -17,8 +17,16 @@ def load_queries(text: str) -> dict[str, str]:
     queries = {}
     for header, following in zip(headers, [*headers[1:], None], strict=True):
         end = following.start() if following else len(text)
-        queries[header.group(1)] = text[header.end() : end].strip()
+        queries[header.group(1)] = _without_trailing_comments(text[header.end() : end])
     return queries
+
+
+def _without_trailing_comments(statement: str) -> str:
+    """Drop the comment lines after a statement, such as the heading of the next section."""
+    lines = statement.strip().splitlines()
+    while lines and (lines[-1].startswith("--") or not lines[-1].strip()):
+        lines.pop()
+    return "\n".join(lines)
 
 
 QUERIES = load_queries((SQL_DIR / "queries.sql").read_text())

@@ -14,15 +14,20 @@ from typing import Any
 
 from flask import Flask
 
+import audit
 import logs
 import metrics
 import migrations
 import tiers
+from actions import Actions
+from adoption import Adoption
 from config import Settings
 from cycle import CycleRunner
-from db import Database, DatabaseError, one_row
+from db import Database, DatabaseError, json_rows, one_row
 from domain import PORTFOLIO_DB, QUEUE_DB, CycleResult, Standing
+from drift import DriftChecks
 from horizon import HorizonWatch
+from journal import Journal
 from listener import Listener
 from poller import Poller, Progress
 from queries import query
@@ -134,6 +139,11 @@ class Service:
     runner: CycleRunner
     cache: StateCache
     poller: Poller
+    audit: audit.AuditTrail
+    journal: Journal
+    actions: Actions
+    drift: DriftChecks
+    adoption: Adoption
 
     def start(self) -> None:
         """Start the poller (and the listener); the first cycle runs at once."""
@@ -204,14 +214,15 @@ class Service:
             cur.execute(query(count))
             total = one_row(cur)[0]
             cur.execute(query(rows), {"limit": limit})
-            columns = [c.name for c in cur.description or ()]
-            entries = [dict(zip(columns, map(_plain, row), strict=True)) for row in cur.fetchall()]
+            entries = json_rows(cur)
         return {"count": total, "entries": entries}
 
-    def update_tiers(self, changes: dict[str, Decimal]) -> dict[str, Any]:
-        """Store new tier values, all or nothing, and describe the result."""
+    def update_tiers(self, changes: dict[str, Decimal], actor: str, reason: str | None) -> dict[str, Any]:
+        """Store new tier values, all or nothing, with the action in the audit trail; describe the result."""
         with self.portfolio_db.transaction() as cur:
             updated = tiers.update(cur, changes)
+            shown = {key: tiers.plain_decimal(value) for key, value in changes.items()}
+            audit.record(cur, actor, audit.UPDATE_TIER_VALUES, {"tiers": sorted(changes)}, reason, {"values": shown})
         self.cache.forget()  # the next status request reads the new values
         return tiers.tiers_json(updated)
 
@@ -220,15 +231,6 @@ class Service:
         self.poller.stop()
         self.queue_db.close()
         self.portfolio_db.close()
-
-
-def _plain(value: Any) -> Any:
-    """Turn a database value into something JSON shows faithfully."""
-    if hasattr(value, "isoformat"):
-        return value.isoformat()
-    if isinstance(value, Decimal):
-        return str(value)
-    return value
 
 
 def report(result: CycleResult, standing: Standing | None = None) -> None:
@@ -254,4 +256,16 @@ def build_service(settings: Settings) -> Service:
     listener = Listener(queue_db, wake.set) if settings.listen_notify else None
     cycle = functools.partial(run_and_report, runner, cache)
     poller = Poller(cycle, settings.polling_interval, settings.trigger_wait, wake, listener)
-    return Service(settings, queue_db, portfolio_db, runner, cache, poller)
+    return Service(
+        settings,
+        queue_db,
+        portfolio_db,
+        runner,
+        cache,
+        poller,
+        audit.AuditTrail(portfolio_db),
+        Journal(settings, queue_db, portfolio_db),
+        Actions(settings, queue_db, portfolio_db),
+        DriftChecks(settings, queue_db, portfolio_db),
+        Adoption(settings, queue_db, portfolio_db),
+    )

@@ -10,7 +10,7 @@ from typing import Any
 import psycopg2.extensions
 
 from config import check_tier_value
-from domain import TIER_KEYS
+from domain import TIER_KEYS, InputError
 from queries import query
 
 # Deltas are shown to this many places; the cycle itself uses exact fractions.
@@ -20,13 +20,8 @@ DELTA_PLACES = Decimal("1e-12")
 DELTA_DIGITS = 40
 
 
-class TierInputError(ValueError):
+class TierInputError(InputError):
     """A tier value update names an unknown key or carries a bad value."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 class TiersNotStored(RuntimeError):

@@ -198,8 +198,8 @@ SELECT count(*) OVER (), updated_at, queue_id
  ORDER BY updated_at DESC, queue_id DESC
  LIMIT 1;
 
--- claim_batch: step 1 of applying the batch table's entries, which records them once each; the corrections it noted (see sql/migrations/0004_versioned_apply_steps.sql)
-SELECT consistency.claim_batch_v1(%(queue)s, %(retrying)s, %(terminal)s::text[], %(open)s::text[]);
+-- claim_batch: step 1 of applying the batch table's entries, which leaves out the resolved ones and records the others once each; the corrections it noted (see sql/migrations/0005_operators.sql)
+SELECT consistency.claim_batch_v2(%(queue)s, %(retrying)s, %(terminal)s::text[], %(open)s::text[]);
 
 -- check_batch: step 2, which gives each claimed entry that cannot apply now its reason
 SELECT consistency.check_batch_v1(%(transaction_type)s);
@@ -263,3 +263,31 @@ INSERT INTO consistency.last_cycle (id, summary) VALUES (TRUE, %(summary)s)
 
 -- select_last_cycle: the summary of the last finished cycle
 SELECT summary FROM consistency.last_cycle;
+
+-- The audit trail -----------------------------------------------------------------------------------------
+
+-- insert_audit: record an operator's action: who, what, what it touched and why
+INSERT INTO consistency.audit_log (actor, action, target, reason, detail)
+VALUES (%(actor)s, %(action)s, %(target)s, %(reason)s, %(detail)s)
+RETURNING id, at;
+
+-- list_audit: operator actions, newest first, below an id when given
+SELECT id, at, actor, action, target, reason, detail
+  FROM consistency.audit_log
+ WHERE %(before)s::bigint IS NULL OR id < %(before)s::bigint
+ ORDER BY id DESC
+ LIMIT %(limit)s;
+
+-- The journal ---------------------------------------------------------------------------------------------
+
+-- insert_journal_record: write one record against an entry, such as an operator's action on it
+INSERT INTO consistency.journal (queue, queue_id, account_number, kind, status, reason, attempts, actor, cycle)
+VALUES (%(queue)s, %(queue_id)s, %(account)s, %(kind)s, %(status)s, %(reason)s, %(attempts)s, %(actor)s, %(cycle)s);
+
+-- Operator actions on entries -----------------------------------------------------------------------------
+
+-- The pause -----------------------------------------------------------------------------------------------
+
+-- Drift checks --------------------------------------------------------------------------------------------
+
+-- Adoption: the baseline --------------------------------------------------------------------------------

@@ -131,7 +131,7 @@ def test_the_database_refuses_a_second_claim_of_one_transaction_from_another_pro
     [("COMPLETED", "FAILED", "PROCESSED"), ("FAILED", "COMPLETED", "FAILED"), ("CANCELLED", "COMPLETED", "CANCELLED")],
 )
 def test_a_correction_of_a_settled_entry_is_kept_shown_and_never_applied(
-    app, client, rising: World, caplog, applied: str, corrected: str, mirrored: str
+    app, client, auth, rising: World, caplog, applied: str, corrected: str, mirrored: str
 ) -> None:
     from service import service_of
 
@@ -153,7 +153,7 @@ def test_a_correction_of_a_settled_entry_is_kept_shown_and_never_applied(
         f" is now {corrected} in the queue: the applied outcome stays, and GET /api/v1/consistency/corrections"
         " lists it"
     ]
-    listed = client.get("/api/v1/consistency/corrections").get_json()
+    listed = client.get("/api/v1/consistency/corrections", headers=auth).get_json()
     assert listed["count"] == 1
     assert {k: listed["entries"][0][k] for k in ("queue", "queue_id", "uuid", "applied_status", "queue_status")} == {
         "queue": "investment",

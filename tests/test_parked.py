@@ -138,13 +138,13 @@ def test_a_parked_entry_reopened_by_the_queue_is_released_and_read_again(svc, wo
     assert world.applied() == 1
 
 
-def test_parked_entries_are_listed_by_the_api(client, world: World) -> None:
+def test_parked_entries_are_listed_by_the_api(client, auth, world: World) -> None:
     from service import service_of
 
     orphan = world.request("investment", ACCOUNT, txn=False)
     service_of(client.application).runner.run()
 
-    answer = client.get("/api/v1/consistency/parked")
+    answer = client.get("/api/v1/consistency/parked", headers=auth)
 
     assert answer.status_code == 200
     body = answer.get_json()

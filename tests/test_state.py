@@ -56,7 +56,7 @@ def test_configured_tier_values_seed_the_store_only_the_first_time(make_service,
 def test_a_tier_update_survives_a_restart_and_keeps_a_history(make_service, world: World) -> None:
     first = make_service()
     first.runner.prepare()
-    first.update_tiers({"TIER2_MV": Decimal("2100000.5")})
+    first.update_tiers({"TIER2_MV": Decimal("2100000.5")}, "test", None)
     first.close()
 
     second = make_service()

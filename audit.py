@@ -1,0 +1,50 @@
+"""The audit trail: every change an operator makes through the API, who made it, when, what it touched and why."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg2.extensions
+from psycopg2.extras import Json
+
+from db import Database, fetch_page, one_row
+from queries import query
+
+# What an operator can do, as the trail names it.
+UPDATE_TIER_VALUES = "update_tier_values"
+RETRY = "retry"
+RESOLVE = "resolve"
+PAUSE = "pause"
+RESUME = "resume"
+START_DRIFT_CHECK = "start_drift_check"
+BASELINE = "baseline"
+ACTIONS = (UPDATE_TIER_VALUES, RETRY, RESOLVE, PAUSE, RESUME, START_DRIFT_CHECK, BASELINE)
+
+
+def record(
+    cur: psycopg2.extensions.cursor,
+    actor: str,
+    action: str,
+    target: dict[str, Any],
+    reason: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> int:
+    """Record an action in the caller's transaction, so that it is kept exactly when its change is; return its id."""
+    if action not in ACTIONS:
+        raise ValueError(f"unknown action {action!r}")
+    params = {"actor": actor, "action": action, "target": Json(target), "reason": reason, "detail": Json(detail or {})}
+    cur.execute(query("insert_audit"), params)
+    entry_id: int = one_row(cur)[0]
+    return entry_id
+
+
+class AuditTrail:
+    """Reads the audit trail for the API."""
+
+    def __init__(self, portfolio_db: Database) -> None:
+        self._portfolio_db = portfolio_db
+
+    def page(self, limit: int, before: int | None) -> dict[str, Any]:
+        """List operator actions, newest first, `limit` at a time, below the id `before` when given."""
+        with self._portfolio_db.transaction() as cur:
+            return fetch_page(cur, "list_audit", {"before": before}, limit)
