@@ -60,6 +60,17 @@ CREATE TABLE consistency.pause (
     paused_at TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP
 );
 
+-- Where the service was adopted on a running system, per queue: the settled entries before this position were
+-- applied by whatever ran before it. They are not applied, and a drift check does not count them as findings.
+CREATE TABLE consistency.baseline (
+    queue      TEXT PRIMARY KEY CHECK (queue IN ('investment', 'withdrawal')),
+    updated_at TIMESTAMPTZ NOT NULL,
+    queue_id   INTEGER NOT NULL,
+    source     TEXT NOT NULL,  -- 'INITIAL_WATERMARK', or the baseline action
+    set_by     TEXT,
+    set_at     TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP
+);
+
 -- Claims the batch as claim_batch_v1 does, after leaving out the entries an operator resolved: they are never
 -- applied, whatever their queue rows do later.
 CREATE FUNCTION consistency.claim_batch_v2(p_queue TEXT, p_retrying BOOLEAN, p_terminal TEXT[], p_open TEXT[])
