@@ -16,7 +16,7 @@ import psycopg2
 import psycopg2.extensions
 
 from db import one_row, pg_array
-from domain import MIRRORED, OPEN, TERMINAL, Entry, Position, Queue
+from domain import MIRRORED, OPEN, TERMINAL, Entry, Position, Queue, Stamp
 from queries import query, table_query
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ def apply_batch_table(
     cur: psycopg2.extensions.cursor,
     queue: Queue,
     factors: Sequence[Fraction],
+    stamp: Stamp,
     retrying: bool = False,
     queue_ids: str | None = None,
 ) -> Counter[str]:
@@ -91,6 +92,8 @@ def apply_batch_table(
         "terminal": pg_array(TERMINAL),
         "open": pg_array(OPEN),
         "mirrored": pg_array(MIRRORED[status] for status in TERMINAL),
+        "cycle": stamp.cycle,
+        "tier_version": stamp.tier_version,
         **factor_arrays(factors),
     }
     cur.execute(query("claim_batch"), params)
@@ -126,6 +129,7 @@ def apply_each_entry(
     queue: Queue,
     entries: Sequence[Entry],
     factors: Sequence[Fraction],
+    stamp: Stamp,
     retrying: bool = False,
 ) -> Counter[str]:
     """Apply entries one at a time, each through the batch table, parking any the database itself rejects."""
@@ -134,17 +138,17 @@ def apply_each_entry(
         cur.execute(query("savepoint_entry"))
         try:
             load_entries(cur, [entry])
-            counts += apply_batch_table(cur, queue, factors, retrying, pg_array([entry.queue_id]))
+            counts += apply_batch_table(cur, queue, factors, stamp, retrying, pg_array([entry.queue_id]))
         except (psycopg2.IntegrityError, psycopg2.DataError) as err:
             cur.execute(query("rollback_to_entry"))
             detail = err.diag.message_primary or type(err).__name__
-            park(cur, queue, [(entry, f"rejected by the database: {detail}")])
+            park(cur, queue, [(entry, f"rejected by the database: {detail}")], stamp)
             counts["parked"] += 1
         cur.execute(query("release_entry"))
     return counts
 
 
-def park(cur: psycopg2.extensions.cursor, queue: Queue, parked: list[tuple[Entry, str]]) -> None:
+def park(cur: psycopg2.extensions.cursor, queue: Queue, parked: list[tuple[Entry, str]], stamp: Stamp) -> None:
     """Keep entries that cannot be applied yet, with their reasons."""
     load_entries(cur, [entry for entry, _ in parked], [reason for _, reason in parked])
-    cur.execute(query("park_batch"), {"queue": queue.name})
+    cur.execute(query("park_batch"), {"queue": queue.name, "cycle": stamp.cycle})

@@ -15,7 +15,7 @@ import migrations
 import tiers
 from config import Settings
 from db import Database, DatabaseError, first_line, in_transaction, one_row
-from domain import COUNT_KEYS, QUEUES, CycleResult, CycleWork, Queue
+from domain import COUNT_KEYS, QUEUES, CycleResult, CycleWork, Queue, Stamp
 from horizon import HorizonWatch, read_horizon
 from poller import Progress
 from queries import query
@@ -88,13 +88,15 @@ class CycleRunner:
     def _cycle(self, pconn: Connection, qconn: Connection, progress: Progress) -> CycleWork:
         """Steps 1 to 8, plus parked retries and, when due, the reconciliation sweep."""
         with in_transaction(pconn) as cur:
-            current = tiers.load(cur)
+            current, tier_version = tiers.load_in_force(cur)
+            cur.execute(query("next_cycle"))
+            stamp = Stamp(one_row(cur)[0], tier_version)
             cur.execute(query("select_cycle_start"))
             starts = {queue: ((ts, queue_id), parked) for queue, ts, queue_id, parked in cur.fetchall()}
         horizon = read_horizon(qconn, self.settings.lookback_window)
         self.watch.observe(horizon)
         passes = [
-            QueuePass(queue, _factors(queue, current), pconn, qconn, self.settings.batch_size, progress)
+            QueuePass(queue, _factors(queue, current), stamp, pconn, qconn, self.settings.batch_size, progress)
             for queue in QUEUES
         ]
         for each in passes:
@@ -117,6 +119,7 @@ class CycleRunner:
             reconciled=reconciled,
             counts={each.queue.name: {key: each.counts[key] for key in COUNT_KEYS} for each in passes},
             stopped_early=progress.stopping.is_set(),
+            cycle=stamp.cycle,
         )
 
     def _describe(self, err: Exception) -> str:

@@ -69,6 +69,14 @@ class Entry:
         return (self.updated_at, self.queue_id)
 
 
+@dataclass(frozen=True)
+class Stamp:
+    """What the journal records of a cycle name: the cycle, and the tier values in force (a tier_value_history id)."""
+
+    cycle: int
+    tier_version: int
+
+
 # How a cycle ended: it ran, it failed, or another process had the turn.
 Outcome = Literal["ok", "error", "skipped"]
 # The rule that bounded the watermarks (see the README's watermark section).
@@ -90,6 +98,7 @@ class CycleWork:
     reconciled: bool
     counts: dict[str, dict[str, int]]
     stopped_early: bool
+    cycle: int  # the number its journal records name
 
 
 @dataclass(frozen=True)

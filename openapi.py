@@ -84,6 +84,7 @@ _SUMMARY = {
         "untracked_sessions": {"type": "integer"},
         "reconciled": {"type": "boolean"},
         "stopped_early": {"type": "boolean"},
+        "cycle": {"type": "integer"},
         "counts": {"type": "object", "additionalProperties": _COUNTS},
         "error": {"type": ["string", "null"]},
     },

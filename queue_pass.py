@@ -15,7 +15,7 @@ import psycopg2.extensions
 import metrics
 from apply import apply_batch_table, apply_each_entry, copy_batch, load_copied, load_entries, park
 from db import in_transaction, pg_array
-from domain import OPEN, Entry, Position, Queue
+from domain import OPEN, Entry, Position, Queue, Stamp
 from horizon import Horizon
 from poller import Progress
 from queries import query, table_query
@@ -36,6 +36,7 @@ class QueuePass:
         self,
         queue: Queue,
         factors: tuple[Fraction, ...],
+        stamp: Stamp,
         pconn: Connection,
         qconn: Connection,
         batch_size: int,
@@ -43,6 +44,7 @@ class QueuePass:
     ) -> None:
         self.queue = queue
         self.factors = factors
+        self.stamp = stamp
         self.pconn = pconn
         self.qconn = qconn
         self.batch_size = batch_size
@@ -118,7 +120,7 @@ class QueuePass:
                     # Their next change moves updated_at past the watermark, so the cycle will read them again.
                     cur.execute(query("release_reopened"), {"queue": self.queue.name, "queue_ids": pg_array(reopened)})
                 if gone:
-                    park(cur, self.queue, gone)
+                    park(cur, self.queue, gone, self.stamp)
         if settled:
             self._apply_entries(settled, retrying=True)
 
@@ -150,12 +152,12 @@ class QueuePass:
         """Apply the loaded batch set-based; if the database rejects it, apply its entries one at a time."""
         cur.execute(query("savepoint_batch"))
         try:
-            counts = apply_batch_table(cur, self.queue, self.factors, retrying, ids)
+            counts = apply_batch_table(cur, self.queue, self.factors, self.stamp, retrying, ids)
         except (psycopg2.IntegrityError, psycopg2.DataError) as err:
             cur.execute(query("rollback_to_batch"))
             detail = err.diag.message_primary
             log.warning("a %s batch was rejected (%s); applying it entry by entry", self.queue.name, detail)
-            return apply_each_entry(cur, self.queue, entries(), self.factors, retrying)
+            return apply_each_entry(cur, self.queue, entries(), self.factors, self.stamp, retrying)
         cur.execute(query("release_batch"))
         return counts
 

@@ -98,6 +98,15 @@ def load(cur: psycopg2.extensions.cursor, lock: bool = False) -> Tiers:
     return tuple(Tier(pool, market) for _, pool, market in rows)
 
 
+def load_in_force(cur: psycopg2.extensions.cursor) -> tuple[Tiers, int]:
+    """Return the stored tier values and the newest tier_value_history id, which names them, in one snapshot."""
+    cur.execute(query("select_tier_values_in_force"))
+    rows = cur.fetchall()
+    if len(rows) != 3:
+        raise TiersNotStored("tier values are not stored yet")
+    return tuple(Tier(pool, market) for _, pool, market, _ in rows), rows[0][3]
+
+
 def parse_update(body: Any) -> dict[str, Decimal]:
     """Validate a tier value update: a JSON object of known keys with finite decimal values."""
     if not isinstance(body, dict):

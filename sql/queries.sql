@@ -112,6 +112,14 @@ SELECT tier, pool, market FROM seeded;
 -- select_tier_values: the stored tier values
 SELECT tier, pool, market FROM consistency.tier_values ORDER BY tier;
 
+-- select_tier_values_in_force: the stored tier values, each with the newest tier_value_history id, which names them
+SELECT tier, pool, market, (SELECT coalesce(max(id), 0) FROM consistency.tier_value_history)
+  FROM consistency.tier_values
+ ORDER BY tier;
+
+-- next_cycle: draw the number of a cycle that took its turn
+SELECT nextval('consistency.cycles');
+
 -- lock_tier_values: the stored tier values, locked for an update
 SELECT tier, pool, market FROM consistency.tier_values ORDER BY tier FOR UPDATE;
 
@@ -175,7 +183,9 @@ CREATE TEMP TABLE IF NOT EXISTS cm_batch (
     updated_at     TIMESTAMPTZ NOT NULL,
     txn_id         UUID,
     reason         TEXT,
-    unclaimed      BOOLEAN NOT NULL DEFAULT FALSE
+    unclaimed      BOOLEAN NOT NULL DEFAULT FALSE,
+    before         NUMERIC[],
+    after          NUMERIC[]
 ) ON COMMIT DELETE ROWS;
 
 -- copy_into_batch: load COPY text from queue_copy_batch into the batch table
@@ -189,8 +199,8 @@ INSERT INTO pg_temp.cm_batch (queue_id, account_number, uuid, status, updated_at
 SELECT * FROM unnest(%(queue_ids)s::integer[], %(accounts)s::text[], %(uuids)s::text[],
                      %(statuses)s::text[], %(updated)s::timestamptz[], %(reasons)s::text[]);
 
--- park_batch: park the batch table's entries that have a reason (see sql/migrations/0002_set_based_apply.sql)
-SELECT consistency.park_batch(%(queue)s);
+-- park_batch: park the batch table's entries that have a reason, with a journal record for each new parking or reason (see sql/migrations/0005_operators.sql)
+SELECT consistency.park_batch_v2(%(queue)s, %(cycle)s);
 
 -- batch_extent: how many entries the batch table holds, and the last one's position
 SELECT count(*) OVER (), updated_at, queue_id
@@ -199,16 +209,17 @@ SELECT count(*) OVER (), updated_at, queue_id
  LIMIT 1;
 
 -- claim_batch: step 1 of applying the batch table's entries, which leaves out the resolved ones and records the others once each; the corrections it noted (see sql/migrations/0005_operators.sql)
-SELECT consistency.claim_batch_v2(%(queue)s, %(retrying)s, %(terminal)s::text[], %(open)s::text[]);
+SELECT consistency.claim_batch_v2(%(queue)s, %(retrying)s, %(terminal)s::text[], %(open)s::text[], %(cycle)s);
 
 -- check_batch: step 2, which gives each claimed entry that cannot apply now its reason
 SELECT consistency.check_batch_v1(%(transaction_type)s);
 
--- compound_batch: step 3, which compounds the completed entries on their portfolios
-SELECT consistency.compound_batch_v1(%(columns)s, %(numerators)s::numeric[], %(denominators)s::numeric[]);
+-- compound_batch: step 3, which compounds the completed entries on their portfolios, keeping each one's amounts before and after
+SELECT consistency.compound_batch_v2(%(columns)s, %(numerators)s::numeric[], %(denominators)s::numeric[]);
 
--- settle_batch: step 4, which parks the blocked entries, mirrors the others' statuses, and counts the outcomes
-SELECT outcome, entries FROM consistency.settle_batch_v1(%(queue)s, %(terminal)s::text[], %(mirrored)s::text[]);
+-- settle_batch: step 4, which parks the blocked entries, mirrors the others' statuses, writes their journal records, and counts the outcomes
+SELECT outcome, entries
+  FROM consistency.settle_batch_v2(%(queue)s, %(terminal)s::text[], %(mirrored)s::text[], %(tier_version)s, %(cycle)s);
 
 -- filter_unapplied: of the given entries, those neither applied nor parked
 SELECT e.queue_id

@@ -10,7 +10,10 @@ import pytest
 from db import Database, DatabaseError
 from domain import Entry
 from logs import mask_uri
-from tests.world import World
+from tests.world import (
+    STAMP,
+    World,
+)
 
 
 def backend_pid(db: Database) -> int:
@@ -99,7 +102,7 @@ def test_the_portfolio_lock_lets_other_services_insert_transactions(settings, wo
     try:
         with db.transaction() as cur:
             factors = [t.invest_factor for t in load(cur)]
-            assert apply_each_entry(cur, INVESTMENT, [Entry(*entry)], factors) == {"COMPLETED": 1}
+            assert apply_each_entry(cur, INVESTMENT, [Entry(*entry)], factors, STAMP) == {"COMPLETED": 1}
             # The portfolio service's foreign-key insert must not wait for the cycle's row lock.
             world.p("SET lock_timeout = '1s'")
             world.transaction_for("investment", "1000000001")

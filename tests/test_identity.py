@@ -12,7 +12,13 @@ import pytest
 
 from apply import apply_each_entry
 from domain import INVESTMENT, Entry
-from tests.world import Request, World, claim_raced, expected
+from tests.world import (
+    STAMP,
+    Request,
+    World,
+    claim_raced,
+    expected,
+)
 
 ACCOUNT = "1000000001"
 RISE = ("1100000", "1000000")  # TIER1_MV / TIER1 with TIER1_MV = 1100000
@@ -117,8 +123,8 @@ def test_the_database_refuses_a_second_claim_of_one_transaction_from_another_pro
     factors = (Fraction(11, 10), Fraction(1), Fraction(1))
     outcome = claim_raced(
         settings.portfolio_db_uri,
-        lambda cur: apply_each_entry(cur, INVESTMENT, entries[:1], factors),
-        lambda cur: apply_each_entry(cur, INVESTMENT, entries[1:], factors),
+        lambda cur: apply_each_entry(cur, INVESTMENT, entries[:1], factors, STAMP),
+        lambda cur: apply_each_entry(cur, INVESTMENT, entries[1:], factors, STAMP),
     )
 
     assert outcome == {"parked": 1}

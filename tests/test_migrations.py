@@ -19,7 +19,12 @@ from db import pg_array
 from devkit import ROOT
 from devkit import postgres as pgtest
 from domain import INVESTMENT, WITHDRAWAL, Entry, Queue
-from tests.world import World, claim_raced, expected
+from tests.world import (
+    STAMP,
+    World,
+    claim_raced,
+    expected,
+)
 
 ACCOUNT = "1000000001"
 RISE = ("1100000", "1000000")
@@ -37,7 +42,7 @@ APPLY_BATCH_V2 = (
 def apply_entries(cur, queue, entries, factors, retrying=False):
     """Load entries into the batch table and apply them set-based, as a cycle does."""
     load_entries(cur, entries)
-    return apply_batch_table(cur, queue, factors, retrying, pg_array(e.queue_id for e in entries))
+    return apply_batch_table(cur, queue, factors, STAMP, retrying, pg_array(e.queue_id for e in entries))
 
 
 def apply_with_v2(

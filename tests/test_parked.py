@@ -6,7 +6,11 @@ from decimal import Decimal
 
 import pytest
 
-from tests.world import World, expected
+from tests.world import (
+    STAMP,
+    World,
+    expected,
+)
 
 ACCOUNT, OTHER = "1000000001", "1000000002"
 
@@ -219,9 +223,9 @@ def test_entry_by_entry_each_entry_is_applied_or_parked_once(svc, world: World) 
         factors = [t.invest_factor for t in load(cur)]
         rows = world.q("SELECT queue_id, account_number, uuid, status, updated_at FROM investment_queue ORDER BY 1")
         entries = [Entry(*row) for row in rows]
-        apply_each_entry(cur, INVESTMENT, entries[:1], factors)  # parks the orphan
+        apply_each_entry(cur, INVESTMENT, entries[:1], factors, STAMP)  # parks the orphan
 
-        counts = apply_each_entry(cur, INVESTMENT, entries, factors, retrying=True)
+        counts = apply_each_entry(cur, INVESTMENT, entries, factors, STAMP, retrying=True)
 
     assert counts == {"parked": 1, "COMPLETED": 1}
     assert world.p("SELECT attempts FROM consistency.parked_entries") == [(2,)]

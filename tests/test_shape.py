@@ -25,6 +25,7 @@ WORK = CycleWork(
     reconciled=False,
     counts={queue.name: dict.fromkeys(COUNT_KEYS, 0) for queue in QUEUES},
     stopped_early=False,
+    cycle=7,
 )
 STARTED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 RESULTS = [

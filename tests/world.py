@@ -12,7 +12,11 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
+from domain import Stamp
+
 TABLES = {"investment": "investment_queue", "withdrawal": "withdrawal_queue"}
+# What entries applied by a test directly, outside a cycle, name in the journal.
+STAMP = Stamp(cycle=1, tier_version=1)
 TYPES = {"investment": "INVEST", "withdrawal": "WITHDRAWAL"}
 
 

@@ -71,15 +71,247 @@ CREATE TABLE consistency.baseline (
     set_at     TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP
 );
 
+-- The apply steps, version 2: they write the journal. claim_batch_v2 also leaves out resolved entries.
+
 -- Claims the batch as claim_batch_v1 does, after leaving out the entries an operator resolved: they are never
--- applied, whatever their queue rows do later.
-CREATE FUNCTION consistency.claim_batch_v2(p_queue TEXT, p_retrying BOOLEAN, p_terminal TEXT[], p_open TEXT[])
-RETURNS BIGINT
+-- applied, whatever their queue rows do later. Returns the corrections noted.
+CREATE FUNCTION consistency.claim_batch_v2(
+    p_queue TEXT, p_retrying BOOLEAN, p_terminal TEXT[], p_open TEXT[], p_cycle BIGINT
+) RETURNS BIGINT
 LANGUAGE plpgsql AS $$
+DECLARE
+    left_over BIGINT;
 BEGIN
     DELETE FROM pg_temp.cm_batch b
      USING consistency.resolved_entries r
      WHERE r.queue = p_queue AND r.queue_id = b.queue_id;
-    RETURN consistency.claim_batch_v1(p_queue, p_retrying, p_terminal, p_open);
+    IF NOT p_retrying THEN
+        DELETE FROM pg_temp.cm_batch b
+         USING consistency.parked_entries p
+         WHERE p.queue = p_queue AND p.queue_id = b.queue_id;
+    END IF;
+    BEGIN
+        UPDATE pg_temp.cm_batch SET txn_id = uuid::uuid;
+    EXCEPTION WHEN invalid_text_representation THEN
+        UPDATE pg_temp.cm_batch SET txn_id = consistency.to_uuid(uuid);
+    END;
+    left_over := consistency.record_batch_v1(p_queue, p_terminal);
+    ANALYZE pg_temp.cm_batch (queue_id, account_number, status, txn_id, reason, unclaimed);
+    IF left_over = 0 THEN
+        RETURN 0;
+    END IF;
+    RETURN consistency.sort_unclaimed_v2(p_queue, p_terminal, p_open, p_cycle);
+END
+$$;
+
+-- Sorts the entries the claim left as sort_unclaimed_v1 does, with a journal record for each correction that
+-- starts or changes and each that ends. Returns the corrections noted.
+CREATE FUNCTION consistency.sort_unclaimed_v2(p_queue TEXT, p_terminal TEXT[], p_open TEXT[], p_cycle BIGINT)
+RETURNS BIGINT
+LANGUAGE plpgsql AS $$
+DECLARE
+    corrected BIGINT;
+BEGIN
+    WITH seen AS (
+        DELETE FROM pg_temp.cm_batch b
+         USING consistency.applied_entries a
+         WHERE b.unclaimed AND a.queue = p_queue AND a.queue_id = b.queue_id
+        RETURNING b.queue_id, b.uuid, b.account_number, b.status AS queue_status, a.status AS applied_status
+    ), ended AS (
+        DELETE FROM consistency.corrections k
+         USING seen s
+         WHERE k.queue = p_queue AND k.queue_id = s.queue_id AND s.queue_status = s.applied_status
+        RETURNING k.queue_id
+    ), changed AS (
+        INSERT INTO consistency.corrections AS k (queue, queue_id, uuid, applied_status, queue_status)
+        SELECT p_queue, queue_id, uuid, applied_status, queue_status
+          FROM seen
+         WHERE queue_status IS DISTINCT FROM applied_status
+            ON CONFLICT (queue, queue_id) DO UPDATE
+           SET queue_status = EXCLUDED.queue_status, uuid = EXCLUDED.uuid, noticed_at = CURRENT_TIMESTAMP
+         WHERE k.queue_status IS DISTINCT FROM EXCLUDED.queue_status
+        RETURNING k.queue_id
+    ), noted AS (
+        INSERT INTO consistency.journal (queue, queue_id, account_number, kind, status, reason, cycle)
+        SELECT p_queue, s.queue_id, s.account_number, c.kind, s.queue_status,
+               format('applied as %s, now %s in the queue', s.applied_status, coalesce(s.queue_status, 'NULL')), p_cycle
+          FROM (SELECT queue_id, 'corrected' AS kind FROM changed
+                UNION ALL
+                SELECT queue_id, 'agrees_again' FROM ended) AS c
+          JOIN seen s ON s.queue_id = c.queue_id
+         ORDER BY s.queue_id
+        RETURNING kind
+    )
+    SELECT count(*) FILTER (WHERE kind = 'corrected') INTO corrected FROM noted;
+    UPDATE pg_temp.cm_batch b
+       SET reason = CASE WHEN b.status = ANY (p_terminal)
+                         THEN 'portfolio transaction already settled by '
+                              || coalesce((SELECT a.queue || ' entry ' || a.queue_id
+                                             FROM consistency.applied_entries a
+                                            WHERE a.txn_id = b.txn_id), 'another entry')
+                         ELSE 'unknown status ' || coalesce(quote_literal(b.status), 'NULL')
+                    END
+     WHERE b.unclaimed AND NOT coalesce(b.status = ANY (p_open), FALSE);
+    DELETE FROM pg_temp.cm_batch WHERE unclaimed AND reason IS NULL;
+    RETURN corrected;
+END
+$$;
+
+-- One portfolio's k completed entries, step by step, as consistency.compound applies them: a row per step n
+-- with the three amounts before and after it. From the first step that cannot be stored on, `after` is NULL
+-- and `problem` says why; `before` stays the last amounts stored.
+CREATE FUNCTION consistency.compound_steps(amounts NUMERIC[], numerators NUMERIC[], denominators NUMERIC[], k INTEGER)
+RETURNS TABLE (n INTEGER, before NUMERIC[], after NUMERIC[], problem TEXT)
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+DECLARE
+    stepped NUMERIC[];
+BEGIN
+    before := amounts;
+    FOR i IN 1..k LOOP
+        n := i;
+        IF problem IS NULL THEN
+            SELECT c.result, c.problem INTO stepped, problem
+              FROM consistency.compound(before, numerators, denominators, 1) AS c;
+        END IF;
+        after := CASE WHEN problem IS NULL THEN stepped END;
+        RETURN NEXT;
+        IF problem IS NULL THEN
+            before := after;
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- Compounds the batch's completed entries as compound_batch_v1 does, and keeps each one's amounts before and
+-- after in the batch table, for the journal.
+CREATE FUNCTION consistency.compound_batch_v2(p_columns TEXT, p_numerators NUMERIC[], p_denominators NUMERIC[])
+RETURNS VOID
+LANGUAGE plpgsql AS $$
+BEGIN
+    WITH eligible AS (
+        SELECT account_number, count(*)::INTEGER AS k
+          FROM pg_temp.cm_batch
+         WHERE reason IS NULL AND status = 'COMPLETED'
+         GROUP BY account_number
+    ), steps AS (
+        SELECT e.account_number, s.n, s.before, s.after, s.problem
+          FROM eligible e
+          JOIN user_portfolios p ON p.accountid = e.account_number
+         CROSS JOIN LATERAL consistency.compound_steps(
+               CASE p_columns
+                   WHEN 'values' THEN ARRAY[p.tier1_value, p.tier2_value, p.tier3_value]
+                   ELSE ARRAY[p.tier1_allocation, p.tier2_allocation, p.tier3_allocation]
+               END,
+               p_numerators, p_denominators, e.k) AS s
+    ), ranked AS (
+        SELECT b.queue_id, b.account_number,
+               row_number() OVER (PARTITION BY b.account_number ORDER BY b.updated_at, b.queue_id)::INTEGER AS n
+          FROM pg_temp.cm_batch b
+         WHERE b.reason IS NULL AND b.status = 'COMPLETED'
+    ), marked AS (
+        UPDATE pg_temp.cm_batch b
+           SET before = s.before, after = s.after, reason = s.problem
+          FROM ranked r
+          JOIN steps s ON s.account_number = r.account_number AND s.n = r.n
+         WHERE b.queue_id = r.queue_id
+    ), last AS (
+        SELECT DISTINCT ON (account_number) account_number, after AS result
+          FROM steps
+         WHERE problem IS NULL
+         ORDER BY account_number, n DESC
+    )
+    UPDATE user_portfolios p
+       SET tier1_value = CASE p_columns WHEN 'values' THEN c.result[1] ELSE p.tier1_value END,
+           tier2_value = CASE p_columns WHEN 'values' THEN c.result[2] ELSE p.tier2_value END,
+           tier3_value = CASE p_columns WHEN 'values' THEN c.result[3] ELSE p.tier3_value END,
+           total_value = CASE p_columns WHEN 'values' THEN c.result[1] + c.result[2] + c.result[3]
+                                        ELSE p.total_value END,
+           tier1_allocation = CASE p_columns WHEN 'allocations' THEN c.result[1] ELSE p.tier1_allocation END,
+           tier2_allocation = CASE p_columns WHEN 'allocations' THEN c.result[2] ELSE p.tier2_allocation END,
+           tier3_allocation = CASE p_columns WHEN 'allocations' THEN c.result[3] ELSE p.tier3_allocation END,
+           total_allocation = CASE p_columns WHEN 'allocations' THEN c.result[1] + c.result[2] + c.result[3]
+                                             ELSE p.total_allocation END,
+           updated_at = CURRENT_TIMESTAMP
+      FROM last c
+     WHERE p.accountid = c.account_number;
+END
+$$;
+
+-- Parks the batch's entries that have a reason as park_batch does, with a journal record when a parking starts
+-- or its reason changes: a retry that finds the same reason counts an attempt and adds no record.
+CREATE FUNCTION consistency.park_batch_v2(p_queue TEXT, p_cycle BIGINT) RETURNS VOID
+LANGUAGE plpgsql AS $$
+BEGIN
+    WITH old AS (
+        SELECT p.queue_id, p.reason
+          FROM consistency.parked_entries p
+         WHERE p.queue = p_queue
+           AND p.queue_id = ANY (ARRAY(SELECT queue_id FROM pg_temp.cm_batch WHERE reason IS NOT NULL))
+    ), parked AS (
+        INSERT INTO consistency.parked_entries AS p
+               (queue, queue_id, uuid, account_number, status, updated_at, reason)
+        SELECT p_queue, queue_id, uuid, account_number, status, updated_at, reason
+          FROM pg_temp.cm_batch
+         WHERE reason IS NOT NULL
+            ON CONFLICT (queue, queue_id) DO UPDATE
+           SET uuid = EXCLUDED.uuid,
+               account_number = EXCLUDED.account_number,
+               status = EXCLUDED.status,
+               updated_at = EXCLUDED.updated_at,
+               reason = EXCLUDED.reason,
+               attempts = p.attempts + 1,
+               last_attempt_at = CURRENT_TIMESTAMP
+        RETURNING p.queue_id, p.account_number, p.status, p.reason, p.attempts
+    )
+    INSERT INTO consistency.journal (queue, queue_id, account_number, kind, status, reason, attempts, cycle)
+    SELECT p_queue, n.queue_id, n.account_number, 'parked', n.status, n.reason, n.attempts, p_cycle
+      FROM parked n
+      LEFT JOIN old o ON o.queue_id = n.queue_id
+     WHERE o.reason IS DISTINCT FROM n.reason
+     ORDER BY n.queue_id;
+END
+$$;
+
+-- Settles the batch as settle_batch_v1 does, and writes each applied entry's journal record: its outcome, the
+-- amounts before and after (completed entries) with the tier values in force, the attempts of a parking it
+-- ends, and the cycle. Returns how many entries had each outcome: their status, or 'parked'.
+CREATE FUNCTION consistency.settle_batch_v2(
+    p_queue TEXT, p_terminal TEXT[], p_mirrored TEXT[], p_tier_version BIGINT, p_cycle BIGINT
+) RETURNS TABLE (outcome TEXT, entries BIGINT)
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM consistency.applied_entries
+     WHERE queue = p_queue
+       AND queue_id = ANY (ARRAY(SELECT queue_id FROM pg_temp.cm_batch WHERE reason IS NOT NULL AND NOT unclaimed));
+    PERFORM consistency.park_batch_v2(p_queue, p_cycle);
+
+    WITH ended AS (
+        DELETE FROM consistency.parked_entries p
+         USING pg_temp.cm_batch b
+         WHERE b.reason IS NULL
+           AND p.queue = p_queue AND p.queue_id = b.queue_id
+        RETURNING p.queue_id, p.attempts
+    )
+    INSERT INTO consistency.journal
+           (queue, queue_id, account_number, kind, status, attempts, before, after, tier_version, cycle)
+    SELECT p_queue, b.queue_id, b.account_number, 'applied', b.status, e.attempts, b.before, b.after,
+           CASE WHEN b.after IS NOT NULL THEN p_tier_version END, p_cycle
+      FROM pg_temp.cm_batch b
+      LEFT JOIN ended e ON e.queue_id = b.queue_id
+     WHERE b.reason IS NULL
+     ORDER BY b.updated_at, b.queue_id;
+
+    UPDATE portfolio_transactions t
+       SET status = p_mirrored[array_position(p_terminal, b.status)],
+           updated_at = CURRENT_TIMESTAMP
+      FROM pg_temp.cm_batch b
+     WHERE b.reason IS NULL
+       AND t.id = b.txn_id
+       AND t.id = ANY (ARRAY(SELECT txn_id FROM pg_temp.cm_batch WHERE reason IS NULL));
+
+    RETURN QUERY
+        SELECT CASE WHEN b.reason IS NULL THEN b.status ELSE 'parked' END, count(*)
+          FROM pg_temp.cm_batch b
+         GROUP BY 1;
 END
 $$;
