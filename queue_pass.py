@@ -118,7 +118,8 @@ class QueuePass:
             with in_transaction(self.pconn) as cur:
                 if reopened:
                     # Their next change moves updated_at past the watermark, so the cycle will read them again.
-                    cur.execute(query("release_reopened"), {"queue": self.queue.name, "queue_ids": pg_array(reopened)})
+                    params = {"queue": self.queue.name, "queue_ids": pg_array(reopened), "cycle": self.stamp.cycle}
+                    cur.execute(query("release_reopened"), params)
                 if gone:
                     park(cur, self.queue, gone, self.stamp)
         if settled:

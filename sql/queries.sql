@@ -229,8 +229,16 @@ SELECT e.queue_id
    AND NOT EXISTS (SELECT 1 FROM consistency.parked_entries p
                     WHERE p.queue = %(queue)s AND p.queue_id = e.queue_id);
 
--- release_reopened: release parked entries whose queue rows are open again; the cycle reads them again when they settle
-DELETE FROM consistency.parked_entries WHERE queue = %(queue)s AND queue_id = ANY(%(queue_ids)s::integer[]);
+-- release_reopened: release parked entries whose queue rows are open again, with a journal record each; the cycle reads them again when they settle
+WITH released AS (
+    DELETE FROM consistency.parked_entries
+     WHERE queue = %(queue)s AND queue_id = ANY(%(queue_ids)s::integer[])
+    RETURNING queue_id, account_number, status, attempts
+)
+INSERT INTO consistency.journal (queue, queue_id, account_number, kind, status, reason, attempts, cycle)
+SELECT %(queue)s, queue_id, account_number, 'released', status, 'the queue entry is open again', attempts, %(cycle)s
+  FROM released
+ ORDER BY queue_id;
 
 -- select_parked_batch: the next parked entries of a queue after a position, for a retry
 SELECT queue_id, account_number, uuid, status, updated_at
