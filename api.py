@@ -15,7 +15,7 @@ import metrics
 import tiers
 from auth import OPERATE, READ, actor, require
 from db import DatabaseError
-from domain import InputError
+from domain import QUEUES, InputError, Queue
 from openapi import SPEC
 from service import INTERNAL_ERROR, Service, service_of
 
@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 bp = Blueprint("consistency", __name__)
 PARKED_LIMIT_MAX = 1000
 REASON_MAX = 500  # characters of an operator's reason
+ACCOUNT_MAX = 64  # characters of an account number in a query
+QUEUE_ID_MAX = 2**31 - 1  # queue_id is an INTEGER
 
 
 def service() -> Service:
@@ -194,6 +196,36 @@ def parse_json(data: bytes) -> Any:
 
 
 # The journal: one account's records and one entry's story.
+
+
+@bp.get("/api/v1/consistency/journal")
+@require(READ)
+def account_journal() -> Any:
+    """One account's journal records, newest first, paged."""
+    account = one_argument("account", "")
+    if account is None or not account.strip() or len(account) > ACCOUNT_MAX:
+        return error(400, f"account: give one account number of at most {ACCOUNT_MAX} characters", field="account")
+    paging = page_arguments()
+    if isinstance(paging[0], Response):
+        return paging
+    limit, before = paging
+    return jsonify(service().journal.account(account, limit, before))
+
+
+@bp.get("/api/v1/consistency/entries/<queue>/<int:queue_id>")
+@require(READ)
+def entry_story(queue: str, queue_id: int) -> Any:
+    """The whole story of one queue entry: read, parked, applied, corrected, resolved."""
+    known = queue_named(queue)
+    story = None if known is None or queue_id > QUEUE_ID_MAX else service().journal.story(known, queue_id)
+    if story is None:
+        return error(404, f"no {queue} entry {queue_id} is known to the queue or to the journal")
+    return jsonify(story)
+
+
+def queue_named(name: str) -> Queue | None:
+    """Return the queue a path names, or None."""
+    return next((queue for queue in QUEUES if queue.name == name), None)
 
 
 # Operator actions on entries: retry and resolve, one or in bulk.

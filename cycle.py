@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from datetime import UTC, datetime
-from fractions import Fraction
 
 import psycopg2
 import psycopg2.extensions
@@ -15,7 +14,7 @@ import migrations
 import tiers
 from config import Settings
 from db import Database, DatabaseError, first_line, in_transaction, one_row
-from domain import COUNT_KEYS, QUEUES, CycleResult, CycleWork, Queue, Stamp
+from domain import COUNT_KEYS, QUEUES, CycleResult, CycleWork, Stamp
 from horizon import HorizonWatch, read_horizon
 from poller import Progress
 from queries import query
@@ -96,7 +95,7 @@ class CycleRunner:
         horizon = read_horizon(qconn, self.settings.lookback_window)
         self.watch.observe(horizon)
         passes = [
-            QueuePass(queue, _factors(queue, current), stamp, pconn, qconn, self.settings.batch_size, progress)
+            QueuePass(queue, tiers.factors_for(queue, current), stamp, pconn, qconn, self.settings.batch_size, progress)
             for queue in QUEUES
         ]
         for each in passes:
@@ -125,13 +124,6 @@ class CycleRunner:
     def _describe(self, err: Exception) -> str:
         """Describe a cycle failure without any credential."""
         return self.portfolio_db.redact(self.queue_db.redact(first_line(err)))
-
-
-def _factors(queue: Queue, current: tiers.Tiers) -> tuple[Fraction, ...]:
-    """Return the exact factor per tier that a completed entry of this queue applies."""
-    if queue.portfolio_columns == "values":
-        return tuple(t.invest_factor for t in current)
-    return tuple(t.withdraw_factor for t in current)
 
 
 def _take_turn(pconn: Connection, wait: float) -> bool:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+from typing import Any
+
 import psycopg2.extensions
 
-from config import Settings
-from db import Database
-from queries import query
+import tiers
+from db import Database, fetch_page, json_rows, one_row, plain
+from domain import OPEN, Entry, Queue
+from queries import query, table_query
 
 # What a journal record tells of its entry.
 APPLIED = "applied"  # the cycle applied it: its outcome, and the tier amounts before and after
@@ -44,10 +48,71 @@ def record(
     )
 
 
+# An entry's story lists at most this many records; one that changes more often than that is a case for a person.
+STORY_RECORDS_MAX = 1000
+
+
 class Journal:
     """Reads the journal for the API."""
 
-    def __init__(self, settings: Settings, queue_db: Database, portfolio_db: Database) -> None:
-        self.settings = settings
+    def __init__(self, queue_db: Database, portfolio_db: Database) -> None:
         self.queue_db = queue_db
         self.portfolio_db = portfolio_db
+
+    def account(self, account: str, limit: int, before: int | None) -> dict[str, Any]:
+        """List one account's records, newest first, `limit` at a time, below the id `before` when given."""
+        with self.portfolio_db.transaction() as cur:
+            page = fetch_page(cur, "list_account_journal", {"account": account, "before": before}, limit)
+        return {"account": account, **page}
+
+    def story(self, queue: Queue, queue_id: int) -> dict[str, Any] | None:
+        """Tell the whole story of one entry: its queue row now, where it stands, and every record; None if unknown."""
+        with self.queue_db.transaction() as qcur:
+            qcur.execute(table_query("queue_select_by_id", queue.table), {"queue_ids": [queue_id]})
+            row = qcur.fetchone()
+        key = {"queue": queue.name, "queue_id": queue_id}
+        with self.portfolio_db.transaction() as cur:
+            cur.execute(query("entry_standing"), key)
+            ledger, parked, resolved, correction = one_row(cur)
+            cur.execute(query("entry_journal"), {**key, "limit": STORY_RECORDS_MAX})
+            records = json_rows(cur)
+            in_force = {v: _tiers_at(cur, queue, v) for v in {r["tier_version"] for r in records} - {None}}
+        if row is None and not records and ledger is None and parked is None and resolved is None:
+            return None
+        for record in records:
+            record["tiers_in_force"] = in_force.get(record["tier_version"])
+        entry = None if row is None else Entry(*row)
+        return {
+            **key,
+            "state": _state(entry, ledger, parked, resolved),
+            "queue_row": None if entry is None else {k: plain(v) for k, v in asdict(entry).items()},
+            "ledger": ledger,
+            "parked": parked,
+            "resolved": resolved,
+            "correction": correction,
+            "records": records,
+        }
+
+
+def _tiers_at(cur: psycopg2.extensions.cursor, queue: Queue, version: int) -> dict[str, Any] | None:
+    """Describe the tier values a tier_value_history id names, and the factors a completed entry of `queue` applied."""
+    cur.execute(query("tier_values_at"), {"version": version})
+    rows = cur.fetchall()
+    if len(rows) != 3:
+        return None
+    values = tuple(tiers.Tier(pool, market) for _, pool, market in rows)
+    factors = [tiers.shown_fraction(f) for f in tiers.factors_for(queue, values)]
+    return {**tiers.tiers_json(values), "factors": factors}
+
+
+def _state(entry: Entry | None, ledger: Any, parked: Any, resolved: Any) -> str:
+    """Name where an entry stands: applied, parked, resolved, open (not settled yet), or not applied yet."""
+    if resolved is not None:
+        return "resolved"
+    if ledger is not None:
+        return "applied"
+    if parked is not None:
+        return "parked"
+    if entry is not None and entry.status in OPEN:
+        return "open"
+    return "not applied yet"

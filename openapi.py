@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any, get_args
 
-from domain import COUNT_KEYS, TIER_KEYS, Mode, Outcome
+from domain import COUNT_KEYS, QUEUES, TIER_KEYS, Mode, Outcome
+from journal import KINDS as JOURNAL_KINDS
 
 
 def _json(schema: str, description: str) -> dict[str, Any]:
@@ -91,7 +92,98 @@ _SUMMARY = {
 }
 
 # The operators' endpoints, by part.
-_JOURNAL_PATHS: dict[str, Any] = {}
+_RECORD = {
+    "type": "object",
+    "required": ["id", "at", "kind"],
+    "properties": {
+        "id": {"type": "integer"},
+        "at": {"type": "string", "format": "date-time"},
+        "kind": {"type": "string", "enum": list(JOURNAL_KINDS)},
+        "queue": {"type": "string"},
+        "queue_id": {"type": "integer"},
+        "status": {"type": ["string", "null"]},
+        "reason": {"type": ["string", "null"]},
+        "attempts": {"type": ["integer", "null"]},
+        "before": {"type": ["array", "null"], "items": {"type": "string"}},
+        "after": {"type": ["array", "null"], "items": {"type": "string"}},
+        "tier_version": {"type": ["integer", "null"]},
+        "cycle": {"type": ["integer", "null"]},
+        "actor": {"type": ["string", "null"]},
+    },
+}
+_QUEUE_PATH = [
+    {"name": "queue", "in": "path", "required": True, "schema": {"type": "string", "enum": [q.name for q in QUEUES]}},
+    {"name": "queue_id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}},
+]
+_JOURNAL_PATHS: dict[str, Any] = {
+    "/api/v1/consistency/journal": {
+        "get": {
+            "summary": "One account's journal records, newest first: why its balances are what they are",
+            "security": _READ,
+            "parameters": [
+                {"name": "account", "in": "query", "required": True, "schema": {"type": "string", "maxLength": 64}},
+                _limit(),
+                _before(),
+            ],
+            "responses": {
+                "200": {
+                    "description": "a page of the account's records",
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["account", "entries", "next_before"],
+                                "properties": {
+                                    "account": {"type": "string"},
+                                    "entries": {"type": "array", "items": _RECORD},
+                                    "next_before": {"type": ["integer", "null"]},
+                                },
+                            }
+                        }
+                    },
+                },
+                **_errors(400, 401, 403, 503),
+                **_TOO_LONG,
+            },
+        }
+    },
+    "/api/v1/consistency/entries/{queue}/{queue_id}": {
+        "get": {
+            "summary": "One entry's whole story: read, parked, applied (before, after, factors), corrected, resolved",
+            "security": _READ,
+            "parameters": _QUEUE_PATH,
+            "responses": {
+                "200": {
+                    "description": "the entry's story",
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["queue", "queue_id", "state", "records"],
+                                "properties": {
+                                    "queue": {"type": "string"},
+                                    "queue_id": {"type": "integer"},
+                                    "state": {
+                                        "type": "string",
+                                        "enum": ["applied", "parked", "resolved", "open", "not applied yet"],
+                                    },
+                                    "queue_row": {"type": ["object", "null"]},
+                                    "ledger": {"type": ["object", "null"]},
+                                    "parked": {"type": ["object", "null"]},
+                                    "resolved": {"type": ["object", "null"]},
+                                    "correction": {"type": ["object", "null"]},
+                                    "records": {"type": "array", "items": _RECORD},
+                                },
+                            }
+                        }
+                    },
+                },
+                **_errors(401, 403, 404, 503),
+                **_TOO_LONG,
+            },
+        }
+    },
+}
 
 _ACTION_PATHS: dict[str, Any] = {}
 

@@ -264,7 +264,7 @@ def build_service(settings: Settings) -> Service:
         cache,
         poller,
         audit.AuditTrail(portfolio_db),
-        Journal(settings, queue_db, portfolio_db),
+        Journal(queue_db, portfolio_db),
         Actions(settings, queue_db, portfolio_db),
         DriftChecks(settings, queue_db, portfolio_db),
         Adoption(settings, queue_db, portfolio_db),

@@ -10,7 +10,7 @@ from typing import Any
 import psycopg2.extensions
 
 from config import check_tier_value
-from domain import TIER_KEYS, InputError
+from domain import TIER_KEYS, InputError, Queue
 from queries import query
 
 # Deltas are shown to this many places; the cycle itself uses exact fractions.
@@ -56,10 +56,21 @@ Tiers = tuple[Tier, ...]  # three, in tier order
 
 def shown_delta(tier: Tier) -> str:
     """Return a tier's delta as a decimal string for people to read."""
-    delta = tier.delta
+    return shown_fraction(tier.delta)
+
+
+def shown_fraction(value: Fraction) -> str:
+    """Return an exact fraction, such as a delta or a factor, as a decimal string to 12 places for people to read."""
     with localcontext() as ctx:
         ctx.prec = DELTA_DIGITS
-        return plain_decimal((Decimal(delta.numerator) / Decimal(delta.denominator)).quantize(DELTA_PLACES))
+        return plain_decimal((Decimal(value.numerator) / Decimal(value.denominator)).quantize(DELTA_PLACES))
+
+
+def factors_for(queue: Queue, current: Tiers) -> tuple[Fraction, ...]:
+    """Return the exact factor per tier that a completed entry of this queue applies."""
+    if queue.portfolio_columns == "values":
+        return tuple(t.invest_factor for t in current)
+    return tuple(t.withdraw_factor for t in current)
 
 
 def plain_decimal(value: Decimal) -> str:

@@ -299,6 +299,42 @@ SELECT id, at, actor, action, target, reason, detail
 
 -- The journal ---------------------------------------------------------------------------------------------
 
+-- list_account_journal: one account's journal records, newest first, below an id when given, with the portfolio transaction each entry settled
+SELECT j.id, j.at, j.queue, j.queue_id, a.txn_id AS portfolio_transaction, j.kind, j.status, j.reason, j.attempts,
+       j.before, j.after, j.tier_version, j.cycle, j.actor
+  FROM consistency.journal j
+  LEFT JOIN consistency.applied_entries a ON a.queue = j.queue AND a.queue_id = j.queue_id
+ WHERE j.account_number = %(account)s
+   AND (%(before)s::bigint IS NULL OR j.id < %(before)s::bigint)
+ ORDER BY j.id DESC
+ LIMIT %(limit)s;
+
+-- entry_journal: one entry's journal records, oldest first (at most a limit)
+SELECT id, at, kind, account_number, status, reason, attempts, before, after, tier_version, cycle, actor
+  FROM consistency.journal
+ WHERE queue = %(queue)s AND queue_id = %(queue_id)s
+ ORDER BY id
+ LIMIT %(limit)s;
+
+-- entry_standing: where one entry stands now: its ledger record, its parking, its resolution and its correction, each as JSON or NULL
+SELECT (SELECT jsonb_build_object('status', status, 'portfolio_transaction', txn_id, 'uuid', uuid, 'applied_at', applied_at)
+          FROM consistency.applied_entries WHERE queue = %(queue)s AND queue_id = %(queue_id)s),
+       (SELECT jsonb_build_object('reason', reason, 'attempts', attempts, 'status', status, 'parked_at', parked_at,
+                                  'last_attempt_at', last_attempt_at)
+          FROM consistency.parked_entries WHERE queue = %(queue)s AND queue_id = %(queue_id)s),
+       (SELECT jsonb_build_object('reason', reason, 'resolved_by', resolved_by, 'resolved_at', resolved_at,
+                                  'status', status)
+          FROM consistency.resolved_entries WHERE queue = %(queue)s AND queue_id = %(queue_id)s),
+       (SELECT jsonb_build_object('applied_status', applied_status, 'queue_status', queue_status,
+                                  'first_seen_at', first_seen_at, 'noticed_at', noticed_at)
+          FROM consistency.corrections WHERE queue = %(queue)s AND queue_id = %(queue_id)s);
+
+-- tier_values_at: the tier values in force as of a tier_value_history id: each tier's newest row up to it
+SELECT DISTINCT ON (tier) tier, new_pool, new_market
+  FROM consistency.tier_value_history
+ WHERE id <= %(version)s
+ ORDER BY tier, id DESC;
+
 -- insert_journal_record: write one record against an entry, such as an operator's action on it
 INSERT INTO consistency.journal (queue, queue_id, account_number, kind, status, reason, attempts, actor, cycle)
 VALUES (%(queue)s, %(queue_id)s, %(account)s, %(kind)s, %(status)s, %(reason)s, %(attempts)s, %(actor)s, %(cycle)s);
