@@ -14,6 +14,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg2
+
 from bench import http
 from bench.approaches import per_entry, set_based
 from bench.data import TIERS, build_templates, snapshot
@@ -122,6 +124,7 @@ def measure(
                 elif name == "service":
                     seconds, rss, _ = run_service(queue_uri, portfolio_uri, batch_size, entries)
                     results["service peak RSS MB"] = max(rss, results.get("service peak RSS MB", 0))
+                    results["sizes"] = state_sizes(portfolio_uri)
                 elif name == "service under HTTP load":
                     results["http"], during = http_loads(http_seconds, SERVICE_PATHS)
                     seconds, _, results["load while draining"] = run_service(
@@ -141,6 +144,26 @@ def measure(
         for template in templates:
             postgres.drop(server, template)
     return results
+
+
+def state_sizes(portfolio_uri: str) -> dict[str, int]:
+    """Return the bytes the ledger and the journal take on disk, indexes included, after a drain."""
+    with psycopg2.connect(portfolio_uri) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT pg_total_relation_size('consistency.applied_entries'),"
+            " pg_total_relation_size('consistency.journal')"
+        )
+        ledger, journal = cur.fetchone()
+    conn.close()
+    return {"ledger": ledger, "journal": journal}
+
+
+def size_rows(sizes: dict[str, int], entries: int) -> list[tuple[str, str]]:
+    """Describe how large the ledger and the journal grow per million entries applied, indexes included."""
+    return [
+        (f"{name} size", f"{sizes[name] / entries * 1_000_000 / 2**20:,.0f} MB per million entries, indexes included")
+        for name in ("ledger", "journal")
+    ]
 
 
 def http_rows(big: dict[str, Any]) -> list[tuple[str, str]]:
@@ -238,6 +261,7 @@ def main() -> None:
         ),
         ("service peak RSS", f"{big['service peak RSS MB']:.0f} MB (target < 150 MB at 1M)"),
         ("identical results", "yes" if same else "NO: the approaches disagree"),
+        *size_rows(big["sizes"], args.entries),
         (
             "idle cycle",
             f"median {idle_median:.1f} ms, max {idle_max:.1f} ms, {args.idle_rows:,} rows per queue table "
