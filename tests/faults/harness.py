@@ -297,7 +297,33 @@ def check_model(world: World) -> Report:
     for account in starts:
         report.accounts += 1
         _compare_account(world, account, completed, report)
+    _check_journal(world, applied, report)
     return report
+
+
+def _check_journal(world: World, applied: set[tuple[str, int]], report: Report) -> None:
+    """Each ledger record has exactly one journal record of its application, and each portfolio's last
+    completed record ends at the amounts the portfolio holds."""
+    told = Counter(
+        (q, i)
+        for q, i in world.p("SELECT queue, queue_id FROM consistency.journal WHERE kind IN ('applied', 'adopted')")
+    )
+    for key in applied | set(told):
+        if told[key] != (key in applied):
+            report.mismatches.append(
+                f"{key} has {told[key]} journal records of its application, ledger: {key in applied}"
+            )
+    last = world.p(
+        "SELECT DISTINCT ON (account_number, queue) account_number, queue, after FROM consistency.journal"
+        " WHERE kind = 'applied' AND after IS NOT NULL ORDER BY account_number, queue, id DESC"
+    )
+    for account, queue, after in last:
+        columns = "value" if queue == "investment" else "allocation"
+        held = world.amounts(account)
+        if after != [held[f"tier{n}_{columns}"] for n in (1, 2, 3)]:
+            report.mismatches.append(
+                f"{account}: the journal's last {queue} ends at {after}, the portfolio holds {held}"
+            )
 
 
 def _check_transaction(queue, txn, rows, txns, starts, applied, records, parked, completed, report) -> None:
