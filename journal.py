@@ -71,17 +71,22 @@ class Journal:
             qcur.execute(table_query("queue_select_by_id", queue.table), {"queue_ids": [queue_id]})
             row = qcur.fetchone()
         key = {"queue": queue.name, "queue_id": queue_id}
+        entry = None if row is None else Entry(*row)
         with self.portfolio_db.transaction() as cur:
             cur.execute(query("entry_standing"), key)
             ledger, parked, resolved, correction = one_row(cur)
-            cur.execute(query("entry_journal"), {**key, "limit": STORY_RECORDS_MAX})
+            # Its records are filed under the accounts it named: in the queue, its transaction, its parking.
+            named = [entry.account_number if entry else None] + [
+                p["account_number"] for p in (ledger, parked, resolved) if p
+            ]
+            accounts = {"accounts": [a for a in named if a is not None], "no_account": None in named}
+            cur.execute(query("entry_journal"), {**key, **accounts, "limit": STORY_RECORDS_MAX})
             records = json_rows(cur)
             in_force = {v: _tiers_at(cur, queue, v) for v in {r["tier_version"] for r in records} - {None}}
         if row is None and not records and ledger is None and parked is None and resolved is None:
             return None
         for record in records:
             record["tiers_in_force"] = in_force.get(record["tier_version"])
-        entry = None if row is None else Entry(*row)
         return {
             **key,
             "state": _state(entry, ledger, parked, resolved),

@@ -183,9 +183,7 @@ CREATE TEMP TABLE IF NOT EXISTS cm_batch (
     updated_at     TIMESTAMPTZ NOT NULL,
     txn_id         UUID,
     reason         TEXT,
-    unclaimed      BOOLEAN NOT NULL DEFAULT FALSE,
-    before         NUMERIC[],
-    after          NUMERIC[]
+    unclaimed      BOOLEAN NOT NULL DEFAULT FALSE
 ) ON COMMIT DELETE ROWS;
 
 -- copy_into_batch: load COPY text from queue_copy_batch into the batch table
@@ -214,12 +212,13 @@ SELECT consistency.claim_batch_v2(%(queue)s, %(retrying)s, %(terminal)s::text[],
 -- check_batch: step 2, which gives each claimed entry that cannot apply now its reason
 SELECT consistency.check_batch_v1(%(transaction_type)s);
 
--- compound_batch: step 3, which compounds the completed entries on their portfolios, keeping each one's amounts before and after
-SELECT consistency.compound_batch_v2(%(columns)s, %(numerators)s::numeric[], %(denominators)s::numeric[]);
+-- compound_batch: step 3, which compounds the completed entries on their portfolios and writes their journal records
+SELECT consistency.compound_batch_v2(%(queue)s, %(columns)s, %(numerators)s::numeric[], %(denominators)s::numeric[],
+                                     %(tier_version)s, %(cycle)s);
 
--- settle_batch: step 4, which parks the blocked entries, mirrors the others' statuses, writes their journal records, and counts the outcomes
+-- settle_batch: step 4, which parks the blocked entries, mirrors the others' statuses, writes the journal records of those that did not complete, and counts the outcomes
 SELECT outcome, entries
-  FROM consistency.settle_batch_v2(%(queue)s, %(terminal)s::text[], %(mirrored)s::text[], %(tier_version)s, %(cycle)s);
+  FROM consistency.settle_batch_v2(%(queue)s, %(terminal)s::text[], %(mirrored)s::text[], %(cycle)s);
 
 -- filter_unapplied: of the given entries, those neither applied nor parked
 SELECT e.queue_id
@@ -309,21 +308,25 @@ SELECT j.id, j.at, j.queue, j.queue_id, a.txn_id AS portfolio_transaction, j.kin
  ORDER BY j.id DESC
  LIMIT %(limit)s;
 
--- entry_journal: one entry's journal records, oldest first (at most a limit)
+-- entry_journal: one entry's journal records, oldest first (at most a limit), found among the records of the accounts it named
 SELECT id, at, kind, account_number, status, reason, attempts, before, after, tier_version, cycle, actor
   FROM consistency.journal
- WHERE queue = %(queue)s AND queue_id = %(queue_id)s
+ WHERE (account_number = ANY(%(accounts)s::text[]) OR (%(no_account)s AND account_number IS NULL))
+   AND queue = %(queue)s AND queue_id = %(queue_id)s
  ORDER BY id
  LIMIT %(limit)s;
 
 -- entry_standing: where one entry stands now: its ledger record, its parking, its resolution and its correction, each as JSON or NULL
-SELECT (SELECT jsonb_build_object('status', status, 'portfolio_transaction', txn_id, 'uuid', uuid, 'applied_at', applied_at)
-          FROM consistency.applied_entries WHERE queue = %(queue)s AND queue_id = %(queue_id)s),
+SELECT (SELECT jsonb_build_object('status', a.status, 'portfolio_transaction', a.txn_id, 'uuid', a.uuid,
+                                  'applied_at', a.applied_at, 'account_number', t.accountid)
+          FROM consistency.applied_entries a
+          LEFT JOIN portfolio_transactions t ON t.id = a.txn_id
+         WHERE a.queue = %(queue)s AND a.queue_id = %(queue_id)s),
        (SELECT jsonb_build_object('reason', reason, 'attempts', attempts, 'status', status, 'parked_at', parked_at,
-                                  'last_attempt_at', last_attempt_at)
+                                  'last_attempt_at', last_attempt_at, 'account_number', account_number)
           FROM consistency.parked_entries WHERE queue = %(queue)s AND queue_id = %(queue_id)s),
        (SELECT jsonb_build_object('reason', reason, 'resolved_by', resolved_by, 'resolved_at', resolved_at,
-                                  'status', status)
+                                  'status', status, 'account_number', account_number)
           FROM consistency.resolved_entries WHERE queue = %(queue)s AND queue_id = %(queue_id)s),
        (SELECT jsonb_build_object('applied_status', applied_status, 'queue_status', queue_status,
                                   'first_seen_at', first_seen_at, 'noticed_at', noticed_at)
