@@ -88,10 +88,10 @@ class CycleRunner:
         """Steps 1 to 8, plus parked retries and, when due, the reconciliation sweep."""
         with in_transaction(pconn) as cur:
             current, tier_version = tiers.load_in_force(cur)
-            cur.execute(query("next_cycle"))
-            stamp = Stamp(one_row(cur)[0], tier_version)
             cur.execute(query("select_cycle_start"))
-            starts = {queue: ((ts, queue_id), parked) for queue, ts, queue_id, parked in cur.fetchall()}
+            rows = cur.fetchall()
+        starts = {queue: ((ts, queue_id), parked) for queue, ts, queue_id, parked, _ in rows}
+        stamp = Stamp(rows[0][4], tier_version)
         horizon = read_horizon(qconn, self.settings.lookback_window)
         self.watch.observe(horizon)
         passes = [

@@ -117,9 +117,6 @@ SELECT tier, pool, market, (SELECT coalesce(max(id), 0) FROM consistency.tier_va
   FROM consistency.tier_values
  ORDER BY tier;
 
--- next_cycle: draw the number of a cycle that took its turn
-SELECT nextval('consistency.cycles');
-
 -- lock_tier_values: the stored tier values, locked for an update
 SELECT tier, pool, market FROM consistency.tier_values ORDER BY tier FOR UPDATE;
 
@@ -145,9 +142,10 @@ SELECT pg_advisory_unlock(%(key)s);
 -- select_watermarks: how far each queue has been read
 SELECT queue, updated_at, queue_id, moved_at FROM consistency.watermarks ORDER BY queue;
 
--- select_cycle_start: where each queue's cycle starts, and whether it has parked entries to retry
+-- select_cycle_start: where each queue's cycle starts, whether it has parked entries to retry, and the cycle's number (drawn once, the same on every row)
 SELECT w.queue, w.updated_at, w.queue_id,
-       EXISTS (SELECT 1 FROM consistency.parked_entries p WHERE p.queue = w.queue)
+       EXISTS (SELECT 1 FROM consistency.parked_entries p WHERE p.queue = w.queue),
+       (SELECT nextval('consistency.cycles'))
   FROM consistency.watermarks w;
 
 -- advance_watermark: move a queue's watermark forward, never back
