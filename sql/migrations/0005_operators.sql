@@ -159,13 +159,14 @@ BEGIN
 END
 $$;
 
--- One portfolio's completed entries (their queue_ids, in order), step by step, with the arithmetic of
--- consistency.compound: a row per entry with its step n and the three amounts before and after it. From the
--- first step that cannot be stored on, `after` is NULL and `problem` says why; `before` stays the last
--- amounts stored.
-CREATE FUNCTION consistency.compound_steps(
-    amounts NUMERIC[], numerators NUMERIC[], denominators NUMERIC[], queue_ids INTEGER[]
-) RETURNS TABLE (queue_id INTEGER, n INTEGER, before NUMERIC[], after NUMERIC[], problem TEXT)
+-- Applies k completed entries to one portfolio's three tier amounts as consistency.compound does, and also
+-- returns the amounts after each step that was stored, one array per tier (after1[i] is tier 1 after step i):
+-- the journal's record of each entry.
+CREATE FUNCTION consistency.compound_trail(
+    amounts NUMERIC[], numerators NUMERIC[], denominators NUMERIC[], k INTEGER,
+    OUT result NUMERIC[], OUT applied INTEGER, OUT problem TEXT,
+    OUT after1 NUMERIC[], OUT after2 NUMERIC[], OUT after3 NUMERIC[]
+)
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
 DECLARE
     t1 NUMERIC := amounts[1];
@@ -180,39 +181,48 @@ DECLARE
     s1 NUMERIC;
     s2 NUMERIC;
     s3 NUMERIC;
+    -- Local arrays: plpgsql appends to them in place.
+    y1 NUMERIC[] := '{}';
+    y2 NUMERIC[] := '{}';
+    y3 NUMERIC[] := '{}';
 BEGIN
-    FOR i IN 1..cardinality(queue_ids) LOOP
-        queue_id := queue_ids[i];
-        n := i;
-        before := ARRAY[t1, t2, t3];
-        IF problem IS NULL THEN
-            -- Whole cents times an integer is exact; adding half the denominator before the integer
-            -- division rounds half away from zero.
-            s1 := t1 * n1;
-            s2 := t2 * n2;
-            s3 := t3 * n3;
-            s1 := sign(s1) * div(2 * abs(s1) + d1, 2 * d1) / 100;
-            s2 := sign(s2) * div(2 * abs(s2) + d2, 2 * d2) / 100;
-            s3 := sign(s3) * div(2 * abs(s3) + d3, 2 * d3) / 100;
-            IF s1 < 0 OR s2 < 0 OR s3 < 0 THEN
-                problem := 'result would be negative';
-            ELSIF s1 + s2 + s3 >= 1e13 THEN
-                problem := 'result would overflow NUMERIC(15,2)';
-            ELSE
-                t1 := round(s1, 2);
-                t2 := round(s2, 2);
-                t3 := round(s3, 2);
-            END IF;
+    applied := 0;
+    WHILE applied < k LOOP
+        -- Whole cents times an integer is exact; adding half the denominator before the integer
+        -- division rounds half away from zero.
+        s1 := t1 * n1;
+        s2 := t2 * n2;
+        s3 := t3 * n3;
+        s1 := sign(s1) * div(2 * abs(s1) + d1, 2 * d1) / 100;
+        s2 := sign(s2) * div(2 * abs(s2) + d2, 2 * d2) / 100;
+        s3 := sign(s3) * div(2 * abs(s3) + d3, 2 * d3) / 100;
+        IF s1 < 0 OR s2 < 0 OR s3 < 0 THEN
+            problem := 'result would be negative';
+            EXIT;
         END IF;
-        after := CASE WHEN problem IS NULL THEN ARRAY[t1, t2, t3] END;
-        RETURN NEXT;
+        IF s1 + s2 + s3 >= 1e13 THEN
+            problem := 'result would overflow NUMERIC(15,2)';
+            EXIT;
+        END IF;
+        t1 := round(s1, 2);
+        t2 := round(s2, 2);
+        t3 := round(s3, 2);
+        y1 := y1 || t1;
+        y2 := y2 || t2;
+        y3 := y3 || t3;
+        applied := applied + 1;
     END LOOP;
+    result := ARRAY[t1, t2, t3];
+    after1 := y1;
+    after2 := y2;
+    after3 := y3;
 END
 $$;
 
 -- Compounds the batch's completed entries as compound_batch_v1 does, and writes each applied one's journal
--- record: the amounts before and after it, the tier values in force, the attempts of a parking it ends, the
--- cycle. Accounts are grouped byte by byte (COLLATE "C"): the database's collation would only cost time.
+-- record: the amounts before and after it (before its first step, the portfolio's; then the step before's
+-- after), the tier values in force, the attempts of a parking it ends, the cycle. Accounts are grouped byte
+-- by byte (COLLATE "C"): the database's collation would only cost time.
 CREATE FUNCTION consistency.compound_batch_v2(
     p_queue TEXT, p_columns TEXT, p_numerators NUMERIC[], p_denominators NUMERIC[], p_tier_version BIGINT,
     p_cycle BIGINT
@@ -224,52 +234,50 @@ BEGIN
           FROM pg_temp.cm_batch
          WHERE reason IS NULL AND status = 'COMPLETED'
          GROUP BY 1
-    ), steps AS (
-        SELECT p.accountid, s.queue_id, s.n, s.before, s.after, s.problem
+    ), computed AS (
+        SELECT p.accountid, e.ids, s.amounts, c.result, c.applied, c.problem, c.after1, c.after2, c.after3
           FROM eligible e
           JOIN user_portfolios p ON p.accountid = e.account COLLATE "default"
-         CROSS JOIN LATERAL consistency.compound_steps(
-               CASE p_columns
-                   WHEN 'values' THEN ARRAY[p.tier1_value, p.tier2_value, p.tier3_value]
-                   ELSE ARRAY[p.tier1_allocation, p.tier2_allocation, p.tier3_allocation]
-               END,
-               p_numerators, p_denominators, e.ids) AS s
+         CROSS JOIN LATERAL (SELECT CASE p_columns
+                                        WHEN 'values' THEN ARRAY[p.tier1_value, p.tier2_value, p.tier3_value]
+                                        ELSE ARRAY[p.tier1_allocation, p.tier2_allocation, p.tier3_allocation]
+                                    END AS amounts) AS s
+         CROSS JOIN LATERAL consistency.compound_trail(s.amounts, p_numerators, p_denominators, cardinality(e.ids)) AS c
     ), blocked AS (
         -- Only the portfolios where a step could not be stored: usually none.
         UPDATE pg_temp.cm_batch b
-           SET reason = s.problem
-          FROM steps s
-         WHERE b.queue_id = s.queue_id AND s.problem IS NOT NULL
+           SET reason = c.problem
+          FROM computed c, unnest(c.ids[c.applied + 1:]) AS u(queue_id)
+         WHERE c.problem IS NOT NULL AND b.queue_id = u.queue_id
     ), journaled AS (
         INSERT INTO consistency.journal
                (queue, queue_id, account_number, kind, status, attempts, before, after, tier_version, cycle)
-        SELECT p_queue, s.queue_id, s.accountid, 'applied', 'COMPLETED', p.attempts, s.before, s.after,
-               p_tier_version, p_cycle
-          FROM steps s
-          LEFT JOIN consistency.parked_entries p ON p.queue = p_queue AND p.queue_id = s.queue_id
-         WHERE s.problem IS NULL
-         ORDER BY s.n  -- each portfolio's records in the order they applied
-    ), stored AS (
-        SELECT accountid, count(*)::INTEGER AS n
-          FROM steps
-         WHERE problem IS NULL
-         GROUP BY accountid
+        SELECT p_queue, u.queue_id, c.accountid, 'applied', 'COMPLETED', p.attempts,
+               ARRAY[u.before1, u.before2, u.before3], ARRAY[u.after1, u.after2, u.after3], p_tier_version, p_cycle
+          FROM computed c
+         CROSS JOIN LATERAL unnest(c.ids[1:c.applied],
+                                   c.amounts[1] || c.after1, c.amounts[2] || c.after2, c.amounts[3] || c.after3,
+                                   c.after1, c.after2, c.after3)
+               WITH ORDINALITY AS u(queue_id, before1, before2, before3, after1, after2, after3, n)
+          LEFT JOIN consistency.parked_entries p ON p.queue = p_queue AND p.queue_id = u.queue_id
+         WHERE u.n <= c.applied
+         ORDER BY u.n  -- each portfolio's records in the order they applied
     )
     UPDATE user_portfolios p
-       SET tier1_value = CASE p_columns WHEN 'values' THEN s.after[1] ELSE p.tier1_value END,
-           tier2_value = CASE p_columns WHEN 'values' THEN s.after[2] ELSE p.tier2_value END,
-           tier3_value = CASE p_columns WHEN 'values' THEN s.after[3] ELSE p.tier3_value END,
-           total_value = CASE p_columns WHEN 'values' THEN s.after[1] + s.after[2] + s.after[3]
+       SET tier1_value = CASE p_columns WHEN 'values' THEN c.result[1] ELSE p.tier1_value END,
+           tier2_value = CASE p_columns WHEN 'values' THEN c.result[2] ELSE p.tier2_value END,
+           tier3_value = CASE p_columns WHEN 'values' THEN c.result[3] ELSE p.tier3_value END,
+           total_value = CASE p_columns WHEN 'values' THEN c.result[1] + c.result[2] + c.result[3]
                                         ELSE p.total_value END,
-           tier1_allocation = CASE p_columns WHEN 'allocations' THEN s.after[1] ELSE p.tier1_allocation END,
-           tier2_allocation = CASE p_columns WHEN 'allocations' THEN s.after[2] ELSE p.tier2_allocation END,
-           tier3_allocation = CASE p_columns WHEN 'allocations' THEN s.after[3] ELSE p.tier3_allocation END,
-           total_allocation = CASE p_columns WHEN 'allocations' THEN s.after[1] + s.after[2] + s.after[3]
+           tier1_allocation = CASE p_columns WHEN 'allocations' THEN c.result[1] ELSE p.tier1_allocation END,
+           tier2_allocation = CASE p_columns WHEN 'allocations' THEN c.result[2] ELSE p.tier2_allocation END,
+           tier3_allocation = CASE p_columns WHEN 'allocations' THEN c.result[3] ELSE p.tier3_allocation END,
+           total_allocation = CASE p_columns WHEN 'allocations' THEN c.result[1] + c.result[2] + c.result[3]
                                              ELSE p.total_allocation END,
            updated_at = CURRENT_TIMESTAMP
-      FROM steps s
-      JOIN stored c ON c.accountid = s.accountid AND c.n = s.n
-     WHERE p.accountid = s.accountid;
+      FROM computed c
+     WHERE p.accountid = c.accountid
+       AND c.applied > 0;
 END
 $$;
 
@@ -318,7 +326,9 @@ BEGIN
     DELETE FROM consistency.applied_entries
      WHERE queue = p_queue
        AND queue_id = ANY (ARRAY(SELECT queue_id FROM pg_temp.cm_batch WHERE reason IS NOT NULL AND NOT unclaimed));
-    PERFORM consistency.park_batch_v2(p_queue, p_cycle);
+    IF EXISTS (SELECT 1 FROM pg_temp.cm_batch WHERE reason IS NOT NULL) THEN
+        PERFORM consistency.park_batch_v2(p_queue, p_cycle);
+    END IF;
 
     WITH ended AS (
         DELETE FROM consistency.parked_entries p
