@@ -13,6 +13,7 @@ from psycopg2.extras import Json
 
 import migrations
 import tiers
+from actions import read_pause
 from config import Settings
 from db import Database, DatabaseError, first_line, in_transaction, one_row
 from domain import COUNT_KEYS, QUEUES, CycleResult, CycleWork, Queue
@@ -78,19 +79,24 @@ class CycleRunner:
                     work = self._cycle(pconn, qconn, progress)
                 finally:
                     _give_turn(pconn)
-                result = CycleResult.finish(started, clock, "ok", work)
+                if work is None:  # paused: nothing read, nothing applied
+                    return CycleResult.finish(started, clock, "paused")
+                result = CycleResult.finish(started, clock, "paused" if progress.paused else "ok", work)
                 with in_transaction(pconn) as cur:  # where every process can read it
                     cur.execute(query("save_last_cycle"), {"summary": Json(result.to_json())})
                 return result
         except (DatabaseError, psycopg2.Error, tiers.TiersNotStored) as err:
             return CycleResult.finish(started, clock, "error", work, self._describe(err))
 
-    def _cycle(self, pconn: Connection, qconn: Connection, progress: Progress) -> CycleWork:
-        """Steps 1 to 8, plus parked retries and, when due, the reconciliation sweep."""
+    def _cycle(self, pconn: Connection, qconn: Connection, progress: Progress) -> CycleWork | None:
+        """Steps 1 to 8, plus parked retries and, when due, the reconciliation sweep; None when paused."""
         with in_transaction(pconn) as cur:
             current = tiers.load(cur)
             cur.execute(query("select_cycle_start"))
             starts = {queue: ((ts, queue_id), parked) for queue, ts, queue_id, parked in cur.fetchall()}
+            progress.paused = read_pause(cur) is not None
+        if progress.paused:
+            return None
         horizon = read_horizon(qconn, self.settings.lookback_window)
         self.watch.observe(horizon)
         passes = [
@@ -102,11 +108,11 @@ class CycleRunner:
             if any_parked:
                 each.retry_parked()
             each.drain(horizon, watermark)
-        reconciled = not progress.stopping.is_set() and self.watch.reconcile_due(horizon)
+        reconciled = not progress.halted() and self.watch.reconcile_due(horizon)
         if reconciled:
             for each in passes:
                 each.reconcile()
-            if not progress.stopping.is_set():
+            if not progress.halted():
                 self.watch.swept(horizon)
         return CycleWork(
             mode=horizon.mode,
@@ -116,7 +122,7 @@ class CycleRunner:
             untracked_sessions=horizon.untracked,
             reconciled=reconciled,
             counts={each.queue.name: {key: each.counts[key] for key in COUNT_KEYS} for each in passes},
-            stopped_early=progress.stopping.is_set(),
+            stopped_early=progress.halted(),
         )
 
     def _describe(self, err: Exception) -> str:
