@@ -78,31 +78,47 @@ class Selection:
     def parse(cls, body: dict[str, Any]) -> Selection:
         """Read a bulk action's filter, limit and dry_run from its JSON body; raise InputError on bad input."""
         only_fields(body, BULK_FIELDS)
-        given = body.get("filter")
-        if not isinstance(given, dict) or not given:
-            raise InputError("filter", f"give an object with at least one of {', '.join(FILTER_FIELDS)}")
-        only_fields(given, FILTER_FIELDS, "filter.")
-        for name, value in given.items():
-            if not isinstance(value, str) or not value.strip() or len(value) > FILTER_TEXT_MAX:
-                raise InputError(
-                    f"filter.{name}", f"must be a non-empty string of at most {FILTER_TEXT_MAX} characters"
-                )
-        if given.get("queue", QUEUE_NAMES[0]) not in QUEUE_NAMES:
-            raise InputError("filter.queue", f"must be one of {', '.join(QUEUE_NAMES)}")
-        limit = body.get("limit", BULK_LIMIT_DEFAULT)
-        if isinstance(limit, bool) or not isinstance(limit, int | Decimal) or limit != int(limit):
-            raise InputError("limit", f"must be a whole number from 1 to {BULK_LIMIT_MAX}")
-        if not 1 <= limit <= BULK_LIMIT_MAX:
-            raise InputError("limit", f"must be a whole number from 1 to {BULK_LIMIT_MAX}")
+        given = _filter_of(body.get("filter"))
         dry_run = body.get("dry_run", False)
         if not isinstance(dry_run, bool):
             raise InputError("dry_run", "must be true or false")
-        return cls(given.get("queue"), given.get("parked_reason"), given.get("account"), int(limit), dry_run)
+        limit = _limit_of(body.get("limit", BULK_LIMIT_DEFAULT))
+        return cls(given.get("queue"), given.get("parked_reason"), given.get("account"), limit, dry_run)
 
     def shown(self) -> dict[str, str]:
         """Return the filter as given, for the audit trail and the answer."""
         fields = {"queue": self.queue, "parked_reason": self.parked_reason, "account": self.account}
         return {name: value for name, value in fields.items() if value is not None}
+
+
+def _filter_of(given: Any) -> dict[str, str]:
+    """Check a bulk action's filter: at least one known field, each a non-empty string, the queue a known one."""
+    if not isinstance(given, dict) or not given:
+        raise InputError("filter", f"give an object with at least one of {', '.join(FILTER_FIELDS)}")
+    only_fields(given, FILTER_FIELDS, "filter.")
+    for name, value in given.items():
+        if not isinstance(value, str) or not value.strip() or len(value) > FILTER_TEXT_MAX:
+            raise InputError(f"filter.{name}", f"must be a non-empty string of at most {FILTER_TEXT_MAX} characters")
+        storable(f"filter.{name}", value)
+    if given.get("queue", QUEUE_NAMES[0]) not in QUEUE_NAMES:
+        raise InputError("filter.queue", f"must be one of {', '.join(QUEUE_NAMES)}")
+    return given
+
+
+def _limit_of(given: Any) -> int:
+    """Check a bulk action's limit: a whole number in range (a JSON number arrives as Decimal)."""
+    whole = isinstance(given, int | Decimal) and not isinstance(given, bool)
+    # The range first: int() of a number such as 1e999999999 would take the process's memory.
+    if not whole or not 1 <= given <= BULK_LIMIT_MAX or given != int(given):
+        raise InputError("limit", f"must be a whole number from 1 to {BULK_LIMIT_MAX}")
+    return int(given)
+
+
+def storable(field: str, text: str | None) -> str | None:
+    """Return text PostgreSQL can store and compare, or raise InputError: it takes no NUL character."""
+    if text is not None and "\x00" in text:
+        raise InputError(field, "must not contain a NUL character")
+    return text
 
 
 def only_fields(body: dict[str, Any], allowed: Sequence[str], prefix: str = "") -> None:
@@ -235,7 +251,8 @@ def _resolve(cur: Cursor, entries: Sequence[Parked], actor: str, reason: str) ->
             reason=reason, attempts=e.attempts, actor=actor,
         )  # fmt: skip
         at = stored.get((e.queue, e.queue_id))
-        resolved.append({**e.to_json(), "resolved_by": actor, "resolved_at": None if at is None else at.isoformat()})
+        when = None if at is None else at.isoformat()
+        resolved.append({**e.to_json(), "resolved_by": actor, "resolved_at": when, "resolved_reason": reason})
     return resolved
 
 

@@ -15,7 +15,7 @@ from werkzeug.exceptions import HTTPException
 
 import metrics
 import tiers
-from actions import BULK_FIELDS, EntryKey, Refused, Retried, Selection, only_fields
+from actions import BULK_FIELDS, EntryKey, Refused, Retried, Selection, only_fields, storable
 from auth import OPERATE, READ, actor, require
 from db import DatabaseError
 from domain import InputError
@@ -228,9 +228,14 @@ def action_body(allowed: tuple[str, ...], optional: bool) -> Any:
     return body
 
 
+def optional_reason(body: dict[str, Any]) -> str | None:
+    """Read an action's optional `reason`, or raise InputError."""
+    return storable("reason", reason_of(body, required=False))
+
+
 def required_reason(body: dict[str, Any]) -> str:
     """Read an action's required `reason`, or raise InputError."""
-    reason = reason_of(body, required=True)
+    reason = storable("reason", reason_of(body, required=True))
     if reason is None:  # reason_of has raised already
         raise InputError("reason", "give a reason: a non-empty string")
     return reason
@@ -263,7 +268,7 @@ def retry_entry(queue: str, queue_id: str) -> Any:
     if isinstance(body, tuple):
         return body
     key = EntryKey.parse(queue, queue_id)
-    retried = service().actions.retry(key, actor(), reason_of(body, required=False))
+    retried = service().actions.retry(key, actor(), optional_reason(body))
     return retry_answer(retried, {"entry": retried.entries[0]})
 
 
@@ -287,7 +292,7 @@ def retry_matching() -> Any:
     body = action_body(BULK_FIELDS, optional=False)
     if isinstance(body, tuple):
         return body
-    selection, reason = Selection.parse(body), reason_of(body, required=False)
+    selection, reason = Selection.parse(body), optional_reason(body)
     listing, retried = service().actions.retry_matching(selection, actor(), reason)
     return jsonify(listing) if retried is None else retry_answer(retried, listing)
 
@@ -326,7 +331,7 @@ def resume() -> Any:
     body = action_body(("reason",), optional=True)
     if isinstance(body, tuple):
         return body
-    return jsonify(service().actions.resume(actor(), reason_of(body, required=False)))
+    return jsonify(service().actions.resume(actor(), optional_reason(body)))
 
 
 # Drift checks.

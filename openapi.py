@@ -122,7 +122,8 @@ def _refused(description: str) -> dict[str, Any]:
     return _json("Error", description)
 
 
-_OPTIONAL_REASON = _body([], reason=_REASON) | {"required": False}
+_NO_REASON = {"anyOf": [_REASON, {"type": "null"}]}  # an optional reason may be null: none given
+_OPTIONAL_REASON = _body([], reason=_NO_REASON) | {"required": False}
 _STATE = {
     "type": "object",
     "required": ["queue", "queue_id", "result"],
@@ -144,7 +145,6 @@ _BULK = {
         "additionalProperties": False,
         "properties": {"queue": _QUEUE_NAME, "parked_reason": _FILTER_TEXT, "account": _FILTER_TEXT},
     },
-    "reason": _REASON,
     "dry_run": {"type": "boolean", "default": False},
     "limit": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
 }
@@ -201,7 +201,7 @@ _ACTION_PATHS: dict[str, Any] = {
         "post": {
             "summary": "Try the parked entries a filter matches now, up to `limit`; a dry run only lists them",
             "security": _OPERATE,
-            "requestBody": _body(["filter"], **_BULK),
+            "requestBody": _body(["filter"], **_BULK, reason=_NO_REASON),
             "responses": {
                 "200": _answer(
                     "what was retried (or would be, in a dry run), and where each entry stands after the cycle",
@@ -218,7 +218,7 @@ _ACTION_PATHS: dict[str, Any] = {
             "summary": "Dismiss the parked entries a filter matches, up to `limit`, with a reason; a dry run only "
             "lists them",
             "security": _OPERATE,
-            "requestBody": _body(["filter", "reason"], **_BULK),
+            "requestBody": _body(["filter", "reason"], **_BULK, reason=_REASON),
             "responses": {
                 "200": _answer("what was resolved (or would be, in a dry run)", _BULK_KEYS, **_BULK_ANSWER),
                 "409": _refused("one of the entries has a ledger record: it was applied; nothing was resolved"),

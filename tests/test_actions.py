@@ -179,6 +179,7 @@ def test_a_resolved_entry_is_never_applied_even_when_its_queue_row_is_touched_ag
     resolved = answer.get_json()["resolved"]
     assert (resolved["queue_id"], resolved["uuid"], resolved["resolved_by"]) == (orphan.queue_id, orphan.uuid, "alice")
     assert resolved["reason"] == f"no portfolio for account {ACCOUNT}"  # why it was parked
+    assert resolved["resolved_reason"] == "refunded by hand, ticket 42"
     assert parked_ids(world) == {("investment", kept.queue_id)}
     listed = client.get(PARKED, headers=bearer(READER)).get_json()
     assert [e["queue_id"] for e in listed["entries"]] == [kept.queue_id]
@@ -365,6 +366,8 @@ def test_a_bulk_retry_dry_run_changes_nothing_and_the_retry_applies_the_fixed_en
         ({"filter": {"account": ACCOUNT}, "reason": "r", "limit": True}, "limit"),
         ({"filter": {"account": ACCOUNT}, "reason": "r", "dry_run": "yes"}, "dry_run"),
         ({"filter": {"account": ACCOUNT}, "reason": "r", "everything": True}, "everything"),
+        ({"filter": {"account": "1000\u00000001"}, "reason": "r"}, "filter.account"),
+        ({"filter": {"account": ACCOUNT}, "reason": "nul \u0000 inside"}, "reason"),
     ],
 )
 def test_a_bad_bulk_request_gets_400_naming_the_field(client, world: World, body: dict, field: str) -> None:
@@ -372,6 +375,14 @@ def test_a_bad_bulk_request_gets_400_naming_the_field(client, world: World, body
     answer = post(client, f"{PARKED}/resolve", body)
     assert (answer.status_code, answer.get_json()["field"]) == (400, field)
     assert audit_trail(world) == []
+
+
+def test_a_limit_of_a_billion_digits_is_refused_at_once(client) -> None:
+    body = '{"filter": {"account": "1"}, "reason": "r", "limit": 1e999999999}'
+    started = time.monotonic()
+    answer = client.post(f"{PARKED}/retry", headers=bearer(OPERATOR), data=body, content_type="application/json")
+    assert (answer.status_code, answer.get_json()["field"]) == (400, "limit")
+    assert time.monotonic() - started < 1
 
 
 @pytest.mark.parametrize("path", ACTIONS)
