@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from decimal import Decimal
+from functools import wraps
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
@@ -13,6 +15,7 @@ from werkzeug.exceptions import HTTPException
 
 import metrics
 import tiers
+from actions import BULK_FIELDS, EntryKey, Refused, Retried, Selection, only_fields, storable
 from auth import OPERATE, READ, actor, require
 from db import DatabaseError
 from domain import QUEUES, InputError, Queue
@@ -231,7 +234,136 @@ def queue_named(name: str) -> Queue | None:
 # Operator actions on entries: retry and resolve, one or in bulk.
 
 
+def refusals(view: Callable[..., Any]) -> Callable[..., Any]:
+    """Answer an action's bad input with 400 naming the field, and an action refused with its own status."""
+
+    @wraps(view)
+    def answered(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return view(*args, **kwargs)
+        except InputError as err:
+            return error(400, str(err), field=err.field)
+        except Refused as err:
+            return error(err.status, err.message, **err.extra)
+
+    return answered
+
+
+def action_body(allowed: tuple[str, ...], optional: bool) -> Any:
+    """Read an action's JSON body, an object with only the `allowed` fields; or answer 4xx (a tuple)."""
+    body = json_body(optional)
+    if isinstance(body, tuple):
+        return body
+    if not isinstance(body, dict):
+        return error(400, "body: send a JSON object", field="body")
+    only_fields(body, allowed)
+    return body
+
+
+def optional_reason(body: dict[str, Any]) -> str | None:
+    """Read an action's optional `reason`, or raise InputError."""
+    return storable("reason", reason_of(body, required=False))
+
+
+def required_reason(body: dict[str, Any]) -> str:
+    """Read an action's required `reason`, or raise InputError."""
+    reason = storable("reason", reason_of(body, required=True))
+    if reason is None:  # reason_of has raised already
+        raise InputError("reason", "give a reason: a non-empty string")
+    return reason
+
+
+def retry_answer(retried: Retried, shown: dict[str, Any]) -> Any:
+    """Answer a recorded retry by what its cycle did: 200 when it ran, else 202, 409 or 503 as the trigger does."""
+    cycle = retried.cycle
+    if cycle is None:
+        message = "the retry is recorded; the cycle is still running: follow it at GET /api/v1/consistency/status"
+        return jsonify({"result": "running", "message": message, **shown}), 202
+    if cycle.outcome == "skipped":
+        wait = service().settings.trigger_wait
+        message = f"the retry is recorded, but another process held the cycle turn for more than {wait:g}s "
+        return error(409, message + "(TRIGGER_WAIT); every cycle retries every parked entry", result="skipped", **shown)
+    if cycle.outcome == "paused":
+        return error(409, "the retry is recorded, but applying was paused meanwhile", result="paused", **shown)
+    if cycle.outcome == "error":
+        message = f"the retry is recorded, but the cycle failed: {cycle.error}"
+        return error(503, message, result="error", **shown, cycle=cycle.to_json())
+    return jsonify({**shown, "cycle": cycle.to_json()})
+
+
+@bp.post("/api/v1/consistency/parked/<queue>/<queue_id>/retry")
+@require(OPERATE)
+@refusals
+def retry_entry(queue: str, queue_id: str) -> Any:
+    """Try one parked entry now: record the retry, run a cycle, and tell what became of the entry."""
+    body = action_body(("reason",), optional=True)
+    if isinstance(body, tuple):
+        return body
+    key = EntryKey.parse(queue, queue_id)
+    retried = service().actions.retry(key, actor(), optional_reason(body))
+    return retry_answer(retried, {"entry": retried.entries[0]})
+
+
+@bp.post("/api/v1/consistency/parked/<queue>/<queue_id>/resolve")
+@require(OPERATE)
+@refusals
+def resolve_entry(queue: str, queue_id: str) -> Any:
+    """Dismiss one parked entry for good, with a reason: it leaves the parked list and is never applied."""
+    body = action_body(("reason",), optional=False)
+    if isinstance(body, tuple):
+        return body
+    key = EntryKey.parse(queue, queue_id)
+    return jsonify({"resolved": service().actions.resolve(key, actor(), required_reason(body))})
+
+
+@bp.post("/api/v1/consistency/parked/retry")
+@require(OPERATE)
+@refusals
+def retry_matching() -> Any:
+    """Try the parked entries a filter matches now, up to a limit; a dry run only lists them."""
+    body = action_body(BULK_FIELDS, optional=False)
+    if isinstance(body, tuple):
+        return body
+    selection, reason = Selection.parse(body), optional_reason(body)
+    listing, retried = service().actions.retry_matching(selection, actor(), reason)
+    return jsonify(listing) if retried is None else retry_answer(retried, listing)
+
+
+@bp.post("/api/v1/consistency/parked/resolve")
+@require(OPERATE)
+@refusals
+def resolve_matching() -> Any:
+    """Dismiss the parked entries a filter matches, up to a limit, with a reason; a dry run only lists them."""
+    body = action_body(BULK_FIELDS, optional=False)
+    if isinstance(body, tuple):
+        return body
+    selection, reason = Selection.parse(body), required_reason(body)
+    return jsonify(service().actions.resolve_matching(selection, actor(), reason))
+
+
 # The pause.
+
+
+@bp.post("/api/v1/consistency/pause")
+@require(OPERATE)
+@refusals
+def pause() -> Any:
+    """Pause applying in every process and replica, with a reason; 409 when it is paused already."""
+    body = action_body(("reason",), optional=False)
+    if isinstance(body, tuple):
+        return body
+    return jsonify({"paused": service().actions.pause(actor(), required_reason(body)).to_json()})
+
+
+@bp.post("/api/v1/consistency/resume")
+@require(OPERATE)
+@refusals
+def resume() -> Any:
+    """End the pause, with an optional reason; 409 when applying is not paused."""
+    body = action_body(("reason",), optional=True)
+    if isinstance(body, tuple):
+        return body
+    return jsonify(service().actions.resume(actor(), optional_reason(body)))
 
 
 # Drift checks.

@@ -12,6 +12,7 @@ from psycopg2.extras import Json
 
 import migrations
 import tiers
+from actions import read_pause
 from config import Settings
 from db import Database, DatabaseError, first_line, in_transaction, one_row
 from domain import COUNT_KEYS, QUEUES, CycleResult, CycleWork, Stamp
@@ -77,19 +78,24 @@ class CycleRunner:
                     work = self._cycle(pconn, qconn, progress)
                 finally:
                     _give_turn(pconn)
-                result = CycleResult.finish(started, clock, "ok", work)
+                if work is None:  # paused: nothing read, nothing applied
+                    return CycleResult.finish(started, clock, "paused")
+                result = CycleResult.finish(started, clock, "paused" if progress.paused else "ok", work)
                 with in_transaction(pconn) as cur:  # where every process can read it
                     cur.execute(query("save_last_cycle"), {"summary": Json(result.to_json())})
                 return result
         except (DatabaseError, psycopg2.Error, tiers.TiersNotStored) as err:
             return CycleResult.finish(started, clock, "error", work, self._describe(err))
 
-    def _cycle(self, pconn: Connection, qconn: Connection, progress: Progress) -> CycleWork:
-        """Steps 1 to 8, plus parked retries and, when due, the reconciliation sweep."""
+    def _cycle(self, pconn: Connection, qconn: Connection, progress: Progress) -> CycleWork | None:
+        """Steps 1 to 8, plus parked retries and, when due, the reconciliation sweep; None when paused."""
         with in_transaction(pconn) as cur:
             current, tier_version = tiers.load_in_force(cur)
             cur.execute(query("select_cycle_start"))
             rows = cur.fetchall()
+            progress.paused = read_pause(cur) is not None
+        if progress.paused:
+            return None
         starts = {queue: ((ts, queue_id), parked) for queue, ts, queue_id, parked, _ in rows}
         stamp = Stamp(rows[0][4], tier_version)
         horizon = read_horizon(qconn, self.settings.lookback_window)
@@ -103,11 +109,11 @@ class CycleRunner:
             if any_parked:
                 each.retry_parked()
             each.drain(horizon, watermark)
-        reconciled = not progress.stopping.is_set() and self.watch.reconcile_due(horizon)
+        reconciled = not progress.halted() and self.watch.reconcile_due(horizon)
         if reconciled:
             for each in passes:
                 each.reconcile()
-            if not progress.stopping.is_set():
+            if not progress.halted():
                 self.watch.swept(horizon)
         return CycleWork(
             mode=horizon.mode,
@@ -117,7 +123,7 @@ class CycleRunner:
             untracked_sessions=horizon.untracked,
             reconciled=reconciled,
             counts={each.queue.name: {key: each.counts[key] for key in COUNT_KEYS} for each in passes},
-            stopped_early=progress.stopping.is_set(),
+            stopped_early=progress.halted(),
             cycle=stamp.cycle,
         )
 

@@ -77,8 +77,8 @@ class Stamp:
     tier_version: int
 
 
-# How a cycle ended: it ran, it failed, or another process had the turn.
-Outcome = Literal["ok", "error", "skipped"]
+# How a cycle ended: it ran, it failed, another process had the turn, or an operator has paused applying.
+Outcome = Literal["ok", "error", "skipped", "paused"]
 # The rule that bounded the watermarks (see the README's watermark section).
 Mode = Literal["exact", "lookback"]
 # What a cycle counts per queue: entries read, their outcomes, new corrections and reconciled entries.
@@ -127,6 +127,19 @@ class CycleResult:
             summary["error"] = self.error
         summary["duration_ms"] = self.duration_ms
         return summary
+
+
+@dataclass(frozen=True)
+class Pause:
+    """An operator's pause of applying, which every process obeys: who paused, why and since when."""
+
+    paused_by: str
+    reason: str
+    paused_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the pause as the status endpoint and the pause actions show it."""
+        return {"paused_by": self.paused_by, "reason": self.reason, "paused_at": self.paused_at.isoformat()}
 
 
 @dataclass(frozen=True)

@@ -109,9 +109,12 @@ def cycle_fields(result: CycleResult, standing: Standing | None) -> dict[str, An
 
 def cycle_message(result: CycleResult) -> str:
     """Describe a cycle in one sentence for the text format."""
-    text = "consistency cycle " + {"error": "failed", "skipped": "skipped (another process has the turn)"}.get(
-        result.outcome, result.outcome
-    )
+    told = {
+        "error": "failed",
+        "skipped": "skipped (another process has the turn)",
+        "paused": "paused (an operator paused applying: POST /api/v1/consistency/resume ends it)",
+    }
+    text = "consistency cycle " + told.get(result.outcome, result.outcome)
     text += f" in {result.duration_ms:g} ms"
     if result.work is not None:
         text += f" ({result.work.mode} mode)"
@@ -123,8 +126,10 @@ def cycle_message(result: CycleResult) -> str:
 
 
 def log_cycle(result: CycleResult, standing: Standing | None = None) -> None:
-    """Write a cycle's one summary line: INFO when it ran, ERROR when it failed, DEBUG when it skipped its turn."""
+    """Write a cycle's one summary line: INFO when it ran, ERROR when it failed, DEBUG when skipped or paused."""
     level = {"ok": logging.INFO, "error": logging.ERROR}.get(result.outcome, logging.DEBUG)
+    if result.outcome == "paused" and result.work is not None:
+        level = logging.INFO  # it applied entries before it found applying paused
     logging.getLogger("cycle").log(level, cycle_message(result), extra=cycle_fields(result, standing))
 
 

@@ -16,13 +16,15 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from domain import DATABASES, OUTCOMES, QUEUES, CycleResult, Outcome, Standing
+from domain import DATABASES, OUTCOMES, QUEUES, CycleResult, Outcome, Pause, Standing
 
 RESULTS = get_args(Outcome)
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
 CYCLES = Counter(
-    "consistency_cycles", "Cycles by result: ok, error, or skipped (another process had the turn).", ["result"]
+    "consistency_cycles",
+    "Cycles by result: ok, error, skipped (another process had the turn) or paused (by an operator).",
+    ["result"],
 )
 ENTRIES = Counter(
     "consistency_entries",
@@ -31,7 +33,7 @@ ENTRIES = Counter(
 )
 DURATION = Histogram(
     "consistency_cycle_duration_seconds",
-    "Duration of the cycles this service ran (ok or error; skipped turns are not observed).",
+    "Duration of the cycles this service ran (ok, error, or paused mid-way; skipped turns and paused ones are not).",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
 )
 LAG = Gauge(
@@ -55,6 +57,16 @@ OLDEST_TRANSACTION = Gauge(
 LAST_SUCCESS = Gauge(
     "consistency_last_success_timestamp_seconds", "Unix time the last ok cycle ended.", multiprocess_mode="max"
 )
+PAUSED = Gauge(
+    "consistency_paused",
+    "1 while an operator has paused applying (every process then applies nothing), else 0; as last read.",
+    multiprocess_mode="mostrecent",
+)
+PAUSE_STARTED = Gauge(
+    "consistency_pause_started_timestamp_seconds",
+    "Unix time the pause in force began; 0 while applying goes on.",
+    multiprocess_mode="mostrecent",
+)
 POOL_IN_USE = Gauge(
     "consistency_db_pool_connections_in_use",
     "Pooled connections lent out, per database, summed over live processes.",
@@ -75,7 +87,7 @@ for _database in DATABASES:
 def observe_cycle(result: CycleResult, standing: Standing | None = None) -> None:
     """Count a finished cycle; `standing` is the state read after it, if known."""
     CYCLES.labels(result=result.outcome).inc()
-    if result.outcome != "skipped":
+    if result.outcome != "skipped" and (result.outcome != "paused" or result.work is not None):
         DURATION.observe(result.duration_ms / 1000)
     work = result.work
     for queue, counts in (work.counts if work else {}).items():
@@ -90,6 +102,12 @@ def observe_cycle(result: CycleResult, standing: Standing | None = None) -> None
     if standing is not None:
         PARKED.set(standing.parked)
         CORRECTIONS.set(standing.corrections)
+
+
+def observe_pause(pause: Pause | None) -> None:
+    """Show the pause just read from the stored state: whether applying is paused, and since when."""
+    PAUSED.set(0 if pause is None else 1)
+    PAUSE_STARTED.set(0 if pause is None else pause.paused_at.timestamp())
 
 
 def observe_batch(last_read: datetime, applied: int) -> None:

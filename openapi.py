@@ -185,9 +185,183 @@ _JOURNAL_PATHS: dict[str, Any] = {
     },
 }
 
-_ACTION_PATHS: dict[str, Any] = {}
+_QUEUE_NAME = {"type": "string", "enum": [queue.name for queue in QUEUES]}
+_FILTER_TEXT = {"type": "string", "minLength": 1, "maxLength": 500, "pattern": r"\S"}
+_ENTRY_PATH = [
+    {"name": "queue", "in": "path", "required": True, "schema": _QUEUE_NAME},
+    {
+        "name": "queue_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
+    },
+]
 
-_PAUSE_PATHS: dict[str, Any] = {}
+
+def _body(required: list[str], **properties: Any) -> dict[str, Any]:
+    """A JSON request body of an action: an object with these properties and no others."""
+    schema = {"type": "object", "additionalProperties": False, "required": required, "properties": properties}
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
+def _answer(description: str, required: list[str], **properties: Any) -> dict[str, Any]:
+    """A JSON answer of an action: an object with at least the required properties."""
+    schema = {"type": "object", "required": required, "properties": properties}
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _refused(description: str) -> dict[str, Any]:
+    """An action's refusal, as an Error."""
+    return _json("Error", description)
+
+
+_NO_REASON = {"anyOf": [_REASON, {"type": "null"}]}  # an optional reason may be null: none given
+_OPTIONAL_REASON = _body([], reason=_NO_REASON) | {"required": False}
+_STATE = {
+    "type": "object",
+    "required": ["queue", "queue_id", "result"],
+    "properties": {
+        "queue": _QUEUE_NAME,
+        "queue_id": {"type": "integer"},
+        "result": {"type": "string", "enum": ["applied", "resolved", "parked", "released"]},
+        "outcome": {"type": "string"},
+        "resolved_by": {"type": "string"},
+        "resolved_at": {"type": "string", "format": "date-time"},
+        "reason": {"type": "string"},
+        "attempts": {"type": "integer"},
+    },
+}
+_BULK = {
+    "filter": {
+        "type": "object",
+        "minProperties": 1,
+        "additionalProperties": False,
+        "properties": {"queue": _QUEUE_NAME, "parked_reason": _FILTER_TEXT, "account": _FILTER_TEXT},
+    },
+    "dry_run": {"type": "boolean", "default": False},
+    "limit": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+}
+_BULK_ANSWER = {
+    "dry_run": {"type": "boolean"},
+    "filter": {"type": "object"},
+    "count": {"type": "integer"},
+    "more": {"type": "boolean"},
+    "entries": {"type": "array", "items": {"type": "object"}},
+    "cycle": {"$ref": "#/components/schemas/CycleSummary"},
+}
+_BULK_KEYS = ["dry_run", "filter", "count", "more", "entries"]
+_RETRY_ANSWERS = {
+    "202": _json("Running", "the retry is recorded; the cycle is still running after TRIGGER_WAIT"),
+    "409": _refused("applying is paused; or the retry is recorded but another process held the turn (TRIGGER_WAIT)"),
+    "503": _refused("a database is unavailable, or the retry is recorded and the cycle failed"),
+}
+_ENTRY_ERRORS = _errors(400, 401, 403, 413, 415) | {"404": _refused("the entry is not parked; `state` says what it is")}
+
+_ACTION_PATHS: dict[str, Any] = {
+    "/api/v1/consistency/parked/{queue}/{queue_id}/retry": {
+        "post": {
+            "summary": "Try a parked entry now: record the retry, run a cycle, and tell what became of the entry",
+            "security": _OPERATE,
+            "parameters": _ENTRY_PATH,
+            "requestBody": _OPTIONAL_REASON,
+            "responses": {
+                "200": _answer(
+                    "the cycle ran: the entry is applied, still parked, or released",
+                    ["entry", "cycle"],
+                    entry=_STATE,
+                    cycle={"$ref": "#/components/schemas/CycleSummary"},
+                ),
+                **_RETRY_ANSWERS,
+                **_ENTRY_ERRORS,
+            },
+        }
+    },
+    "/api/v1/consistency/parked/{queue}/{queue_id}/resolve": {
+        "post": {
+            "summary": "Dismiss a parked entry for good, with a reason: it leaves the parked list and is never applied",
+            "security": _OPERATE,
+            "parameters": _ENTRY_PATH,
+            "requestBody": _body(["reason"], reason=_REASON),
+            "responses": {
+                "200": _answer("the entry as resolved", ["resolved"], resolved={"type": "object"}),
+                "409": _refused("the entry has a ledger record: it was applied"),
+                **_ENTRY_ERRORS,
+                "503": _refused("a database is unavailable"),
+            },
+        }
+    },
+    "/api/v1/consistency/parked/retry": {
+        "post": {
+            "summary": "Try the parked entries a filter matches now, up to `limit`; a dry run only lists them",
+            "security": _OPERATE,
+            "requestBody": _body(["filter"], **_BULK, reason=_NO_REASON),
+            "responses": {
+                "200": _answer(
+                    "what was retried (or would be, in a dry run), and where each entry stands after the cycle",
+                    _BULK_KEYS,
+                    **_BULK_ANSWER,
+                ),
+                **_RETRY_ANSWERS,
+                **_errors(400, 401, 403, 413, 415),
+            },
+        }
+    },
+    "/api/v1/consistency/parked/resolve": {
+        "post": {
+            "summary": "Dismiss the parked entries a filter matches, up to `limit`, with a reason; a dry run only "
+            "lists them",
+            "security": _OPERATE,
+            "requestBody": _body(["filter", "reason"], **_BULK, reason=_REASON),
+            "responses": {
+                "200": _answer("what was resolved (or would be, in a dry run)", _BULK_KEYS, **_BULK_ANSWER),
+                "409": _refused("one of the entries has a ledger record: it was applied; nothing was resolved"),
+                **_errors(400, 401, 403, 413, 415, 503),
+            },
+        }
+    },
+}
+
+_PAUSE = {
+    "type": "object",
+    "required": ["paused_by", "reason", "paused_at"],
+    "properties": {
+        "paused_by": {"type": "string"},
+        "reason": {"type": "string"},
+        "paused_at": {"type": "string", "format": "date-time"},
+    },
+}
+_PAUSE_PATHS: dict[str, Any] = {
+    "/api/v1/consistency/pause": {
+        "post": {
+            "summary": "Pause applying in every process and replica, with a reason",
+            "security": _OPERATE,
+            "requestBody": _body(["reason"], reason=_REASON),
+            "responses": {
+                "200": _answer("applying is paused", ["paused"], paused=_PAUSE),
+                "409": _refused("applying is paused already: `pause` shows by whom, since when and why"),
+                **_errors(400, 401, 403, 413, 415, 503),
+            },
+        }
+    },
+    "/api/v1/consistency/resume": {
+        "post": {
+            "summary": "End the pause: every process applies again, this one at once",
+            "security": _OPERATE,
+            "requestBody": _OPTIONAL_REASON,
+            "responses": {
+                "200": _answer(
+                    "the pause that ended, and how long it lasted",
+                    ["resumed_by", "pause", "paused_for_s"],
+                    resumed_by={"type": "string"},
+                    pause=_PAUSE,
+                    paused_for_s={"type": "number"},
+                ),
+                "409": _refused("applying is not paused"),
+                **_errors(400, 401, 403, 413, 415, 503),
+            },
+        }
+    },
+}
 
 _DRIFT_PATHS: dict[str, Any] = {}
 
@@ -237,6 +411,7 @@ SPEC: dict[str, Any] = {
                     "mode",
                     "parked_entries",
                     "corrections",
+                    "pause",
                     "polling_interval",
                     "last_cycle",
                 ],
@@ -246,6 +421,7 @@ SPEC: dict[str, Any] = {
                     "mode": {"type": ["string", "null"]},
                     "parked_entries": {"type": "integer"},
                     "corrections": {"type": "integer"},
+                    "pause": {"oneOf": [_PAUSE, {"type": "null"}]},
                     "polling_interval": {"type": "number"},
                     "last_cycle": {"oneOf": [{"$ref": "#/components/schemas/CycleSummary"}, {"type": "null"}]},
                     "this_process": {"type": "object"},

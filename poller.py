@@ -29,8 +29,13 @@ class Progress:
 
     def __init__(self) -> None:
         self.stopping = threading.Event()
+        self.paused = False  # the running cycle found applying paused by an operator (consistency.pause)
         self._busy = False
         self._last = time.monotonic()
+
+    def halted(self) -> bool:
+        """Tell whether the running cycle should apply no more: the poller is stopping, or applying is paused."""
+        return self.stopping.is_set() or self.paused
 
     def beat(self) -> None:
         """Note progress: a cycle started, or finished a batch."""

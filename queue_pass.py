@@ -13,6 +13,7 @@ import psycopg2
 import psycopg2.extensions
 
 import metrics
+from actions import read_pause
 from apply import apply_batch_table, apply_each_entry, copy_batch, load_copied, load_entries, park
 from db import in_transaction, pg_array
 from domain import OPEN, Entry, Position, Queue, Stamp
@@ -67,14 +68,16 @@ class QueuePass:
         self._pages(self._reconcile_page, 0)
 
     def _pages(self, page: Callable[[Key], tuple[int, Key | None]], start: Key) -> None:
-        """Keyset pagination: run `page` from `start`, then from where each full page ended, until stopped."""
+        """Keyset pagination: run `page` from `start`, then from where each full page ended, until stopped or paused."""
         after = start
-        while not self.progress.stopping.is_set():
+        while not self.progress.halted():
             size, last = page(after)
             self.progress.beat()
             if last is None or size < self.batch_size:
                 return
             after = last
+            with in_transaction(self.pconn) as cur:  # between full batches, so that a long drain stops too
+                self.progress.paused = read_pause(cur) is not None
 
     def _drain_page(self, after: Position, horizon: Horizon) -> tuple[int, Position | None]:
         """Copy the next batch out of queue-db, apply it and move the watermark; return its size and end."""

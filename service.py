@@ -24,7 +24,7 @@ from adoption import Adoption
 from config import Settings
 from cycle import CycleRunner
 from db import Database, DatabaseError, json_rows, one_row
-from domain import PORTFOLIO_DB, QUEUE_DB, CycleResult, Standing
+from domain import PORTFOLIO_DB, QUEUE_DB, CycleResult, Pause, Standing
 from drift import DriftChecks
 from horizon import HorizonWatch
 from journal import Journal
@@ -90,16 +90,19 @@ class StateCache:
                 queue: {"updated_at": ts.isoformat(), "queue_id": queue_id, "moved_at": moved.isoformat()}
                 for queue, ts, queue_id, moved in cur.fetchall()
             }
-            cur.execute(query("count_parked_and_corrections"))
-            parked, corrections = one_row(cur)
+            cur.execute(query("select_counts_and_pause"))
+            parked, corrections, *paused = one_row(cur)
             cur.execute(query("select_last_cycle"))
             row = cur.fetchone()
+        pause = None if paused[0] is None else Pause(*paused)
+        metrics.observe_pause(pause)
         self._state = {
             "tiers": tiers.tiers_json(current),
             "watermarks": watermarks,
             "mode": self._watch.mode or (row[0].get("mode") if row else None),
             "parked_entries": parked,
             "corrections": corrections,
+            "pause": None if pause is None else pause.to_json(),
             "last_cycle": row[0] if row else None,
         }
         self._read_at = time.monotonic()
@@ -265,7 +268,7 @@ def build_service(settings: Settings) -> Service:
         poller,
         audit.AuditTrail(portfolio_db),
         Journal(queue_db, portfolio_db),
-        Actions(settings, queue_db, portfolio_db),
+        Actions(portfolio_db, poller.trigger, poller.wake, cache.forget),
         DriftChecks(settings, queue_db, portfolio_db),
         Adoption(settings, queue_db, portfolio_db),
     )

@@ -218,13 +218,15 @@ SELECT consistency.compound_batch_v2(%(queue)s, %(columns)s, %(numerators)s::num
 SELECT outcome, entries
   FROM consistency.settle_batch_v2(%(queue)s, %(terminal)s::text[], %(mirrored)s::text[], %(cycle)s);
 
--- filter_unapplied: of the given entries, those neither applied nor parked
+-- filter_unapplied: of the given entries, those neither applied, parked nor resolved
 SELECT e.queue_id
   FROM unnest(%(queue_ids)s::integer[]) AS e(queue_id)
  WHERE NOT EXISTS (SELECT 1 FROM consistency.applied_entries a
                     WHERE a.queue = %(queue)s AND a.queue_id = e.queue_id)
    AND NOT EXISTS (SELECT 1 FROM consistency.parked_entries p
-                    WHERE p.queue = %(queue)s AND p.queue_id = e.queue_id);
+                    WHERE p.queue = %(queue)s AND p.queue_id = e.queue_id)
+   AND NOT EXISTS (SELECT 1 FROM consistency.resolved_entries r
+                    WHERE r.queue = %(queue)s AND r.queue_id = e.queue_id);
 
 -- release_reopened: release parked entries whose queue rows are open again, with a journal record each; the cycle reads them again when they settle
 WITH released AS (
@@ -342,7 +344,79 @@ VALUES (%(queue)s, %(queue_id)s, %(account)s, %(kind)s, %(status)s, %(reason)s, 
 
 -- Operator actions on entries -----------------------------------------------------------------------------
 
+-- lock_parked_entries: the given parked entries, locked in key order until the action on them commits
+SELECT p.queue, p.queue_id, p.uuid, p.account_number, p.status, p.reason, p.attempts, p.parked_at, p.last_attempt_at
+  FROM consistency.parked_entries p
+  JOIN unnest(%(queues)s::text[], %(queue_ids)s::integer[]) AS e(queue, queue_id)
+    ON p.queue = e.queue AND p.queue_id = e.queue_id
+ ORDER BY p.queue, p.queue_id
+   FOR UPDATE OF p;
+
+-- select_parked_matching: the parked entries a bulk action's filter matches (a NULL field matches every entry), in key order
+SELECT queue, queue_id, uuid, account_number, status, reason, attempts, parked_at, last_attempt_at
+  FROM consistency.parked_entries
+ WHERE (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+   AND (%(account)s::text IS NULL OR account_number = %(account)s::text)
+   AND (%(parked_reason)s::text IS NULL OR strpos(reason, %(parked_reason)s::text) > 0)
+ ORDER BY queue, queue_id
+ LIMIT %(limit)s;
+
+-- lock_parked_matching: the same entries as select_parked_matching, locked in key order until the bulk action commits
+SELECT queue, queue_id, uuid, account_number, status, reason, attempts, parked_at, last_attempt_at
+  FROM consistency.parked_entries
+ WHERE (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+   AND (%(account)s::text IS NULL OR account_number = %(account)s::text)
+   AND (%(parked_reason)s::text IS NULL OR strpos(reason, %(parked_reason)s::text) > 0)
+ ORDER BY queue, queue_id
+ LIMIT %(limit)s
+   FOR UPDATE;
+
+-- select_ledger_records: which of the given entries have a ledger record (were applied)
+SELECT a.queue, a.queue_id
+  FROM consistency.applied_entries a
+  JOIN unnest(%(queues)s::text[], %(queue_ids)s::integer[]) AS e(queue, queue_id)
+    ON a.queue = e.queue AND a.queue_id = e.queue_id
+ ORDER BY a.queue, a.queue_id;
+
+-- resolve_parked_entries: move the given parked entries to the resolved ones, by whom and why; they leave the parked list
+WITH taken AS (
+    DELETE FROM consistency.parked_entries p
+     USING unnest(%(queues)s::text[], %(queue_ids)s::integer[]) AS e(queue, queue_id)
+     WHERE p.queue = e.queue AND p.queue_id = e.queue_id
+    RETURNING p.queue, p.queue_id, p.uuid, p.account_number, p.status
+)
+INSERT INTO consistency.resolved_entries (queue, queue_id, uuid, account_number, status, reason, resolved_by)
+SELECT queue, queue_id, uuid, account_number, status, %(reason)s, %(actor)s FROM taken
+    ON CONFLICT (queue, queue_id) DO NOTHING
+RETURNING queue, queue_id, resolved_at;
+
+-- select_entry_states: where each of the given entries stands: its ledger record, its resolution, its parking
+SELECT e.queue, e.queue_id, a.status, r.resolved_by, r.resolved_at, p.reason, p.attempts
+  FROM unnest(%(queues)s::text[], %(queue_ids)s::integer[]) AS e(queue, queue_id)
+  LEFT JOIN consistency.applied_entries a ON a.queue = e.queue AND a.queue_id = e.queue_id
+  LEFT JOIN consistency.resolved_entries r ON r.queue = e.queue AND r.queue_id = e.queue_id
+  LEFT JOIN consistency.parked_entries p ON p.queue = e.queue AND p.queue_id = e.queue_id
+ ORDER BY e.queue, e.queue_id;
+
 -- The pause -----------------------------------------------------------------------------------------------
+
+-- select_pause: the pause in force, if applying is paused
+SELECT paused_by, reason, paused_at FROM consistency.pause;
+
+-- insert_pause: pause applying unless it is paused already; returns the pause stored, or nothing
+INSERT INTO consistency.pause (paused_by, reason) VALUES (%(actor)s, %(reason)s)
+    ON CONFLICT (id) DO NOTHING
+RETURNING paused_by, reason, paused_at;
+
+-- delete_pause: end the pause in force, if any; returns it
+DELETE FROM consistency.pause RETURNING paused_by, reason, paused_at;
+
+-- select_counts_and_pause: how many entries are parked, how many applied ones the queue has changed since, and the pause in force (NULLs when none)
+SELECT (SELECT count(*) FROM consistency.parked_entries),
+       (SELECT count(*) FROM consistency.corrections),
+       p.paused_by, p.reason, p.paused_at
+  FROM (SELECT) AS one
+  LEFT JOIN consistency.pause p ON TRUE;
 
 -- Drift checks --------------------------------------------------------------------------------------------
 

@@ -25,6 +25,8 @@ FAMILIES = {
     "consistency_last_success_timestamp_seconds": "gauge",
     "consistency_oldest_queue_transaction_seconds": "gauge",
     "consistency_db_pool_connections_in_use": "gauge",
+    "consistency_paused": "gauge",
+    "consistency_pause_started_timestamp_seconds": "gauge",
 }
 
 Samples = dict[tuple[str, frozenset], float]

@@ -99,7 +99,7 @@ def test_one_upgrade_keeps_apply_batch_v2_beside_the_steps_and_each_entry_applie
             assert apply_with_v2(cur, INVESTMENT, [first], FACTORS) == {"COMPLETED": 1}
 
         with conn, conn.cursor() as cur:
-            assert migrations.migrate(cur) == list(range(4, migrations.LATEST_VERSION + 1))
+            assert migrations.migrate(cur) == [v for v, _, _ in migrations.available_migrations() if v >= 4]
             assert {"apply_batch_v2", *STEPS} <= apply_functions(cur)
 
         # This release, through the steps: the old entry read again, another spelling of its transaction, a new one.

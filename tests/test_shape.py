@@ -33,6 +33,8 @@ RESULTS = [
     CycleResult(STARTED, "error", 3.0, error="queue-db: connection refused"),
     CycleResult(STARTED, "error", 3.0, WORK, error="user-portfolio-db: the summary could not be stored"),
     CycleResult(STARTED, "skipped", 0.4),
+    CycleResult(STARTED, "paused", 0.6),
+    CycleResult(STARTED, "paused", 8.0, WORK),
 ]
 
 

@@ -77,6 +77,15 @@ CREATE TABLE consistency.baseline (
 
 -- Claims the batch as claim_batch_v1 does, after leaving out the entries an operator resolved: they are never
 -- applied, whatever their queue rows do later. Returns the corrections noted.
+--
+-- A resolve and a batch that would apply the same entry take turns on its parked row. Without that, a resolve
+-- could commit between leaving resolved entries out and the claim, or while a retry's claimed batch is still
+-- open (a ledger record not yet committed is invisible to the resolve), and the batch would apply an entry
+-- that was resolved. So the claim first locks the parked rows of the batch's entries, in queue_id order, as a
+-- resolve locks the row it resolves. A resolve that holds one commits first, and the statements after the
+-- lock see its resolved entry (each statement of a function reads what committed before it began); a resolve
+-- that comes later waits for the batch's transaction, and then finds its entry applied, or parked again. The
+-- lock is a join of the batch with the parked entries, like the look-up of them below, and costs as much.
 CREATE FUNCTION consistency.claim_batch_v2(
     p_queue TEXT, p_retrying BOOLEAN, p_terminal TEXT[], p_open TEXT[], p_cycle BIGINT
 ) RETURNS BIGINT
@@ -84,6 +93,12 @@ LANGUAGE plpgsql AS $$
 DECLARE
     left_over BIGINT;
 BEGIN
+    PERFORM 1
+       FROM consistency.parked_entries p
+       JOIN pg_temp.cm_batch b ON b.queue_id = p.queue_id
+      WHERE p.queue = p_queue
+      ORDER BY p.queue_id
+        FOR UPDATE OF p;
     DELETE FROM pg_temp.cm_batch b
      USING consistency.resolved_entries r
      WHERE r.queue = p_queue AND r.queue_id = b.queue_id;
