@@ -89,15 +89,25 @@ def read_chunk(phase: Phase, queue_db: Database, pconn: Connection, start: Key, 
     return _ledger_chunk(phase.queue, queue_db, pconn, int(start), limit)
 
 
-def _split(rows: Sequence[tuple[Any, ...]], limit: int) -> tuple[Sequence[tuple[Any, ...]], Key | None]:
-    """Split the rows of a chunk read with one row more than `limit`: the chunk, and the key the next one starts at."""
+def _split(rows: list[tuple[Any, ...]], limit: int) -> tuple[list[tuple[Any, ...]], Key | None]:
+    """Split the rows of a chunk read with one row more than `limit`, in key order: the chunk, and the next key."""
+    rows.sort(key=lambda row: row[0])
     following: Key | None = rows[limit][0] if len(rows) > limit else None
     return rows[:limit], following
 
 
+def _portfolio_rows(pconn: Connection, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """Read one chunk with a named query in a short transaction of its own on user-portfolio-db."""
+    with in_transaction(pconn) as cur:
+        cur.execute(query("drift_keyset_plan"))
+        cur.execute(query(name), params)
+        return cur.fetchall()
+
+
 def _queue_rows(queue_db: Database, name: str, queue: Queue, params: dict[str, Any]) -> list[Entry]:
-    """Read queue entries with a named query on a pooled queue-db connection in autocommit mode: one short read."""
-    with queue_db.connection(autocommit=True) as conn, conn.cursor() as cur:
+    """Read queue entries with a named query in a short transaction of its own on a pooled queue-db connection."""
+    with queue_db.transaction() as cur:
+        cur.execute(query("drift_keyset_plan"))
         cur.execute(table_query(name, queue.table), params)
         return [Entry(*row) for row in cur.fetchall()]
 
@@ -133,9 +143,7 @@ def _unapplied(pconn: Connection, queue: Queue, settled: list[Entry]) -> list[En
         "queue_ids": pg_array(entry.queue_id for entry in settled),
         "updated": pg_array(entry.updated_at for entry in settled),
     }
-    with in_transaction(pconn) as cur:
-        cur.execute(query("drift_unapplied"), params)
-        found = {row[0] for row in cur.fetchall()}
+    found = {row[0] for row in _portfolio_rows(pconn, "drift_unapplied", params)}
     return [entry for entry in settled if entry.queue_id in found]
 
 
@@ -157,9 +165,8 @@ def _txn_id(uuid: str | None) -> str | None:
 
 def _ledger_chunk(queue: Queue, queue_db: Database, pconn: Connection, start: int, limit: int) -> Chunk:
     """Ledger records whose queue row is gone or changed status, and whose transaction's status differs."""
-    with in_transaction(pconn) as cur:
-        cur.execute(query("drift_ledger_chunk"), {"queue": queue.name, "next": start, "limit": limit + 1})
-        rows, following = _split(cur.fetchall(), limit)
+    params = {"queue": queue.name, "next": start, "limit": limit + 1}
+    rows, following = _split(_portfolio_rows(pconn, "drift_ledger_chunk", params), limit)
     current = _current(queue_db, queue, [row[0] for row in rows])
     findings = tuple(found for row in rows for found in _ledger_findings(queue, row, current.get(row[0])))
     return Chunk(len(rows), findings, following)
@@ -190,9 +197,7 @@ def _transactions_chunk(pconn: Connection, start: str, limit: int) -> Chunk:
         "types": pg_array(queue.transaction_type for queue in QUEUES),
         "queues": pg_array(queue.name for queue in QUEUES),
     }
-    with in_transaction(pconn) as cur:
-        cur.execute(query("drift_transaction_chunk"), params)
-        rows, following = _split(cur.fetchall(), limit)
+    rows, following = _split(_portfolio_rows(pconn, "drift_transaction_chunk", params), limit)
     findings = tuple(
         Finding(
             UNRECORDED_TRANSACTION, queue, None, txn_id, txn_id, account, {"transaction_type": kind, "status": status}

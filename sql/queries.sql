@@ -347,6 +347,9 @@ SELECT kind, queue, queue_id, uuid, txn_id, account_number, detail
  WHERE check_id = %(check_id)s
  ORDER BY id;
 
+-- drift_keyset_plan: in this transaction, read each chunk along its index in key order whatever the statistics say (a table loaded since its last ANALYZE looks small, and a sort of every row after the key would look cheaper), by ruling sorts out
+SET LOCAL enable_sort = off;
+
 -- drift_queue_chunk: a chunk of a queue's entries in queue_id order, from a queue_id on (one row more than the chunk, to tell where the next starts)
 SELECT queue_id, account_number, uuid, status, updated_at::timestamptz
   FROM {table}
@@ -354,38 +357,50 @@ SELECT queue_id, account_number, uuid, status, updated_at::timestamptz
  ORDER BY queue_id
  LIMIT %(limit)s;
 
--- drift_unapplied: of a chunk's settled entries, those at or behind the watermark and not before the baseline that have no ledger record and are neither parked nor resolved
+-- drift_unapplied: of a chunk's settled entries, those at or behind the watermark and not before the baseline that have no ledger record and are neither parked nor resolved (one index probe of each per entry)
 SELECT e.queue_id
   FROM unnest(%(queue_ids)s::integer[], %(updated)s::timestamptz[]) AS e(queue_id, updated_at)
   JOIN consistency.watermarks w ON w.queue = %(queue)s
   LEFT JOIN consistency.baseline b ON b.queue = %(queue)s
+  LEFT JOIN LATERAL (
+        SELECT 1 AS known FROM consistency.applied_entries a WHERE a.queue = %(queue)s AND a.queue_id = e.queue_id
+        UNION ALL
+        SELECT 1 FROM consistency.parked_entries p WHERE p.queue = %(queue)s AND p.queue_id = e.queue_id
+        UNION ALL
+        SELECT 1 FROM consistency.resolved_entries r WHERE r.queue = %(queue)s AND r.queue_id = e.queue_id
+        LIMIT 1) AS k ON TRUE
  WHERE (e.updated_at, e.queue_id) <= (w.updated_at, w.queue_id)
    AND (b.queue IS NULL OR (e.updated_at, e.queue_id) >= (b.updated_at, b.queue_id))
-   AND NOT EXISTS (SELECT 1 FROM consistency.applied_entries a WHERE a.queue = %(queue)s AND a.queue_id = e.queue_id)
-   AND NOT EXISTS (SELECT 1 FROM consistency.parked_entries p WHERE p.queue = %(queue)s AND p.queue_id = e.queue_id)
-   AND NOT EXISTS (SELECT 1 FROM consistency.resolved_entries r WHERE r.queue = %(queue)s AND r.queue_id = e.queue_id);
+   AND k.known IS NULL;
 
--- drift_ledger_chunk: a chunk of a queue's ledger records in queue_id order, from a queue_id on (the uuid as the queue spells it), with the portfolio transaction each settled and whether that transaction was settled before the queue's baseline
+-- drift_ledger_chunk: a chunk of a queue's ledger records from a queue_id on (the uuid as the queue spells it), with the portfolio transaction each settled and whether that transaction was settled before the queue's baseline
 SELECT a.queue_id, COALESCE(a.uuid, a.txn_id::text), a.txn_id, a.status, t.status, t.accountid,
        COALESCE(t.updated_at < b.updated_at, FALSE) AS before_baseline
-  FROM consistency.applied_entries a
-  LEFT JOIN portfolio_transactions t ON t.id = a.txn_id
-  LEFT JOIN consistency.baseline b ON b.queue = a.queue
- WHERE a.queue = %(queue)s AND a.queue_id >= %(next)s
- ORDER BY a.queue_id
- LIMIT %(limit)s;
+  FROM (SELECT queue, queue_id, uuid, txn_id, status
+          FROM consistency.applied_entries
+         WHERE queue = %(queue)s AND queue_id >= %(next)s
+         ORDER BY queue_id
+         LIMIT %(limit)s) AS a
+  LEFT JOIN LATERAL (SELECT status, accountid, updated_at
+                       FROM portfolio_transactions
+                      WHERE id = a.txn_id
+                      LIMIT 1) AS t ON TRUE
+  LEFT JOIN consistency.baseline b ON b.queue = a.queue;
 
--- drift_transaction_chunk: a chunk of portfolio transactions in id order, from an id on, with whether the ledger records each and whether it was settled before its queue's baseline
-SELECT t.id, t.accountid, t.transaction_type, t.status, m.queue,
-       EXISTS (SELECT 1 FROM consistency.applied_entries a WHERE a.txn_id = t.id) AS recorded,
+-- drift_transaction_chunk: a chunk of portfolio transactions from an id on, with whether the ledger records each and whether it was settled before its queue's baseline
+SELECT t.id, t.accountid, t.transaction_type, t.status, m.queue, r.recorded IS NOT NULL,
        COALESCE(t.updated_at < b.updated_at, FALSE) AS before_baseline
-  FROM portfolio_transactions t
+  FROM (SELECT id, accountid, transaction_type, status, updated_at
+          FROM portfolio_transactions
+         WHERE id >= %(next)s::uuid
+         ORDER BY id
+         LIMIT %(limit)s) AS t
+  LEFT JOIN LATERAL (SELECT TRUE AS recorded
+                       FROM consistency.applied_entries a
+                      WHERE a.txn_id = t.id
+                      LIMIT 1) AS r ON TRUE
   LEFT JOIN unnest(%(types)s::text[], %(queues)s::text[]) AS m(transaction_type, queue)
          ON m.transaction_type = t.transaction_type
-  LEFT JOIN consistency.baseline b ON b.queue = m.queue
- WHERE t.id >= %(next)s::uuid
- ORDER BY t.id
- LIMIT %(limit)s;
-
+  LEFT JOIN consistency.baseline b ON b.queue = m.queue;
 
 -- Adoption: the baseline --------------------------------------------------------------------------------

@@ -10,11 +10,15 @@ import time
 import uuid as uuidlib
 from datetime import datetime
 
+import psycopg2
 import pytest
 
 import drift
 from config import Credential
+from db import pg_array
 from drift import DRIFT_LOCK_KEY, DRIFT_SESSION, CheckRunning, DriftChecks
+from drift_walk import FIRST_TRANSACTION_ID
+from queries import query, table_query
 from service import Service, service_of
 from tests.test_metrics import scrape, value
 from tests.world import Request, World
@@ -424,3 +428,59 @@ def test_no_check_is_scheduled_with_an_interval_of_zero(make_service, world: Wor
     assert world.p("SELECT count(*) FROM consistency.drift_checks") == [(0,)]
     service.drift.request("tester", None)  # a check asked for still runs
     assert service.drift.run_due() is not None
+
+
+def plan_nodes(plan: dict) -> list[dict]:
+    """Flatten an EXPLAIN (FORMAT JSON) plan into its nodes."""
+    return [plan, *(node for child in plan.get("Plans", []) for node in plan_nodes(child))]
+
+
+def rows_touched(conn, statement, params: dict) -> int:
+    """Run a chunk's statement under EXPLAIN ANALYZE, as a check runs it; return the most rows any node handled."""
+    with conn.cursor() as cur:
+        cur.execute(query("drift_keyset_plan"))
+        text = statement if isinstance(statement, str) else statement.as_string(cur)
+        cur.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + text, params)
+        nodes = plan_nodes(cur.fetchone()[0][0]["Plan"])
+    conn.rollback()
+    assert not [n for n in nodes if n["Node Type"] in {"Sort", "Seq Scan"} and n["Actual Rows"]], nodes
+    return max(node["Actual Rows"] * node["Actual Loops"] for node in nodes)
+
+
+def test_each_chunk_reads_along_its_index_however_stale_the_statistics(world: World, dbs) -> None:
+    # 3000 of everything, loaded at once and never analyzed: each table looks empty to the planner.
+    world.q(
+        "INSERT INTO investment_queue (account_number, uuid, status)"
+        " SELECT 'a', md5(n::text)::uuid::text, 'COMPLETED' FROM generate_series(1, 3000) AS n"
+    )
+    world.portfolio_for(ACCOUNT)
+    world.p(
+        "INSERT INTO portfolio_transactions (id, accountid, transaction_type, status)"
+        " SELECT md5(n::text)::uuid, %s, 'INVEST', 'PROCESSED' FROM generate_series(1, 3000) AS n",
+        (ACCOUNT,),
+    )
+    world.p(
+        "INSERT INTO consistency.applied_entries (queue, queue_id, txn_id, status)"
+        " SELECT 'investment', n, md5(n::text)::uuid, 'COMPLETED' FROM generate_series(1, 3000) AS n"
+    )
+    queue, portfolio = psycopg2.connect(dbs[0]), psycopg2.connect(dbs[1])
+    try:
+        chunk = {"next": 100, "limit": 11}
+        entries = world.q("SELECT queue_id, updated_at FROM investment_queue WHERE queue_id BETWEEN 100 AND 110")
+        looked_up = {"queue_ids": pg_array(e[0] for e in entries), "updated": pg_array(e[1] for e in entries)}
+        touched = {
+            "queue": rows_touched(queue, table_query("drift_queue_chunk", "investment_queue"), chunk),
+            "unapplied": rows_touched(portfolio, query("drift_unapplied"), {"queue": "investment", **looked_up}),
+            "ledger": rows_touched(portfolio, query("drift_ledger_chunk"), {"queue": "investment", **chunk}),
+            "transactions": rows_touched(
+                portfolio,
+                query("drift_transaction_chunk"),
+                {**chunk, "next": FIRST_TRANSACTION_ID, "types": "{INVEST,WITHDRAWAL}", "queues": "{investment,x}"},
+            ),
+        }
+    finally:
+        queue.close()
+        portfolio.close()
+    # A chunk's 11 rows (the transactions' twice: each is matched against the two transaction types), never the
+    # 2900 rows after the key that a sort would read.
+    assert touched == {"queue": 11, "unapplied": 11, "ledger": 11, "transactions": 22}
