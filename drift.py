@@ -293,8 +293,8 @@ class CheckTurn:
     def _fail(self, state: CheckState, err: Exception) -> None:
         """End a check a database error stopped; without its connection (and so the turn) leave it to be resumed."""
         detail = self._checks.describe(err)
-        if self._conn.closed:
-            log.warning("drift check %d lost user-portfolio-db; it resumes where it stands: %s", state.id, detail)
+        if self._conn.closed or self._checks.stopping.is_set():  # the service stops: its pools may be closed already
+            log.warning("drift check %d interrupted; it resumes where it stands: %s", state.id, detail)
             return
         log.warning("drift check %d failed: %s", state.id, detail)
         try:
