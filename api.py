@@ -19,6 +19,7 @@ from actions import BULK_FIELDS, EntryKey, Refused, Retried, Selection, only_fie
 from auth import OPERATE, READ, actor, require
 from db import DatabaseError
 from domain import QUEUES, InputError, Queue
+from drift import CheckRunning
 from openapi import SPEC
 from service import INTERNAL_ERROR, Service, service_of
 
@@ -367,6 +368,48 @@ def resume() -> Any:
 
 
 # Drift checks.
+
+LATEST_DRIFT_CHECK = "/api/v1/consistency/drift-checks/latest"
+
+
+@bp.post("/api/v1/consistency/drift-checks")
+@require(OPERATE)
+def start_drift_check() -> Any:
+    """Start a drift check, audited, with an optional reason; it runs in the background."""
+    body = json_body(optional=True)
+    if isinstance(body, tuple):
+        return body
+    try:
+        reason = drift_check_reason(body)
+        check = service().drift.request(actor(), reason)
+    except InputError as err:
+        return error(400, str(err), field=err.field)
+    except CheckRunning as running:
+        message = f"{running}; its report: GET {LATEST_DRIFT_CHECK}"
+        return error(409, message, id=running.check_id)
+    response = jsonify(check)
+    response.headers["Location"] = LATEST_DRIFT_CHECK
+    return response, 202
+
+
+def drift_check_reason(body: Any) -> str | None:
+    """Read a drift check request's body: a JSON object with an optional `reason` and nothing else."""
+    if not isinstance(body, dict):
+        raise InputError("body", 'send a JSON object, such as {"reason": "..."}')
+    unknown = sorted(set(body) - {"reason"})
+    if unknown:
+        raise InputError(unknown[0], "unknown key; only `reason` is taken")
+    return reason_of(body, required=False)
+
+
+@bp.get(LATEST_DRIFT_CHECK)
+@require(READ)
+def latest_drift_check() -> Any:
+    """The newest drift check's report: state, times, rows read, findings by kind and the findings kept."""
+    report = service().drift.latest()
+    if report is None:
+        return error(404, "no drift check is stored yet; start one with POST /api/v1/consistency/drift-checks")
+    return jsonify(report)
 
 
 # Adoption: the baseline.

@@ -15,11 +15,18 @@ DATABASES = (QUEUE_DB, PORTFOLIO_DB)
 # Settled queue statuses, and the status each gives its portfolio transaction.
 MIRRORED = {"COMPLETED": "PROCESSED", "FAILED": "FAILED", "CANCELLED": "CANCELLED"}
 TERMINAL = tuple(MIRRORED)
+PROCESSED = MIRRORED["COMPLETED"]
 # Not settled yet. Every other status, an unknown one included, is read as settled: applied or parked.
 OPEN = ("PENDING", "PROCESSING")
 PARKED = "parked"
 # What can become of an entry the service applies.
 OUTCOMES = (*TERMINAL, PARKED)
+
+# What a drift check finds, by kind: a settled entry behind the watermark that was never applied; a ledger
+# record whose queue row is gone or changed status; a portfolio transaction whose status differs from the
+# outcome applied; a PROCESSED transaction the ledger does not record.
+DRIFT_KINDS = ("unapplied_entry", "changed_entry", "changed_transaction", "unrecorded_transaction")
+UNAPPLIED_ENTRY, CHANGED_ENTRY, CHANGED_TRANSACTION, UNRECORDED_TRANSACTION = DRIFT_KINDS
 
 # The six tier values: pool (TIERn) and market (TIERn_MV) per tier.
 TIER_KEYS = ("TIER1", "TIER1_MV", "TIER2", "TIER2_MV", "TIER3", "TIER3_MV")

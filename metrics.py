@@ -16,7 +16,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from domain import DATABASES, OUTCOMES, QUEUES, CycleResult, Outcome, Pause, Standing
+from domain import DATABASES, DRIFT_KINDS, OUTCOMES, QUEUES, CycleResult, Outcome, Pause, Standing
 
 RESULTS = get_args(Outcome)
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
@@ -67,6 +67,17 @@ PAUSE_STARTED = Gauge(
     "Unix time the pause in force began; 0 while applying goes on.",
     multiprocess_mode="mostrecent",
 )
+DRIFT_FINDINGS = Gauge(
+    "consistency_drift_findings",
+    "Findings of the last finished drift check, by kind; every process reads them from the stored checks.",
+    ["kind"],
+    multiprocess_mode="mostrecent",
+)
+DRIFT_LAST_CHECK = Gauge(
+    "consistency_drift_last_check_timestamp_seconds",
+    "Unix time the last finished drift check ended; 0 before the first.",
+    multiprocess_mode="max",
+)
 POOL_IN_USE = Gauge(
     "consistency_db_pool_connections_in_use",
     "Pooled connections lent out, per database, summed over live processes.",
@@ -82,6 +93,8 @@ for _queue in QUEUES:
         ENTRIES.labels(queue=_queue.name, outcome=_outcome)
 for _database in DATABASES:
     POOL_IN_USE.labels(database=_database)
+for _kind in DRIFT_KINDS:
+    DRIFT_FINDINGS.labels(kind=_kind)
 
 
 def observe_cycle(result: CycleResult, standing: Standing | None = None) -> None:
@@ -118,6 +131,13 @@ def observe_batch(last_read: datetime, applied: int) -> None:
     """
     if applied:
         LAG.set(max(0.0, time.time() - last_read.timestamp()))
+
+
+def observe_drift(counts: dict[str, int], finished_at: datetime) -> None:
+    """Show the findings by kind of the last finished drift check, and when it finished."""
+    for kind in DRIFT_KINDS:
+        DRIFT_FINDINGS.labels(kind=kind).set(counts.get(kind, 0))
+    DRIFT_LAST_CHECK.set(finished_at.timestamp())
 
 
 def pool_tracker(database: str) -> Callable[[int], None]:

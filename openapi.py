@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, get_args
 
-from domain import COUNT_KEYS, QUEUES, TIER_KEYS, Mode, Outcome
+from domain import COUNT_KEYS, DRIFT_KINDS, QUEUES, TIER_KEYS, Mode, Outcome
 from journal import KINDS as JOURNAL_KINDS
 
 
@@ -363,7 +363,105 @@ _PAUSE_PATHS: dict[str, Any] = {
     },
 }
 
-_DRIFT_PATHS: dict[str, Any] = {}
+_DRIFT_STATES = ["running", "done", "failed"]
+_DRIFT_COUNTS = {
+    "type": "object",
+    "required": list(DRIFT_KINDS),
+    "properties": {kind: {"type": "integer", "minimum": 0} for kind in DRIFT_KINDS},
+}
+_DRIFT_FINDING = {
+    "type": "object",
+    "required": ["kind", "queue", "queue_id", "uuid", "txn_id", "account_number", "detail"],
+    "properties": {
+        "kind": {"type": "string", "enum": list(DRIFT_KINDS)},
+        "queue": {"type": ["string", "null"]},
+        "queue_id": {"type": ["integer", "null"]},
+        "uuid": {"type": ["string", "null"]},
+        "txn_id": {"type": ["string", "null"]},
+        "account_number": {"type": ["string", "null"]},
+        "detail": {"type": "object"},
+    },
+}
+_DRIFT_STARTED = {
+    "type": "object",
+    "required": ["id", "started_by", "state", "started_at"],
+    "properties": {
+        "id": {"type": "integer"},
+        "started_by": {"type": "string"},
+        "state": {"const": "running"},
+        "started_at": {"type": "string", "format": "date-time"},
+    },
+}
+_DRIFT_REPORT = {
+    "type": "object",
+    "required": [
+        "id",
+        "started_by",
+        "reason",
+        "state",
+        "started_at",
+        "finished_at",
+        "rows_read",
+        "counts",
+        "positions",
+        "error",
+        "findings_kept_per_kind",
+        "findings",
+    ],
+    "properties": {
+        "id": {"type": "integer"},
+        "started_by": {"type": "string", "description": "the name of the token that started it, or `schedule`"},
+        "reason": {"type": ["string", "null"]},
+        "state": {"type": "string", "enum": _DRIFT_STATES},
+        "started_at": {"type": "string", "format": "date-time"},
+        "finished_at": {"type": ["string", "null"], "format": "date-time"},
+        "rows_read": {"type": "integer", "minimum": 0},
+        "counts": _DRIFT_COUNTS,
+        "positions": {"type": "object", "description": "per phase: where the walk goes on, or that it is done"},
+        "error": {"type": ["string", "null"]},
+        "findings_kept_per_kind": {"type": "integer"},
+        "findings": {"type": "array", "items": _DRIFT_FINDING},
+    },
+}
+_DRIFT_BODY = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {"reason": _REASON},
+}
+
+
+def _drift_response(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    """A JSON response of a drift check endpoint, described by its inline schema."""
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_DRIFT_PATHS: dict[str, Any] = {
+    "/api/v1/consistency/drift-checks": {
+        "post": {
+            "summary": "Start a drift check, audited with the token's name and an optional reason; it runs in the "
+            "background",
+            "security": _OPERATE,
+            "requestBody": {"required": False, "content": {"application/json": {"schema": _DRIFT_BODY}}},
+            "responses": {
+                "202": _drift_response(_DRIFT_STARTED, "the check is stored and starts in the background"),
+                "409": _json("Error", "a drift check is already running; `id` names it"),
+                **_errors(400, 401, 403, 413, 415, 503),
+            },
+        }
+    },
+    "/api/v1/consistency/drift-checks/latest": {
+        "get": {
+            "summary": "The newest drift check's report: state, times, rows read, findings by kind, the findings kept",
+            "security": _READ,
+            "responses": {
+                "200": _drift_response(_DRIFT_REPORT, "the newest check, running or finished"),
+                "404": _json("Error", "no drift check is stored yet"),
+                **_errors(401, 503),
+                **_TOO_LONG,
+            },
+        }
+    },
+}
 
 _ADOPTION_PATHS: dict[str, Any] = {}
 

@@ -149,8 +149,9 @@ class Service:
     adoption: Adoption
 
     def start(self) -> None:
-        """Start the poller (and the listener); the first cycle runs at once."""
+        """Start the poller (and the listener), the first cycle at once, and the drift checks' thread."""
         self.poller.start()
+        self.drift.start()
 
     def liveness(self) -> dict[str, Any]:
         """Tell whether the poller thread runs and, inside a cycle, has made progress recently."""
@@ -230,7 +231,8 @@ class Service:
         return tiers.tiers_json(updated)
 
     def close(self) -> None:
-        """Stop the poller and close both pools."""
+        """Stop the poller and the drift checks' thread, and close both pools."""
+        self.drift.stop()  # within one chunk
         self.poller.stop()
         self.queue_db.close()
         self.portfolio_db.close()

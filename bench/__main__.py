@@ -19,6 +19,7 @@ import psycopg2
 from bench import http
 from bench.approaches import per_entry, set_based
 from bench.data import TIERS, build_templates, snapshot
+from bench.drift import drift_check, drift_row
 from bench.idle import idle_cycle_ms
 from bench.latency import measure_latency
 from bench.serve import service_env, status, stored_cycle
@@ -239,6 +240,9 @@ def main() -> None:
     parser.add_argument(
         "--polling-interval", type=float, default=1.0, help="POLLING_INTERVAL for the latency runs (default 1.0)"
     )
+    parser.add_argument(
+        "--drift-entries", type=int, default=1_000_000, help="applied entries a drift check walks (default 1000000)"
+    )
     args = parser.parse_args()
     server, keep_alive = postgres.server_uri()
     with_per_entry = args.entries <= args.per_entry_entries
@@ -247,6 +251,7 @@ def main() -> None:
         server, args.per_entry_entries, args.batch_size, True, 0)  # fmt: skip
     idle_median, idle_max = idle_cycle_ms(server, args.idle_rows)
     latency = [measure_latency(server, notify, args.polling_interval, args.latency_samples) for notify in (True, False)]
+    checked = drift_check(server, args.drift_entries)
     same = len(set(big["snapshots"])) == 1 and len(set(small["snapshots"])) == 1
     rows = [
         ("machine", f"{platform.machine()}, {os.cpu_count()} cores, PostgreSQL on loopback"),
@@ -269,12 +274,13 @@ def main() -> None:
         ),
         *http_rows(big),
         *latency_rows(*latency),
+        drift_row(checked),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"| {name.ljust(width)} | {value} |")
     del keep_alive
-    if not same:
+    if not same or checked["findings"]:
         raise SystemExit(1)
 
 

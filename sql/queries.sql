@@ -420,4 +420,117 @@ SELECT (SELECT count(*) FROM consistency.parked_entries),
 
 -- Drift checks --------------------------------------------------------------------------------------------
 
+-- drift_try_lock: take the drift check turn for this session if no other session holds it; held until unlocked or disconnected
+SELECT pg_try_advisory_lock(%(key)s);
+
+-- drift_unlock: give the drift check turn back
+SELECT pg_advisory_unlock(%(key)s);
+
+-- drift_poll: the newest check, whether DRIFT_CHECK_INTERVAL has passed since it started, and whether a session holds the drift lock
+SELECT c.id, c.state,
+       c.started_at <= CURRENT_TIMESTAMP - make_interval(secs => %(interval)s) AS due,
+       EXISTS (SELECT 1 FROM pg_locks l
+                WHERE l.locktype = 'advisory' AND l.granted
+                  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                  AND l.classid = %(key_high)s::oid AND l.objid = %(key_low)s::oid AND l.objsubid = 1) AS locked
+  FROM (SELECT 1) AS one
+  LEFT JOIN LATERAL (SELECT id, state, started_at FROM consistency.drift_checks ORDER BY id DESC LIMIT 1) AS c ON TRUE;
+
+-- drift_last_done: the findings by kind of the last check that finished, and when it finished
+SELECT counts, finished_at FROM consistency.drift_checks WHERE state = 'done' ORDER BY id DESC LIMIT 1;
+
+-- drift_running: the check that is running, if any, with where it stands
+SELECT id, started_by, started_at, positions, rows_read, counts FROM consistency.drift_checks WHERE state = 'running';
+
+-- drift_insert_check: store a new check, running, with no findings yet
+INSERT INTO consistency.drift_checks (started_by, reason, counts)
+VALUES (%(started_by)s, %(reason)s, %(counts)s)
+RETURNING id, started_by, state, started_at;
+
+-- drift_save_progress: after a chunk, store where each phase goes on, the rows read and the findings counted so far
+UPDATE consistency.drift_checks
+   SET positions = %(positions)s, rows_read = %(rows_read)s, counts = %(counts)s
+ WHERE id = %(id)s AND state = 'running';
+
+-- drift_finish: end a running check as done or failed
+UPDATE consistency.drift_checks
+   SET state = %(state)s, finished_at = CURRENT_TIMESTAMP, error = %(error)s
+ WHERE id = %(id)s AND state = 'running'
+RETURNING finished_at;
+
+-- drift_insert_findings: keep findings of a check, one per array element
+INSERT INTO consistency.drift_findings (check_id, kind, queue, queue_id, uuid, txn_id, account_number, detail)
+SELECT %(check_id)s, f.kind, f.queue, f.queue_id, f.uuid, f.txn_id, f.account_number, f.detail::jsonb
+  FROM unnest(%(kinds)s::text[], %(queues)s::text[], %(queue_ids)s::integer[], %(uuids)s::text[],
+              %(txn_ids)s::uuid[], %(accounts)s::text[], %(details)s::text[])
+       AS f(kind, queue, queue_id, uuid, txn_id, account_number, detail);
+
+-- drift_latest: the newest check, for its report
+SELECT id, started_by, reason, state, started_at, finished_at, rows_read, counts, positions, error
+  FROM consistency.drift_checks
+ ORDER BY id DESC
+ LIMIT 1;
+
+-- drift_findings_of: the findings kept of a check, in the order they were found
+SELECT kind, queue, queue_id, uuid, txn_id, account_number, detail
+  FROM consistency.drift_findings
+ WHERE check_id = %(check_id)s
+ ORDER BY id;
+
+-- drift_keyset_plan: in this transaction, read each chunk along its index in key order whatever the statistics say (a table loaded since its last ANALYZE looks small, and a sort of every row after the key would look cheaper), by ruling sorts out
+SET LOCAL enable_sort = off;
+
+-- drift_queue_chunk: a chunk of a queue's entries in queue_id order, from a queue_id on (one row more than the chunk, to tell where the next starts)
+SELECT queue_id, account_number, uuid, status, updated_at::timestamptz
+  FROM {table}
+ WHERE queue_id >= %(next)s
+ ORDER BY queue_id
+ LIMIT %(limit)s;
+
+-- drift_unapplied: of a chunk's settled entries, those at or behind the watermark and not before the baseline that have no ledger record and are neither parked nor resolved (one index probe of each per entry)
+SELECT e.queue_id
+  FROM unnest(%(queue_ids)s::integer[], %(updated)s::timestamptz[]) AS e(queue_id, updated_at)
+  JOIN consistency.watermarks w ON w.queue = %(queue)s
+  LEFT JOIN consistency.baseline b ON b.queue = %(queue)s
+  LEFT JOIN LATERAL (
+        SELECT 1 AS known FROM consistency.applied_entries a WHERE a.queue = %(queue)s AND a.queue_id = e.queue_id
+        UNION ALL
+        SELECT 1 FROM consistency.parked_entries p WHERE p.queue = %(queue)s AND p.queue_id = e.queue_id
+        UNION ALL
+        SELECT 1 FROM consistency.resolved_entries r WHERE r.queue = %(queue)s AND r.queue_id = e.queue_id
+        LIMIT 1) AS k ON TRUE
+ WHERE (e.updated_at, e.queue_id) <= (w.updated_at, w.queue_id)
+   AND (b.queue IS NULL OR (e.updated_at, e.queue_id) >= (b.updated_at, b.queue_id))
+   AND k.known IS NULL;
+
+-- drift_ledger_chunk: a chunk of a queue's ledger records from a queue_id on (the uuid as the queue spells it), with the portfolio transaction each settled and whether that transaction was settled before the queue's baseline
+SELECT a.queue_id, COALESCE(a.uuid, a.txn_id::text), a.txn_id, a.status, t.status, t.accountid,
+       COALESCE(t.updated_at < b.updated_at, FALSE) AS before_baseline
+  FROM (SELECT queue, queue_id, uuid, txn_id, status
+          FROM consistency.applied_entries
+         WHERE queue = %(queue)s AND queue_id >= %(next)s
+         ORDER BY queue_id
+         LIMIT %(limit)s) AS a
+  LEFT JOIN LATERAL (SELECT status, accountid, updated_at
+                       FROM portfolio_transactions
+                      WHERE id = a.txn_id
+                      LIMIT 1) AS t ON TRUE
+  LEFT JOIN consistency.baseline b ON b.queue = a.queue;
+
+-- drift_transaction_chunk: a chunk of portfolio transactions from an id on, with whether the ledger records each and whether it was settled before its queue's baseline
+SELECT t.id, t.accountid, t.transaction_type, t.status, m.queue, r.recorded IS NOT NULL,
+       COALESCE(t.updated_at < b.updated_at, FALSE) AS before_baseline
+  FROM (SELECT id, accountid, transaction_type, status, updated_at
+          FROM portfolio_transactions
+         WHERE id >= %(next)s::uuid
+         ORDER BY id
+         LIMIT %(limit)s) AS t
+  LEFT JOIN LATERAL (SELECT TRUE AS recorded
+                       FROM consistency.applied_entries a
+                      WHERE a.txn_id = t.id
+                      LIMIT 1) AS r ON TRUE
+  LEFT JOIN unnest(%(types)s::text[], %(queues)s::text[]) AS m(transaction_type, queue)
+         ON m.transaction_type = t.transaction_type
+  LEFT JOIN consistency.baseline b ON b.queue = m.queue;
+
 -- Adoption: the baseline --------------------------------------------------------------------------------
