@@ -342,7 +342,8 @@ WITH given AS (
     INSERT INTO consistency.applied_entries (queue, queue_id, uuid, txn_id, status)
     SELECT %(queue)s, g.queue_id, NULLIF(g.uuid, g.txn_id::text), g.txn_id, g.status
       FROM given g
-     WHERE NOT EXISTS (SELECT 1 FROM consistency.parked_entries p WHERE p.queue = %(queue)s AND p.queue_id = g.queue_id)
+     WHERE NOT EXISTS (SELECT 1 FROM consistency.applied_entries a WHERE a.queue = %(queue)s AND a.queue_id = g.queue_id)
+       AND NOT EXISTS (SELECT 1 FROM consistency.parked_entries p WHERE p.queue = %(queue)s AND p.queue_id = g.queue_id)
        AND NOT EXISTS (SELECT 1 FROM consistency.resolved_entries r WHERE r.queue = %(queue)s AND r.queue_id = g.queue_id)
      ORDER BY g.updated_at, g.queue_id
         ON CONFLICT DO NOTHING
