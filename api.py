@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException
 import metrics
 import tiers
 from actions import BULK_FIELDS, EntryKey, Refused, Retried, Selection, only_fields, storable
+from adoption import BaselineRequest
 from auth import OPERATE, READ, actor, require
 from db import DatabaseError
 from domain import QUEUES, InputError, Queue
@@ -413,6 +414,23 @@ def latest_drift_check() -> Any:
 
 
 # Adoption: the baseline.
+
+
+@bp.post("/api/v1/consistency/baseline")
+@require(OPERATE)
+def baseline() -> Any:
+    """Count (dry run) or record as applied, without moving money, the settled entries before a time, per queue."""
+    body = json_body()
+    if isinstance(body, tuple):
+        return body
+    if not isinstance(body, dict):
+        return error(400, "body: send a JSON object with before, reason and dry_run", field="body")
+    try:
+        wanted = BaselineRequest.parse(body, reason_of(body, required=True))
+        report = service().adoption.record_baseline(wanted, actor())
+    except InputError as err:
+        return error(400, str(err), field=err.field)
+    return jsonify(report.to_json())
 
 
 @bp.app_errorhandler(HTTPException)

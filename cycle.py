@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import psycopg2
@@ -32,10 +33,13 @@ CYCLE_LOCK_KEY = 0x434D_4359_434C  # "CMCYCL"
 class CycleRunner:
     """Runs the cycle against the two databases, one applier at a time across all processes."""
 
-    def __init__(self, settings: Settings, queue_db: Database, portfolio_db: Database) -> None:
+    def __init__(
+        self, settings: Settings, queue_db: Database, portfolio_db: Database, adopt: Callable[[], None] | None = None
+    ) -> None:
         self.settings = settings
         self.queue_db = queue_db
         self.portfolio_db = portfolio_db
+        self._adopt = adopt  # INITIAL_WATERMARK for the queues that have none stored (adoption.Adoption.prepare)
         self.watch = HorizonWatch(settings.lookback_window, settings.reconcile_interval)
         self._prepared = False
 
@@ -46,6 +50,8 @@ class CycleRunner:
         with self.portfolio_db.transaction() as cur:
             migrations.migrate(cur)
             tiers.seed(cur, self.settings.tier_seed)
+        if self._adopt is not None:
+            self._adopt()
         with self.queue_db.connection(autocommit=True) as conn, conn.cursor() as cur:
             missing = migrations.missing_watermark_indexes(cur, [q.table for q in QUEUES])
             naive, timezone = migrations.naive_timestamp_columns(cur, [q.table for q in QUEUES])

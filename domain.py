@@ -28,6 +28,10 @@ OUTCOMES = (*TERMINAL, PARKED)
 DRIFT_KINDS = ("unapplied_entry", "changed_entry", "changed_transaction", "unrecorded_transaction")
 UNAPPLIED_ENTRY, CHANGED_ENTRY, CHANGED_TRANSACTION, UNRECORDED_TRANSACTION = DRIFT_KINDS
 
+# Who set a queue's adoption baseline (consistency.baseline.source): INITIAL_WATERMARK, or the operators' action.
+BY_INITIAL_WATERMARK, BY_BASELINE_ACTION = "INITIAL_WATERMARK", "baseline action"
+BASELINE_SOURCES = (BY_INITIAL_WATERMARK, BY_BASELINE_ACTION)
+
 # The six tier values: pool (TIERn) and market (TIERn_MV) per tier.
 TIER_KEYS = ("TIER1", "TIER1_MV", "TIER2", "TIER2_MV", "TIER3", "TIER3_MV")
 

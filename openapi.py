@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, get_args
 
-from domain import COUNT_KEYS, DRIFT_KINDS, QUEUES, TIER_KEYS, Mode, Outcome
+from domain import BASELINE_SOURCES, COUNT_KEYS, DRIFT_KINDS, QUEUES, TIER_KEYS, Mode, Outcome
 from journal import KINDS as JOURNAL_KINDS
 
 
@@ -463,7 +463,68 @@ _DRIFT_PATHS: dict[str, Any] = {
     },
 }
 
-_ADOPTION_PATHS: dict[str, Any] = {}
+# A queue's adoption baseline: settled entries updated before it are not applied by this service.
+_BASELINE = {
+    "type": "object",
+    "required": ["updated_at", "queue_id", "source", "set_by", "set_at"],
+    "properties": {
+        "updated_at": {"type": "string", "format": "date-time"},
+        "queue_id": {"type": "integer"},
+        "source": {"type": "string", "enum": list(BASELINE_SOURCES)},
+        "set_by": {"type": ["string", "null"]},
+        "set_at": {"type": "string", "format": "date-time"},
+    },
+}
+# The baseline in force per queue; a queue without one is left out.
+_BASELINES = {"type": "object", "additionalProperties": _BASELINE}
+_PER_QUEUE = {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}}
+
+_ADOPTION_PATHS: dict[str, Any] = {
+    "/api/v1/consistency/baseline": {
+        "post": {
+            "summary": "Record the settled entries before a time as applied, moving no money; or count them (dry run)",
+            "security": _OPERATE,
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["before", "reason", "dry_run"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "before": {"type": "string", "format": "date-time", "maxLength": 64},
+                                "reason": _REASON,
+                                "dry_run": {"type": "boolean"},
+                            },
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": {
+                    "description": "per queue, the entries a dry run would record, or that the run recorded",
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["before", "dry_run", "entries", "audit_id", "baseline"],
+                                "properties": {
+                                    "before": {"type": "string", "format": "date-time"},
+                                    "dry_run": {"type": "boolean"},
+                                    "entries": _PER_QUEUE,
+                                    "audit_id": {"type": ["integer", "null"]},
+                                    "baseline": _BASELINES,
+                                },
+                            }
+                        }
+                    },
+                },
+                **_errors(400, 401, 403, 413, 415, 503),
+            },
+        }
+    }
+}
 
 SPEC: dict[str, Any] = {
     "openapi": "3.1.0",
@@ -506,6 +567,7 @@ SPEC: dict[str, Any] = {
                 "required": [
                     "tiers",
                     "watermarks",
+                    "baseline",
                     "mode",
                     "parked_entries",
                     "corrections",
@@ -516,6 +578,7 @@ SPEC: dict[str, Any] = {
                 "properties": {
                     "tiers": {"$ref": "#/components/schemas/Tiers"},
                     "watermarks": {"type": "object"},
+                    "baseline": _BASELINES,
                     "mode": {"type": ["string", "null"]},
                     "parked_entries": {"type": "integer"},
                     "corrections": {"type": "integer"},

@@ -14,6 +14,7 @@ import psycopg2.extensions
 
 import metrics
 from actions import read_pause
+from adoption import baseline_of, before
 from apply import apply_batch_table, apply_each_entry, copy_batch, load_copied, load_entries, park
 from db import in_transaction, pg_array
 from domain import OPEN, Entry, Position, Queue, Stamp
@@ -64,8 +65,13 @@ class QueuePass:
         self._pages(lambda after: self._drain_page(after, horizon), watermark)
 
     def reconcile(self) -> None:
-        """Find terminal entries with no applied record, such as late commits behind the look-back."""
-        self._pages(self._reconcile_page, 0)
+        """Find terminal entries with no applied record, such as late commits behind the look-back.
+
+        Entries before the queue's adoption baseline are left alone: whatever ran before applied them.
+        """
+        with in_transaction(self.pconn) as cur:
+            baseline = baseline_of(cur, self.queue.name)
+        self._pages(lambda after: self._reconcile_page(after, baseline), 0)
 
     def _pages(self, page: Callable[[Key], tuple[int, Key | None]], start: Key) -> None:
         """Keyset pagination: run `page` from `start`, then from where each full page ended, until stopped or paused."""
@@ -128,8 +134,8 @@ class QueuePass:
         if settled:
             self._apply_entries(settled, retrying=True)
 
-    def _reconcile_page(self, after_id: int) -> tuple[int, int | None]:
-        """Apply the terminal entries of the next batch of queue rows that have no applied record."""
+    def _reconcile_page(self, after_id: int, baseline: Position | None) -> tuple[int, int | None]:
+        """Apply the terminal entries of the next batch of queue rows that have no applied record, from the baseline."""
         batch = self._read("queue_read_terminal", {"after_id": after_id, "limit": self.batch_size})
         if not batch:
             return 0, None
@@ -137,7 +143,9 @@ class QueuePass:
             ids = pg_array(e.queue_id for e in batch)
             cur.execute(query("filter_unapplied"), {"queue": self.queue.name, "queue_ids": ids})
             missing = {row[0] for row in cur.fetchall()}
-        found = sorted((e for e in batch if e.queue_id in missing), key=lambda e: e.position)
+        # Entries before the baseline are left out here, not in the read: each page still reads batch_size rows.
+        kept = (e for e in batch if e.queue_id in missing and not before(e, baseline))
+        found = sorted(kept, key=lambda e: e.position)
         if found:
             self.counts["reconciled"] += len(found)
             self._apply_entries(found)

@@ -20,7 +20,7 @@ import metrics
 import migrations
 import tiers
 from actions import Actions
-from adoption import Adoption
+from adoption import Adoption, baseline_row
 from config import Settings
 from cycle import CycleRunner
 from db import Database, DatabaseError, json_rows, one_row
@@ -85,11 +85,13 @@ class StateCache:
         """Read the stored state in one transaction and keep it."""
         with self._portfolio_db.transaction() as cur:
             current = tiers.load(cur)
-            cur.execute(query("select_watermarks"))
+            cur.execute(query("select_watermarks_and_baselines"))
+            rows = cur.fetchall()
             watermarks = {
                 queue: {"updated_at": ts.isoformat(), "queue_id": queue_id, "moved_at": moved.isoformat()}
-                for queue, ts, queue_id, moved in cur.fetchall()
+                for queue, ts, queue_id, moved, *_ in rows
             }
+            baselines = {row[0]: baseline_row(row[0], row[4:]).to_json() for row in rows if row[4] is not None}
             cur.execute(query("select_counts_and_pause"))
             parked, corrections, *paused = one_row(cur)
             cur.execute(query("select_last_cycle"))
@@ -99,6 +101,7 @@ class StateCache:
         self._state = {
             "tiers": tiers.tiers_json(current),
             "watermarks": watermarks,
+            "baseline": baselines,
             "mode": self._watch.mode or (row[0].get("mode") if row else None),
             "parked_entries": parked,
             "corrections": corrections,
@@ -255,7 +258,8 @@ def build_service(settings: Settings) -> Service:
     # queue-db keeps its own TimeZone: a queue column without a time zone is read as its writers wrote it.
     queue_db = Database(QUEUE_DB, settings.queue_db_uri, settings, metrics.pool_tracker(QUEUE_DB), utc=False)
     portfolio_db = Database(PORTFOLIO_DB, settings.portfolio_db_uri, settings, metrics.pool_tracker(PORTFOLIO_DB))
-    runner = CycleRunner(settings, queue_db, portfolio_db)
+    adoption = Adoption(settings, queue_db, portfolio_db)
+    runner = CycleRunner(settings, queue_db, portfolio_db, adoption.prepare)
     cache = StateCache(portfolio_db, runner.watch)
     wake = threading.Event()
     listener = Listener(queue_db, wake.set) if settings.listen_notify else None
@@ -272,5 +276,5 @@ def build_service(settings: Settings) -> Service:
         Journal(queue_db, portfolio_db),
         Actions(portfolio_db, poller.trigger, poller.wake, cache.forget),
         DriftChecks(settings, queue_db, portfolio_db),
-        Adoption(settings, queue_db, portfolio_db),
+        adoption,
     )

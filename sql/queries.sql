@@ -139,9 +139,6 @@ SELECT pg_try_advisory_lock(%(key)s);
 -- cycle_unlock: give the cycle turn back
 SELECT pg_advisory_unlock(%(key)s);
 
--- select_watermarks: how far each queue has been read
-SELECT queue, updated_at, queue_id, moved_at FROM consistency.watermarks ORDER BY queue;
-
 -- select_cycle_start: where each queue's cycle starts, whether it has parked entries to retry, and the cycle's number (drawn once, the same on every row)
 SELECT w.queue, w.updated_at, w.queue_id,
        EXISTS (SELECT 1 FROM consistency.parked_entries p WHERE p.queue = w.queue),
@@ -258,9 +255,6 @@ SELECT count(*) FROM consistency.parked_entries;
 
 -- count_corrections: how many applied entries the queue has changed since
 SELECT count(*) FROM consistency.corrections;
-
--- count_parked_and_corrections: how many entries are parked, and how many applied ones the queue has changed since
-SELECT (SELECT count(*) FROM consistency.parked_entries), (SELECT count(*) FROM consistency.corrections);
 
 -- list_corrections: applied entries the queue has changed since, for the API, newest first
 SELECT queue, uuid, queue_id, applied_status, queue_status, first_seen_at, noticed_at
@@ -534,3 +528,87 @@ SELECT t.id, t.accountid, t.transaction_type, t.status, m.queue, r.recorded IS N
   LEFT JOIN consistency.baseline b ON b.queue = m.queue;
 
 -- Adoption: the baseline --------------------------------------------------------------------------------
+
+-- queue_clock: queue-db's time, the clock its writers' updated_at follows
+SELECT clock_timestamp();
+
+-- unstarted_queues: the queues with no watermark stored yet: still at the (1970-01-01, 0) that migration 1
+-- inserts (advance_watermark only moves forward, so such a row was never moved), no baseline, and no entry
+-- applied, parked or resolved
+SELECT w.queue
+  FROM consistency.watermarks w
+ WHERE (w.updated_at, w.queue_id) = ('1970-01-01 00:00:00+00'::timestamptz, 0)
+   AND NOT EXISTS (SELECT 1 FROM consistency.baseline b WHERE b.queue = w.queue)
+   AND NOT EXISTS (SELECT 1 FROM consistency.applied_entries a WHERE a.queue = w.queue)
+   AND NOT EXISTS (SELECT 1 FROM consistency.parked_entries p WHERE p.queue = w.queue)
+   AND NOT EXISTS (SELECT 1 FROM consistency.resolved_entries r WHERE r.queue = w.queue)
+ ORDER BY w.queue;
+
+-- queue_read_before: the next entries of a queue after one position and before another, in order, a page at a time
+SELECT q.queue_id, q.account_number, q.uuid, q.status, q.updated_at::timestamptz
+  FROM {table} q
+ WHERE (q.updated_at, q.queue_id) > (%(after_ts)s, %(after_id)s)
+   AND (q.updated_at, q.queue_id) < (%(before_ts)s, %(before_id)s)
+ ORDER BY q.updated_at, q.queue_id
+ LIMIT %(limit)s;
+
+-- queue_read_by_id: the next rows of a queue after a queue_id, whatever their status, for the baseline action's walk
+SELECT queue_id, account_number, uuid, status, updated_at::timestamptz
+  FROM {table}
+ WHERE queue_id > %(after_id)s
+ ORDER BY queue_id
+ LIMIT %(limit)s;
+
+-- count_adoptable: of the given entries, those the baseline action would record: no ledger record under the
+-- entry or its portfolio transaction, neither parked nor resolved
+SELECT count(*)
+  FROM unnest(%(queue_ids)s::integer[], %(uuids)s::text[]) AS e(queue_id, uuid)
+ WHERE NOT EXISTS (SELECT 1 FROM consistency.applied_entries a WHERE a.queue = %(queue)s AND a.queue_id = e.queue_id)
+   AND NOT EXISTS (SELECT 1 FROM consistency.applied_entries a WHERE a.txn_id = consistency.to_uuid(e.uuid))
+   AND NOT EXISTS (SELECT 1 FROM consistency.parked_entries p WHERE p.queue = %(queue)s AND p.queue_id = e.queue_id)
+   AND NOT EXISTS (SELECT 1 FROM consistency.resolved_entries r WHERE r.queue = %(queue)s AND r.queue_id = e.queue_id);
+
+-- adopt_entries: record settled entries as applied without moving money, each under the entry and its portfolio
+-- transaction as the apply records them (see consistency.record_batch_v1), where neither is recorded yet and the
+-- entry is neither parked nor resolved, with an adopted journal record each; how many it recorded
+WITH given AS (
+    SELECT e.*, consistency.to_uuid(e.uuid) AS txn_id
+      FROM unnest(%(queue_ids)s::integer[], %(accounts)s::text[], %(uuids)s::text[], %(statuses)s::text[],
+                  %(updated)s::timestamptz[]) AS e(queue_id, account_number, uuid, status, updated_at)
+), recorded AS (
+    INSERT INTO consistency.applied_entries (queue, queue_id, uuid, txn_id, status)
+    SELECT %(queue)s, g.queue_id, NULLIF(g.uuid, g.txn_id::text), g.txn_id, g.status
+      FROM given g
+     WHERE NOT EXISTS (SELECT 1 FROM consistency.applied_entries a WHERE a.queue = %(queue)s AND a.queue_id = g.queue_id)
+       AND NOT EXISTS (SELECT 1 FROM consistency.parked_entries p WHERE p.queue = %(queue)s AND p.queue_id = g.queue_id)
+       AND NOT EXISTS (SELECT 1 FROM consistency.resolved_entries r WHERE r.queue = %(queue)s AND r.queue_id = g.queue_id)
+     ORDER BY g.updated_at, g.queue_id
+        ON CONFLICT DO NOTHING
+    RETURNING queue_id, status
+), journaled AS (
+    INSERT INTO consistency.journal (queue, queue_id, account_number, kind, status, reason, actor)
+    SELECT %(queue)s, r.queue_id, g.account_number, %(kind)s, r.status, %(reason)s, %(actor)s
+      FROM recorded r
+      JOIN given g ON g.queue_id = r.queue_id
+)
+SELECT count(*) FROM recorded;
+
+-- set_baseline: put a queue's baseline at a position, or move it there if it stood before it; never back
+INSERT INTO consistency.baseline AS b (queue, updated_at, queue_id, source, set_by)
+VALUES (%(queue)s, %(ts)s, %(id)s, %(source)s, %(set_by)s)
+    ON CONFLICT (queue) DO UPDATE
+   SET updated_at = EXCLUDED.updated_at, queue_id = EXCLUDED.queue_id, source = EXCLUDED.source,
+       set_by = EXCLUDED.set_by, set_at = CURRENT_TIMESTAMP
+ WHERE (b.updated_at, b.queue_id) < (EXCLUDED.updated_at, EXCLUDED.queue_id);
+
+-- select_baselines: the baseline in force per queue: settled entries before it are not applied
+SELECT queue, updated_at, queue_id, source, set_by, set_at FROM consistency.baseline ORDER BY queue;
+
+-- select_baseline: one queue's baseline, for the reconciliation sweep
+SELECT updated_at, queue_id FROM consistency.baseline WHERE queue = %(queue)s;
+
+-- select_watermarks_and_baselines: how far each queue has been read, and the baseline in force, if any
+SELECT w.queue, w.updated_at, w.queue_id, w.moved_at, b.updated_at, b.queue_id, b.source, b.set_by, b.set_at
+  FROM consistency.watermarks w
+  LEFT JOIN consistency.baseline b ON b.queue = w.queue
+ ORDER BY w.queue;
