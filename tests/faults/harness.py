@@ -70,10 +70,13 @@ class Replica:
         self.process = gunicorn.start(command, self.env, self.log, own_group=True)
         return self
 
-    def get(self, path: str, method: str = "GET") -> tuple[int, dict]:
-        """Call the API; return the status and JSON answer."""
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", method=method)
+    def get(self, path: str, method: str = "GET", body: dict | None = None) -> tuple[int, dict]:
+        """Call the API, with a JSON body if given; return the status and JSON answer."""
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method)
         request.add_header("Authorization", f"Bearer {API_TOKEN}")
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
         try:
             with urllib.request.urlopen(request, timeout=10) as answer:  # noqa: S310 - loopback only
                 return answer.status, json.loads(answer.read())
@@ -106,6 +109,54 @@ class Replica:
         if self.process is not None:
             gunicorn.kill(self.process)
             self.process.wait(timeout=10)
+
+
+class Operator:
+    """An operator acting through one replica's API, in a thread: pauses, resumes and starts drift checks."""
+
+    def __init__(self, replica: Replica, seed: int = 7) -> None:
+        self.replica = replica
+        self.rng = random.Random(seed)
+        self.actions: Counter[str] = Counter()
+        self.stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> Operator:
+        """Start acting."""
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop acting, and leave applying resumed."""
+        self.stopping.set()
+        self._thread.join(timeout=30)
+        self.replica.get("/api/v1/consistency/resume", "POST", {"reason": "the storm is over"})
+
+    def _run(self) -> None:
+        """Pause for a moment, resume, and now and then start a drift check, until stopped."""
+        while not self.stopping.wait(self.rng.uniform(0.2, 0.8)):
+            action = self.rng.choice(("pause", "resume", "drift-checks"))
+            status, _ = self.replica.get(f"/api/v1/consistency/{action}", "POST", {"reason": "fault storm"})
+            self.actions[f"{action} {status}"] += 1
+
+
+def final_drift_check(replica: Replica, timeout: float = 120) -> dict:
+    """Start a drift check once the one running (if any) is done, wait for it, and return its report."""
+    started: dict = {}
+
+    def start() -> bool:
+        status, answer = replica.get("/api/v1/consistency/drift-checks", "POST", {"reason": "the final check"})
+        started.update(answer if status == 202 else {})
+        return status == 202
+
+    wait_until(start, timeout, "a drift check to start")
+
+    def finished() -> bool:
+        status, report = replica.get("/api/v1/consistency/drift-checks/latest")
+        return status == 200 and report["id"] == started["id"] and report["state"] != "running"
+
+    wait_until(finished, timeout, "the final drift check to finish")
+    return replica.get("/api/v1/consistency/drift-checks/latest")[1]
 
 
 class Writers:

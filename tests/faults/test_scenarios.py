@@ -13,10 +13,12 @@ from tests import pgtest
 from tests.cluster import Cluster
 from tests.faults.conftest import Stage, record
 from tests.faults.harness import (
+    Operator,
     Replica,
     Writers,
     bulk_backlog,
     check_model,
+    final_drift_check,
     open_portfolios,
     wait_caught_up,
 )
@@ -42,19 +44,30 @@ def in_a_transaction(world: World) -> bool:
     return rows[0][0] > 0
 
 
-def kill_replicas(stage: Stage, world: World, writers: Writers, kills: int, pause: tuple[float, float]) -> int:
-    """SIGKILL replicas one after another while the writers write, then catch up; count kills inside a cycle."""
+def kill_replicas(
+    stage: Stage,
+    world: World,
+    writers: Writers,
+    kills: int,
+    pause: tuple[float, float],
+    operator: Operator | None = None,
+    **env: str,
+) -> int:
+    """SIGKILL replicas one after another while the writers write (and the operator acts), then catch up; count
+    kills inside a cycle."""
     rng = random.Random(kills)
     mid_transaction = 0
     try:
         for _ in range(kills):
-            replica = stage.replica(workers=2)
+            replica = stage.replica(workers=2, **env)
             wait_until(lambda r=replica: r.get("/health")[0] == 200, 30, "the replica to start")
             time.sleep(rng.uniform(*pause))
             mid_transaction += in_a_transaction(world)
             replica.kill_group()
     finally:
         writers.stop()
+        if operator is not None:
+            operator.stop()
     stage.replica(workers=2).wait_ready()
     wait_caught_up(world)
     return mid_transaction
@@ -63,9 +76,20 @@ def kill_replicas(stage: Stage, world: World, writers: Writers, kills: int, paus
 def test_sigkill_storm_loses_and_doubles_nothing(stage: Stage, world: World) -> None:
     open_portfolios(world, ACCOUNTS)
     bulk_backlog(world, ACCOUNTS, 12000)
-    mid_transaction = kill_replicas(stage, world, Writers(world, ACCOUNTS).start(), 12, (0.05, 0.6))
-    assert_model(world, "sigkill storm", kills=12, kills_mid_transaction=mid_transaction)
+    # A replica that stays, through which an operator pauses, resumes and starts drift checks all along; every
+    # replica also schedules checks, which the kills interrupt and others resume.
+    steady = stage.replica(workers=1, DRIFT_CHECK_INTERVAL="2")
+    steady.wait_ready()
+    operator = Operator(steady).start()
+    writers = Writers(world, ACCOUNTS).start()
+    mid_transaction = kill_replicas(stage, world, writers, 12, (0.05, 0.6), operator, DRIFT_CHECK_INTERVAL="2")
+    report = final_drift_check(steady)
+    paused, checks = operator.actions["pause 200"], operator.actions["drift-checks 202"]
+    figures = {"pauses": paused, "drift_checks_started": checks, "final_findings": sum(report["counts"].values())}
+    assert_model(world, "sigkill storm", kills=12, kills_mid_transaction=mid_transaction, **figures)
     assert mid_transaction >= 3  # the kills really did land inside cycles
+    assert paused >= 3 and operator.actions["resume 200"] >= 3
+    assert report["state"] == "done" and not any(report["counts"].values()), report
 
 
 def test_duplicate_and_requeued_rows_under_sigkills_move_money_once_per_transaction(stage: Stage, world: World) -> None:
