@@ -208,8 +208,8 @@ SELECT consistency.claim_batch_v2(%(queue)s, %(retrying)s, %(terminal)s::text[],
 SELECT consistency.check_batch_v1(%(transaction_type)s);
 
 -- compound_batch: step 3, which compounds the completed entries on their portfolios and writes their journal records
-SELECT consistency.compound_batch_v2(%(queue)s, %(columns)s, %(numerators)s::numeric[], %(denominators)s::numeric[],
-                                     %(tier_version)s, %(cycle)s);
+SELECT consistency.compound_batch_v2(%(queue)s, %(retrying)s, %(columns)s, %(numerators)s::numeric[],
+                                     %(denominators)s::numeric[], %(tier_version)s, %(cycle)s);
 
 -- settle_batch: step 4, which parks the blocked entries, mirrors the others' statuses, writes the journal records of those that did not complete, and counts the outcomes
 SELECT outcome, entries
@@ -294,7 +294,9 @@ SELECT id, at, actor, action, target, reason, detail
 
 -- list_account_journal: one account's journal records, newest first, below an id when given, with the portfolio transaction each entry settled
 SELECT j.id, j.at, j.queue, j.queue_id, a.txn_id AS portfolio_transaction, j.kind, j.status, j.reason, j.attempts,
-       j.before, j.after, j.tier_version, j.cycle, j.actor
+       CASE WHEN j.tier1_after IS NOT NULL THEN ARRAY[j.tier1_before, j.tier2_before, j.tier3_before] END AS before,
+       CASE WHEN j.tier1_after IS NOT NULL THEN ARRAY[j.tier1_after, j.tier2_after, j.tier3_after] END AS after,
+       j.tier_version, j.cycle, j.actor
   FROM consistency.journal j
   LEFT JOIN consistency.applied_entries a ON a.queue = j.queue AND a.queue_id = j.queue_id
  WHERE j.account_number = %(account)s
@@ -303,7 +305,10 @@ SELECT j.id, j.at, j.queue, j.queue_id, a.txn_id AS portfolio_transaction, j.kin
  LIMIT %(limit)s;
 
 -- entry_journal: one entry's journal records, oldest first (at most a limit), found among the records of the accounts it named
-SELECT id, at, kind, account_number, status, reason, attempts, before, after, tier_version, cycle, actor
+SELECT id, at, kind, account_number, status, reason, attempts,
+       CASE WHEN tier1_after IS NOT NULL THEN ARRAY[tier1_before, tier2_before, tier3_before] END AS before,
+       CASE WHEN tier1_after IS NOT NULL THEN ARRAY[tier1_after, tier2_after, tier3_after] END AS after,
+       tier_version, cycle, actor
   FROM consistency.journal
  WHERE (account_number = ANY(%(accounts)s::text[]) OR (%(no_account)s AND account_number IS NULL))
    AND queue = %(queue)s AND queue_id = %(queue_id)s

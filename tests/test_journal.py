@@ -75,6 +75,7 @@ def test_each_applied_entry_records_its_amounts_before_and_after_and_the_tier_va
         [str(v) for v in START_VALUES],
         after_first,
     )
+    assert by_id["investment", first.queue_id]["id"] < by_id["investment", second.queue_id]["id"]  # as applied
     after_second = stepped(tuple(Decimal(v) for v in after_first), INVEST)
     assert by_id["investment", second.queue_id]["before"] == after_first
     assert by_id["investment", second.queue_id]["after"] == after_second

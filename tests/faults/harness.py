@@ -365,8 +365,9 @@ def _check_journal(world: World, applied: set[tuple[str, int]], report: Report) 
                 f"{key} has {told[key]} journal records of its application, ledger: {key in applied}"
             )
     last = world.p(
-        "SELECT DISTINCT ON (account_number, queue) account_number, queue, after FROM consistency.journal"
-        " WHERE kind = 'applied' AND after IS NOT NULL ORDER BY account_number, queue, id DESC"
+        "SELECT DISTINCT ON (account_number, queue) account_number, queue,"
+        " ARRAY[tier1_after, tier2_after, tier3_after] FROM consistency.journal"
+        " WHERE kind = 'applied' AND tier1_after IS NOT NULL ORDER BY account_number, queue, id DESC"
     )
     for account, queue, after in last:
         columns = "value" if queue == "investment" else "allocation"
