@@ -426,7 +426,7 @@ _DRIFT_REPORT = {
 _DRIFT_BODY = {
     "type": "object",
     "additionalProperties": False,
-    "properties": {"reason": _REASON},
+    "properties": {"reason": _NO_REASON},
 }
 
 
@@ -605,7 +605,7 @@ SPEC: dict[str, Any] = {
                 "additionalProperties": False,
                 "properties": {
                     **{key: _MARKET if key.endswith("_MV") else _POOL for key in TIER_KEYS},
-                    "reason": _REASON,
+                    "reason": _NO_REASON,
                 },
             },
             "Page": {

@@ -133,11 +133,18 @@ class Operator:
         self.replica.get("/api/v1/consistency/resume", "POST", {"reason": "the storm is over"})
 
     def _run(self) -> None:
-        """Pause for a moment, resume, and now and then start a drift check, until stopped."""
-        while not self.stopping.wait(self.rng.uniform(0.2, 0.8)):
-            action = self.rng.choice(("pause", "resume", "drift-checks"))
-            status, _ = self.replica.get(f"/api/v1/consistency/{action}", "POST", {"reason": "fault storm"})
-            self.actions[f"{action} {status}"] += 1
+        """Now and then pause for a moment and resume, and start a drift check, until stopped."""
+        while not self.stopping.wait(self.rng.uniform(0.8, 1.6)):
+            self._act("pause")
+            time.sleep(self.rng.uniform(0.1, 0.4))
+            self._act("resume")
+            if self.rng.random() < 0.5:
+                self._act("drift-checks")
+
+    def _act(self, action: str) -> None:
+        """Take one action through the API and count its answer."""
+        status, _ = self.replica.get(f"/api/v1/consistency/{action}", "POST", {"reason": "fault storm"})
+        self.actions[f"{action} {status}"] += 1
 
 
 def final_drift_check(replica: Replica, timeout: float = 120) -> dict:
