@@ -14,15 +14,14 @@ from queries import query, table_query
 
 # What a journal record tells of its entry.
 APPLIED = "applied"  # the cycle applied it: its outcome, and the tier amounts before and after
-PARKED = "parked"  # it could not apply: a parking started, or its reason changed
+PARKED = "parked"  # it could not apply (its queue row deleted, too): a parking started, or its reason changed
 RELEASED = "released"  # its queue row was open again, so it left the parked list
-GONE = "gone"  # its queue row was deleted while it was parked
 CORRECTED = "corrected"  # the queue changed its status after it was applied
 AGREES_AGAIN = "agrees_again"  # the queue's status is back to the one applied
 RETRIED = "retried"  # an operator asked for a retry
 RESOLVED = "resolved"  # an operator dismissed it: it is never applied
-ADOPTED = "adopted"  # recorded as applied by the baseline action, without moving money
-KINDS = (APPLIED, PARKED, RELEASED, GONE, CORRECTED, AGREES_AGAIN, RETRIED, RESOLVED, ADOPTED)
+ADOPTED = "adopted"  # recorded as applied without moving money, by the baseline action or INITIAL_WATERMARK
+KINDS = (APPLIED, PARKED, RELEASED, CORRECTED, AGREES_AGAIN, RETRIED, RESOLVED, ADOPTED)
 
 
 def record(
