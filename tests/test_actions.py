@@ -16,10 +16,9 @@ from devkit.net import wait_until
 from service import service_of
 from tests import pgtest
 from tests.conftest import API_TOKEN
+from tests.tokens import OPERATOR, READER, bearer
 from tests.world import World, expected
 
-READER = Credential("dashboard", "read", "reader-token-0123456789")
-OPERATOR = Credential("alice", "operate", "alice-token-0123456789")
 ACCOUNT, OTHER, THIRD = "1000000001", "1000000002", "1000000003"
 PARKED = "/api/v1/consistency/parked"
 ACTIONS = [
@@ -28,11 +27,6 @@ ACTIONS = [
     f"{PARKED}/retry",
     f"{PARKED}/resolve",
 ]
-
-
-def bearer(credential: Credential) -> dict[str, str]:
-    """Headers that carry a credential's token."""
-    return {"Authorization": f"Bearer {credential.token}"}
 
 
 @pytest.fixture

@@ -17,17 +17,16 @@ import pytest
 import adoption
 import migrations
 import tiers
-from config import Credential, Settings
+from config import Settings
 from db import DatabaseError
 from devkit import ROOT, postgres
 from service import build_service, service_of
 from tests import pgtest
 from tests.cluster import Cluster
+from tests.tokens import OPERATOR, READER, bearer
 from tests.world import TABLES, TYPES, World, expected
 
 ACCOUNTS = [f"20000000{n:02d}" for n in range(1, 21)]
-OPERATOR = Credential("alice", "operate", "alice-token-0123456789")
-READER = Credential("dashboard", "read", "reader-token-0123456789")
 STATUSES = ("COMPLETED", "COMPLETED", "FAILED", "CANCELLED")
 INVEST = ("1100000", "1000000")  # TIER1_MV / TIER1: each completed investment multiplies tier 1 by 1.1
 WITHDRAW = ("900000", "1000000")  # (2 TIER1 - TIER1_MV) / TIER1 for a withdrawal
@@ -394,11 +393,6 @@ def test_the_reconciliation_sweep_applies_nothing_before_the_baseline(limited, w
 
 
 URL = "/api/v1/consistency/baseline"
-
-
-def bearer(credential: Credential) -> dict[str, str]:
-    """Headers that carry a credential's token."""
-    return {"Authorization": f"Bearer {credential.token}"}
 
 
 def audit_rows(world: World) -> list[tuple]:

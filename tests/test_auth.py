@@ -8,15 +8,9 @@ import pytest
 from auth import authenticate
 from config import API_TOKEN_NAME, ConfigError, Credential, load_settings
 from tests.conftest import API_TOKEN
+from tests.tokens import OPERATOR, READER, bearer
 
-READER = Credential("dashboard", "read", "reader-token-0123456789")
-OPERATOR = Credential("alice", "operate", "alice-token-0123456789")
 ACCOUNT_ENDPOINTS = ["/api/v1/consistency/parked", "/api/v1/consistency/corrections", "/api/v1/consistency/audit"]
-
-
-def bearer(credential: Credential) -> dict[str, str]:
-    """Headers that carry a credential's token."""
-    return {"Authorization": f"Bearer {credential.token}"}
 
 
 @pytest.fixture

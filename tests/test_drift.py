@@ -14,26 +14,19 @@ import psycopg2
 import pytest
 
 import drift
-from config import Credential
 from db import pg_array
 from drift import DRIFT_LOCK_KEY, DRIFT_SESSION, CheckRunning, DriftChecks
 from drift_walk import FIRST_TRANSACTION_ID
 from queries import query, table_query
 from service import Service, service_of
 from tests.test_metrics import scrape, value
+from tests.tokens import OPERATOR, READER, bearer
 from tests.world import Request, World
 
 ACCOUNT, OTHER, NO_PORTFOLIO = "3000000001", "3000000002", "3999999999"
-READER = Credential("dashboard", "read", "reader-token-0123456789")
-OPERATOR = Credential("alice", "operate", "alice-token-0123456789")
 CHECKS = "/api/v1/consistency/drift-checks"
 LATEST = "/api/v1/consistency/drift-checks/latest"
 LONG_AGO = datetime.fromisoformat("2001-02-03T04:05:06+00:00")
-
-
-def bearer(credential: Credential) -> dict[str, str]:
-    """Headers that carry a credential's token."""
-    return {"Authorization": f"Bearer {credential.token}"}
 
 
 def check_now(checks: DriftChecks, actor: str = "tester") -> dict:

@@ -11,7 +11,7 @@ from datetime import datetime
 
 import pytest
 
-from config import API_TOKEN_NAME, Credential
+from config import API_TOKEN_NAME
 from queue_pass import QueuePass
 from service import service_of
 from tests.conftest import API_TOKEN
@@ -19,10 +19,9 @@ from tests.faults.conftest import Stage, _stage
 from tests.faults.harness import API_TOKEN as REPLICA_TOKEN
 from tests.faults.harness import Replica, Writers, check_model, open_portfolios, wait_caught_up
 from tests.test_metrics import scrape, value
+from tests.tokens import OPERATOR, READER
 from tests.world import World, expected
 
-OPERATOR = Credential("alice", "operate", "alice-token-0123456789")
-READER = Credential("dashboard", "read", "reader-token-0123456789")
 ACCOUNT = "3000000001"
 ACCOUNTS = [f"30000{n:05d}" for n in range(20)]
 PAUSE, RESUME = "/api/v1/consistency/pause", "/api/v1/consistency/resume"
