@@ -1,7 +1,7 @@
 """Applies batches of queue entries to user-portfolio-db, exactly once, parking what cannot apply.
 
-The work itself is set-based SQL: the steps consistency.claim_batch_v1, check_batch_v1, compound_batch_v1 and
-settle_batch_v1 in sql/migrations/0004_versioned_apply_steps.sql.
+The work itself is set-based SQL: the steps consistency.claim_batch, check_batch, compound_batch and settle_batch,
+versioned in sql/migrations/ (0004_versioned_apply_steps.sql tells how).
 """
 
 from __future__ import annotations

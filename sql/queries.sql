@@ -169,7 +169,7 @@ ROLLBACK TO SAVEPOINT entry;
 -- release_entry: keep the entry's work
 RELEASE SAVEPOINT entry;
 
--- create_batch_table: the session's table of entries to apply, emptied at every commit
+-- create_batch_table: the session's tables of entries to apply and of rows taken, emptied at every commit
 CREATE TEMP TABLE IF NOT EXISTS cm_batch (
     queue_id       INTEGER NOT NULL,
     account_number TEXT,
@@ -179,6 +179,13 @@ CREATE TEMP TABLE IF NOT EXISTS cm_batch (
     txn_id         UUID,
     reason         TEXT,
     unclaimed      BOOLEAN NOT NULL DEFAULT FALSE
+) ON COMMIT DELETE ROWS;
+-- The rows of user-portfolio-db the batch's transaction holds locked (see sql/migrations/0007_row_locks.sql)
+CREATE TEMP TABLE IF NOT EXISTS cm_taken_portfolios (accountid TEXT) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS cm_taken_transactions (
+    id               UUID,
+    accountid        TEXT,
+    transaction_type TEXT
 ) ON COMMIT DELETE ROWS;
 
 -- copy_into_batch: load COPY text from queue_copy_batch into the batch table
@@ -204,8 +211,8 @@ SELECT count(*) OVER (), updated_at, queue_id
 -- claim_batch: step 1 of applying the batch table's entries, which leaves out the resolved ones and records the others once each; the corrections it noted (see sql/migrations/0005_operators.sql)
 SELECT consistency.claim_batch_v2(%(queue)s, %(retrying)s, %(terminal)s::text[], %(open)s::text[], %(cycle)s);
 
--- check_batch: step 2, which gives each claimed entry that cannot apply now its reason
-SELECT consistency.check_batch_v1(%(transaction_type)s);
+-- check_batch: step 2, which takes the rows the claimed entries need, skipping those another session holds, and gives each entry that cannot apply now its reason (see sql/migrations/0007_row_locks.sql)
+SELECT consistency.check_batch_v2(%(queue)s, %(transaction_type)s);
 
 -- compound_batch: step 3, which compounds the completed entries on their portfolios and writes their journal records
 SELECT consistency.compound_batch_v2(%(queue)s, %(retrying)s, %(columns)s, %(numerators)s::numeric[],

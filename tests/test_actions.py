@@ -425,10 +425,10 @@ def test_a_resolve_waits_for_a_batch_applying_its_entry_and_then_finds_it_applie
     app, client, world: World, fixed_orphan
 ) -> None:
     holder = psycopg2.connect(world.portfolio_uri)
-    with holder.cursor() as cur:  # the retry's batch claims the entry, then waits for this portfolio row
-        cur.execute("SELECT 1 FROM user_portfolios WHERE accountid = %s FOR UPDATE", (ACCOUNT,))
+    with holder.cursor() as cur:  # the retry's batch claims the entry, then waits for the portfolio table
+        cur.execute("LOCK TABLE user_portfolios IN EXCLUSIVE MODE")
     cycle, _ = in_thread(lambda: run_cycle(app))
-    wait_until(lambda: blocked_sessions(world) == 1, 10, "the retry to wait for the portfolio row")
+    wait_until(lambda: blocked_sessions(world) == 1, 10, "the retry to wait for the portfolio table")
     path = f"{PARKED}/investment/{fixed_orphan.queue_id}/resolve"
     resolve, answers = in_thread(lambda: post(client, path, {"reason": "too late"}))
     resolve.join(timeout=1)

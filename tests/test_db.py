@@ -147,7 +147,8 @@ def test_a_lock_timeout_on_user_portfolio_db_is_named_so(make_service, world: Wo
     world.request("investment", "1000000001")
     with world.portfolio.cursor() as cur:
         cur.execute("BEGIN")
-        cur.execute("SELECT 1 FROM user_portfolios WHERE accountid = '1000000001' FOR UPDATE")
+        # A held row of the service's own state: the cycle waits for it, where it skips held portfolio rows.
+        cur.execute("SELECT 1 FROM consistency.watermarks WHERE queue = 'investment' FOR UPDATE")
         summary = svc.runner.run().to_json()
         kept = pooled_pids(svc.queue_db)
         cur.execute("ROLLBACK")

@@ -22,7 +22,7 @@ from tests.faults.harness import (
     open_portfolios,
     wait_caught_up,
 )
-from tests.world import World
+from tests.world import TABLES, World
 
 ACCOUNTS = [f"40000{n:05d}" for n in range(40)]
 
@@ -232,11 +232,11 @@ def last_error(replica: Replica) -> str:
 
 def test_stuck_database_fails_cleanly_and_liveness_sees_a_stuck_poller(stage: Stage, world: World) -> None:
     open_portfolios(world, ACCOUNTS)
-    blocker = psycopg2.connect(stage.dbs[1])
-    with blocker.cursor() as cur:
-        cur.execute("SELECT 1 FROM user_portfolios WHERE accountid = %s FOR NO KEY UPDATE", (ACCOUNTS[0],))
     timed = stage.replica(workers=1, DB_LOCK_TIMEOUT="0.5", DB_STATEMENT_TIMEOUT="1", LIVENESS_TIMEOUT="5")
     timed.wait_ready()
+    blocker = psycopg2.connect(stage.dbs[1])
+    with blocker.cursor() as cur:  # the service's own row, which every drain that moves updates: it waits for it
+        cur.execute("SELECT 1 FROM consistency.watermarks WHERE queue = 'investment' FOR UPDATE")
     writers = Writers(world, ACCOUNTS).start()
     request = world.request("investment", ACCOUNTS[0])
     wait_until(lambda: "lock timeout" in last_error(timed), 15, "a cycle to fail on the lock")
@@ -255,6 +255,58 @@ def test_stuck_database_fails_cleanly_and_liveness_sees_a_stuck_poller(stage: St
     assert failing_cycles_health == 200
     assert stuck[0] == 503
     assert_model(world, "stuck database", lock_timeout_s=0.5, liveness_timeout_s=2)
+
+
+def settle_to_apply_seconds(world: World, since: float, until: float, left_out: set[str]) -> list[float]:
+    """Seconds from each entry settling in the window to its transaction's update, for the other accounts."""
+    settled = {}
+    for table in TABLES.values():
+        rows = world.q(
+            f"SELECT uuid, extract(epoch FROM updated_at) FROM {table}"
+            " WHERE status IN ('COMPLETED', 'FAILED', 'CANCELLED') AND account_number <> ALL (%s)"
+            " AND updated_at BETWEEN to_timestamp(%s) AND to_timestamp(%s)",
+            (list(left_out), since, until),
+        )
+        settled.update(rows)
+    applied = dict(
+        world.p(
+            "SELECT id::text, extract(epoch FROM updated_at) FROM portfolio_transactions WHERE id::text = ANY (%s)",
+            (list(settled),),
+        )
+    )
+    return [float(applied[uuid] - at) for uuid, at in settled.items()]
+
+
+def test_a_row_held_for_a_minute_delays_only_its_account(stage: Stage, world: World) -> None:
+    open_portfolios(world, ACCOUNTS)
+    held_portfolio, held_transaction = ACCOUNTS[0], ACCOUNTS[1]
+    blocked = world.request("investment", held_transaction)
+    holder = psycopg2.connect(stage.dbs[1])
+    with holder.cursor() as cur:  # what another service's UPDATE takes: the writers' inserts still go through
+        cur.execute("SELECT 1 FROM user_portfolios WHERE accountid = %s FOR NO KEY UPDATE", (held_portfolio,))
+        cur.execute("SELECT 1 FROM portfolio_transactions WHERE id = %s FOR NO KEY UPDATE", (blocked.uuid,))
+    replica = stage.replica(workers=2, POLLING_INTERVAL="2")
+    writers = Writers(world, ACCOUNTS, pause=0.02).start()
+    since = time.time()
+    time.sleep(30)
+    _, parked = replica.get("/api/v1/consistency/parked")
+    time.sleep(30)
+    until = time.time()
+    holder.rollback()
+    holder.close()
+    wait_until(lambda: world.txn_status(blocked.uuid) == "PROCESSED", 20, "the blocked entry to apply")
+    writers.stop()
+    wait_caught_up(world)
+
+    waits = sorted(settle_to_apply_seconds(world, since, until, {held_portfolio, held_transaction}))
+    assert {entry["account_number"] for entry in parked["entries"]} == {held_portfolio, held_transaction}
+    assert {entry["reason"].startswith("waiting for a row lock") for entry in parked["entries"]} == {True}
+    assert f"waiting for a row lock on portfolio {held_portfolio}" in {entry["reason"] for entry in parked["entries"]}
+    assert len(waits) > 100
+    assert waits[-1] <= 2 * 2.0, waits[-10:]  # two polling intervals
+    assert stage.log_text().count("consistency cycle failed") == 0
+    assert world.p("SELECT count(*) FROM consistency.parked_entries") == [(0,)]
+    assert_model(world, "row held 60 s", median_wait_s=round(waits[len(waits) // 2], 2), max_wait_s=round(waits[-1], 2))
 
 
 def test_sigterm_stops_within_ten_seconds_mid_backlog(stage: Stage, world: World) -> None:
