@@ -76,6 +76,8 @@ class Settings:
     lookback_window: float = 300.0
     reconcile_interval: float = 300.0
     trigger_wait: float = 10.0
+    # Seconds a process holds the right to apply without renewing it; every transaction of a cycle renews it.
+    cycle_lease: float = 15.0
     liveness_timeout: float = 120.0
     log_level: str = "INFO"
     log_format: str = "json"
@@ -228,6 +230,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         lookback_window=env.number("LOOKBACK_WINDOW", 300.0, 1, 7 * 86400),
         reconcile_interval=env.number("RECONCILE_INTERVAL", 300.0, 1, 7 * 86400),
         trigger_wait=env.number("TRIGGER_WAIT", 10.0, 0.1, 600),
+        cycle_lease=env.number("CYCLE_LEASE", 15.0, 1, 3600),
         liveness_timeout=env.number("LIVENESS_TIMEOUT", 120.0, 1, 86400),
         log_level=env.get("LOG_LEVEL", "INFO", _log_level, "one of " + ", ".join(LOG_LEVELS)),
         log_format=env.get("LOG_FORMAT", "json", _log_format, "one of " + ", ".join(LOG_FORMATS)),

@@ -11,13 +11,15 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2.extras import Json
 
+import lease
 import migrations
 import tiers
 from actions import read_pause
 from config import Settings
-from db import Database, DatabaseError, first_line, in_transaction, one_row
+from db import Database, DatabaseError, first_line, in_transaction
 from domain import COUNT_KEYS, QUEUES, CycleResult, CycleWork, Stamp
 from horizon import HorizonWatch, read_horizon
+from lease import Holder, Lease
 from poller import Progress
 from queries import query
 from queue_pass import QueuePass
@@ -25,9 +27,6 @@ from queue_pass import QueuePass
 log = logging.getLogger(__name__)
 
 Connection = psycopg2.extensions.connection
-
-# Any constant shared by every process of the service: the turn to run a cycle.
-CYCLE_LOCK_KEY = 0x434D_4359_434C  # "CMCYCL"
 
 
 class CycleRunner:
@@ -41,6 +40,7 @@ class CycleRunner:
         self.portfolio_db = portfolio_db
         self._adopt = adopt  # INITIAL_WATERMARK for the queues that have none stored (adoption.Adoption.prepare)
         self.watch = HorizonWatch(settings.lookback_window, settings.reconcile_interval)
+        self.holder: Holder | None = None  # who held the lease when this process last could not take it
         self._prepared = False
 
     def prepare(self) -> None:
@@ -70,20 +70,24 @@ class CycleRunner:
             )
         self._prepared = True
 
-    def run(self, lock_wait: float = 0.0, progress: Progress | None = None) -> CycleResult:
-        """Run one cycle if this process gets the turn within lock_wait seconds; return its result."""
+    def run(self, lock_wait: float = 0.0, progress: Progress | None = None, fresh_for: float = 0.0) -> CycleResult:
+        """Run one cycle if this process gets the lease within lock_wait seconds; return its result.
+
+        It is skipped if another process holds the lease that long, or if a cycle started within fresh_for seconds.
+        """
         progress = progress or Progress()
         started, clock = datetime.now(UTC), time.monotonic()
         work = None
         try:
             self.prepare()
             with self.portfolio_db.connection() as pconn, self.queue_db.connection(autocommit=True) as qconn:
-                if not _take_turn(pconn, lock_wait):
+                held, self.holder = lease.take(pconn, self.settings.cycle_lease, fresh_for, lock_wait)
+                if held is None:
                     return CycleResult.finish(started, clock, "skipped")
                 try:
-                    work = self._cycle(pconn, qconn, progress)
+                    work = self._cycle(held, qconn, progress)
                 finally:
-                    _give_turn(pconn)
+                    lease.give(held)
                 if work is None:  # paused: nothing read, nothing applied
                     return CycleResult.finish(started, clock, "paused")
                 result = CycleResult.finish(started, clock, "paused" if progress.paused else "ok", work)
@@ -93,9 +97,9 @@ class CycleRunner:
         except (DatabaseError, psycopg2.Error, tiers.TiersNotStored) as err:
             return CycleResult.finish(started, clock, "error", work, self._describe(err))
 
-    def _cycle(self, pconn: Connection, qconn: Connection, progress: Progress) -> CycleWork | None:
+    def _cycle(self, held: Lease, qconn: Connection, progress: Progress) -> CycleWork | None:
         """Steps 1 to 8, plus parked retries and, when due, the reconciliation sweep; None when paused."""
-        with in_transaction(pconn) as cur:
+        with in_transaction(held.conn) as cur:  # reads only, right after the lease was taken: no fence needed
             current, tier_version = tiers.load_in_force(cur)
             cur.execute(query("select_cycle_start"))
             rows = cur.fetchall()
@@ -107,7 +111,7 @@ class CycleRunner:
         horizon = read_horizon(qconn, self.settings.lookback_window)
         self.watch.observe(horizon)
         passes = [
-            QueuePass(queue, tiers.factors_for(queue, current), stamp, pconn, qconn, self.settings.batch_size, progress)
+            QueuePass(queue, tiers.factors_for(queue, current), stamp, held, qconn, self.settings.batch_size, progress)
             for queue in QUEUES
         ]
         for each in passes:
@@ -136,24 +140,3 @@ class CycleRunner:
     def _describe(self, err: Exception) -> str:
         """Describe a cycle failure without any credential."""
         return self.portfolio_db.redact(self.queue_db.redact(first_line(err)))
-
-
-def _take_turn(pconn: Connection, wait: float) -> bool:
-    """Take the cycle lock, waiting up to `wait` seconds for another process to finish."""
-    deadline = time.monotonic() + wait
-    while True:
-        with in_transaction(pconn) as cur:
-            cur.execute(query("try_cycle_lock"), {"key": CYCLE_LOCK_KEY})
-            if one_row(cur)[0]:
-                return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
-
-
-def _give_turn(pconn: Connection) -> None:
-    """Release the cycle lock, unless the connection is already gone (which released it)."""
-    if pconn.closed:
-        return
-    with in_transaction(pconn) as cur:
-        cur.execute(query("cycle_unlock"), {"key": CYCLE_LOCK_KEY})

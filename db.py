@@ -63,6 +63,9 @@ def connect_options(settings: Settings, application_name: str = APPLICATION_NAME
     column without a time zone is then read as they wrote it.
     """
     timezone = " -c timezone=UTC" if utc else ""
+    # A frozen process's open transaction keeps the cycle lease locked: the server ends it within half the lease,
+    # which frees the lease for another process.
+    idle_ms = int(settings.cycle_lease * 1000 / 2)
     return {
         "connect_timeout": settings.db_connect_timeout,
         "application_name": application_name,
@@ -74,7 +77,7 @@ def connect_options(settings: Settings, application_name: str = APPLICATION_NAME
         "options": (
             f"-c statement_timeout={int(settings.db_statement_timeout * 1000)}"
             f" -c lock_timeout={int(settings.db_lock_timeout * 1000)}"
-            f" -c idle_in_transaction_session_timeout=60000 -c datestyle=ISO{timezone}"
+            f" -c idle_in_transaction_session_timeout={idle_ms} -c datestyle=ISO{timezone}"
         ),
     }
 

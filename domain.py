@@ -88,7 +88,7 @@ class Stamp:
     tier_version: int
 
 
-# How a cycle ended: it ran, it failed, another process had the turn, or an operator has paused applying.
+# How a cycle ended: it ran, it failed, another process had the turn (or just ran one), or applying is paused.
 Outcome = Literal["ok", "error", "skipped", "paused"]
 # The rule that bounded the watermarks (see the README's watermark section).
 Mode = Literal["exact", "lookback"]

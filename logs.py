@@ -111,7 +111,7 @@ def cycle_message(result: CycleResult) -> str:
     """Describe a cycle in one sentence for the text format."""
     told = {
         "error": "failed",
-        "skipped": "skipped (another process has the turn)",
+        "skipped": "skipped (another process has the turn, or started a cycle within the interval)",
         "paused": "paused (an operator paused applying: POST /api/v1/consistency/resume ends it)",
     }
     text = "consistency cycle " + told.get(result.outcome, result.outcome)

@@ -23,7 +23,7 @@ CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
 CYCLES = Counter(
     "consistency_cycles",
-    "Cycles by result: ok, error, skipped (another process had the turn) or paused (by an operator).",
+    "Cycles by result: ok, error, skipped (another process had the turn or had just run one) or paused.",
     ["result"],
 )
 ENTRIES = Counter(

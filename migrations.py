@@ -14,7 +14,7 @@ from queries import SQL_DIR, query
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = SQL_DIR / "migrations"
-# Any constant shared by every process of the service; it only has to differ from the cycle lock.
+# Any constant shared by every process of the service: the advisory lock that serialises migrations.
 MIGRATION_LOCK_KEY = 0x434D_4D49_4752  # "CMMIGR"
 
 

@@ -542,8 +542,9 @@ SPEC: dict[str, Any] = {
                 "required": ["status", "poller"],
                 "properties": {
                     "status": {"type": "string", "enum": ["ok", "failing"]},
-                    "poller": {"type": "string", "enum": ["running", "stopped", "stuck"]},
+                    "poller": {"type": "string", "enum": ["running", "stopped", "stuck", "lease-stalled"]},
                     "seconds_without_progress": {"type": "number"},
+                    "lease_holder": {"type": "string", "description": "the process of this replica holding the lease"},
                 },
             },
             "Readiness": {
@@ -622,7 +623,10 @@ SPEC: dict[str, Any] = {
         "/health": {
             "get": {
                 "summary": "Liveness: the poller thread runs and is not stuck",
-                "responses": {"200": _json("Liveness", "alive"), "503": _json("Liveness", "poller stopped or stuck")},
+                "responses": {
+                    "200": _json("Liveness", "alive"),
+                    "503": _json("Liveness", "poller stopped or stuck, or a lease held without progress"),
+                },
             }
         },
         "/ready": {

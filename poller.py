@@ -1,4 +1,9 @@
-"""The background thread that runs a cycle every POLLING_INTERVAL seconds, or at once when triggered or woken."""
+"""The background thread that runs a cycle every POLLING_INTERVAL seconds, or at once when triggered or woken.
+
+Every process polls, and one cycle runs per interval for all of them: a scheduled cycle runs only if no cycle
+started, anywhere, within the interval, and a woken one only if none started since the wake-up (the cycle
+lease keeps the time, see lease.py). A manual trigger always gets a cycle.
+"""
 
 from __future__ import annotations
 
@@ -52,14 +57,14 @@ class Progress:
 
 
 class Poller:
-    """Runs `cycle(lock_wait, progress)` in a daemon thread; stop(), trigger() and the wake event wake it at once.
+    """Runs `cycle(lock_wait, progress, fresh_for)` in a daemon thread; stop(), trigger() and the wake event wake it.
 
     The cycle owns its unexpected errors: it returns a result whatever happens.
     """
 
     def __init__(
         self,
-        cycle: Callable[[float, Progress], CycleResult],
+        cycle: Callable[[float, Progress, float], CycleResult],
         interval: float,
         trigger_wait: float,
         wake: threading.Event,
@@ -100,11 +105,11 @@ class Poller:
         """Tell whether the poller thread is running."""
         return self._thread is not None and self._thread.is_alive()
 
-    def run_once(self, lock_wait: float = 0.0) -> CycleResult:
-        """Run one cycle in the calling thread and remember its result."""
+    def run_once(self, lock_wait: float = 0.0, fresh_for: float = 0.0) -> CycleResult:
+        """Run one cycle in the calling thread, unless one started within fresh_for seconds; remember its result."""
         self.progress.set_busy(True)
         try:
-            result = self._cycle(lock_wait, self.progress)
+            result = self._cycle(lock_wait, self.progress, fresh_for)
         finally:
             self.progress.set_busy(False)
         self.last_result = result
@@ -131,17 +136,28 @@ class Poller:
     def _loop(self) -> None:
         """Run cycles until stopped, waiting the polling interval between them."""
         log.info("poller started: a cycle every %gs", self._interval)
+        fresh_for = self._interval  # at start too: another process may have run one a moment ago
         while not self.progress.stopping.is_set():
             with self._done:
                 ticket = self._requested
-            wait = self._trigger_wait if ticket > self._served else 0.0
-            self.run_once(wait)
+            if ticket > self._served:  # a manual trigger waits for its turn, and runs however recent the last
+                self.run_once(self._trigger_wait)
+            else:
+                self.run_once(0.0, fresh_for)
             with self._done:
                 self._served = ticket
                 self._done.notify_all()
-            ended = time.monotonic()
-            if self._wake.wait(self._interval):
-                self.progress.stopping.wait(max(0.0, WAKE_MIN_GAP - (time.monotonic() - ended)))
-            # A wake-up before this point is served by the cycle about to start, one after it by the next.
-            self._wake.clear()
+            fresh_for = self._wait_for_next()
+
+    def _wait_for_next(self) -> float:
+        """Wait for the interval or a wake-up; return how recent a cycle started elsewhere may be to serve it."""
+        ended = time.monotonic()
+        fresh_for = self._interval
+        if self._wake.wait(self._interval):
+            woken = time.monotonic()  # at or after the wake-up: a cycle that started before it missed it
+            self.progress.stopping.wait(max(0.0, WAKE_MIN_GAP - (woken - ended)))
+            fresh_for = time.monotonic() - woken
+        # A wake-up before this point is served by the cycle about to start, one after it by the next.
+        self._wake.clear()
+        return fresh_for
         log.info("poller stopped")

@@ -16,9 +16,10 @@ import metrics
 from actions import read_pause
 from adoption import baseline_of, before
 from apply import apply_batch_table, apply_each_entry, copy_batch, load_copied, load_entries, park
-from db import in_transaction, pg_array
+from db import pg_array
 from domain import OPEN, Entry, Position, Queue, Stamp
 from horizon import Horizon
+from lease import Lease
 from poller import Progress
 from queries import query, table_query
 
@@ -32,14 +33,17 @@ START: Position = (datetime(1970, 1, 1, tzinfo=UTC), 0)
 
 
 class QueuePass:
-    """Applies one queue's entries in a cycle, batch by batch, on the cycle's two connections."""
+    """Applies one queue's entries in a cycle, batch by batch, on the cycle's two connections.
+
+    Every transaction on user-portfolio-db is one of the lease's: it renews the lease or fails before writing.
+    """
 
     def __init__(
         self,
         queue: Queue,
         factors: tuple[Fraction, ...],
         stamp: Stamp,
-        pconn: Connection,
+        lease: Lease,
         qconn: Connection,
         batch_size: int,
         progress: Progress,
@@ -47,7 +51,7 @@ class QueuePass:
         self.queue = queue
         self.factors = factors
         self.stamp = stamp
-        self.pconn = pconn
+        self.lease = lease
         self.qconn = qconn
         self.batch_size = batch_size
         self.progress = progress
@@ -60,7 +64,7 @@ class QueuePass:
     def drain(self, horizon: Horizon, watermark: Position) -> None:
         """Steps 2-4 or 5-7 and 8: apply the entries changed since the watermark, and move it.
 
-        Only the process holding the cycle lock moves a watermark, so the one read at the cycle's start holds.
+        Only the process holding the cycle lease moves a watermark, so the one read at the cycle's start holds.
         """
         self._pages(lambda after: self._drain_page(after, horizon), watermark)
 
@@ -69,7 +73,7 @@ class QueuePass:
 
         Entries before the queue's adoption baseline are left alone: whatever ran before applied them.
         """
-        with in_transaction(self.pconn) as cur:
+        with self.lease.transaction() as cur:
             baseline = baseline_of(cur, self.queue.name)
         self._pages(lambda after: self._reconcile_page(after, baseline), 0)
 
@@ -82,7 +86,7 @@ class QueuePass:
             if last is None or size < self.batch_size:
                 return
             after = last
-            with in_transaction(self.pconn) as cur:  # between full batches, so that a long drain stops too
+            with self.lease.transaction() as cur:  # between full batches: a long drain renews and stops too
                 self.progress.paused = read_pause(cur) is not None
 
     def _drain_page(self, after: Position, horizon: Horizon) -> tuple[int, Position | None]:
@@ -91,7 +95,7 @@ class QueuePass:
             data = copy_batch(qcur, self.queue, after, self.batch_size)
         if not data:
             return 0, None  # nothing new, so no transaction to load and apply nothing
-        with in_transaction(self.pconn) as cur:
+        with self.lease.transaction() as cur:
             read, last = load_copied(cur, data)
             if last is None:
                 return 0, None
@@ -106,7 +110,7 @@ class QueuePass:
 
     def _retry_page(self, after: Position) -> tuple[int, Position | None]:
         """Try the next batch of parked entries again; return its size and the last one's position."""
-        with in_transaction(self.pconn) as cur:
+        with self.lease.transaction() as cur:
             params = {"queue": self.queue.name, "after_ts": after[0], "after_id": after[1], "limit": self.batch_size}
             cur.execute(query("select_parked_batch"), params)
             parked = [Entry(*row) for row in cur.fetchall()]
@@ -124,7 +128,7 @@ class QueuePass:
         found = {e.queue_id for e in current}
         gone = [(e, "the queue entry no longer exists") for e in parked if e.queue_id not in found]
         if reopened or gone:
-            with in_transaction(self.pconn) as cur:
+            with self.lease.transaction() as cur:
                 if reopened:
                     # Their next change moves updated_at past the watermark, so the cycle will read them again.
                     params = {"queue": self.queue.name, "queue_ids": pg_array(reopened), "cycle": self.stamp.cycle}
@@ -139,7 +143,7 @@ class QueuePass:
         batch = self._read("queue_read_terminal", {"after_id": after_id, "limit": self.batch_size})
         if not batch:
             return 0, None
-        with in_transaction(self.pconn) as cur:
+        with self.lease.transaction() as cur:
             ids = pg_array(e.queue_id for e in batch)
             cur.execute(query("filter_unapplied"), {"queue": self.queue.name, "queue_ids": ids})
             missing = {row[0] for row in cur.fetchall()}
@@ -153,7 +157,7 @@ class QueuePass:
 
     def _apply_entries(self, entries: Sequence[Entry], retrying: bool = False) -> None:
         """Apply entries read in Python, in one transaction."""
-        with in_transaction(self.pconn) as cur:
+        with self.lease.transaction() as cur:
             load_entries(cur, entries)
             ids = pg_array(e.queue_id for e in entries)
             self.counts += self._apply_or_isolate(cur, lambda: entries, retrying, ids)

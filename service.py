@@ -15,6 +15,7 @@ from typing import Any
 from flask import Flask
 
 import audit
+import lease
 import logs
 import metrics
 import migrations
@@ -112,7 +113,9 @@ class StateCache:
         return self._state
 
 
-def run_and_report(runner: CycleRunner, cache: StateCache, lock_wait: float, progress: Progress) -> CycleResult:
+def run_and_report(
+    runner: CycleRunner, cache: StateCache, lock_wait: float, progress: Progress, fresh_for: float
+) -> CycleResult:
     """Run one cycle, read the state it left, and write its summary line and metrics: whatever happens.
 
     The one place that owns unexpected errors of a cycle: they are logged with their traceback and
@@ -120,7 +123,7 @@ def run_and_report(runner: CycleRunner, cache: StateCache, lock_wait: float, pro
     """
     started, clock = datetime.now(UTC), time.monotonic()
     try:
-        result = runner.run(lock_wait, progress)
+        result = runner.run(lock_wait, progress, fresh_for)
     except Exception:
         log.exception("unexpected error in the consistency cycle")
         result = CycleResult.finish(started, clock, "error", error=INTERNAL_ERROR)
@@ -157,12 +160,24 @@ class Service:
         self.drift.start()
 
     def liveness(self) -> dict[str, Any]:
-        """Tell whether the poller thread runs and, inside a cycle, has made progress recently."""
+        """Tell whether the poller runs and progresses, and whether a process of this replica stalls the lease."""
         stalled = self.poller.progress.stalled_for()
         if not self.poller.is_alive():
             return {"status": "failing", "poller": "stopped"}
         if stalled > self.settings.liveness_timeout:
             return {"status": "failing", "poller": "stuck", "seconds_without_progress": round(stalled, 1)}
+        holder = self.runner.holder  # as the poller's last attempt to take the lease found it
+        if (
+            holder is not None
+            and holder.name.startswith(lease.this_replica())
+            and holder.stalled(self.settings.cycle_lease)
+        ):
+            return {
+                "status": "failing",
+                "poller": "lease-stalled",
+                "lease_holder": holder.name,
+                "seconds_without_progress": round(holder.renewed_s, 1),
+            }
         return {"status": "ok", "poller": "running"}
 
     def readiness(self) -> dict[str, str]:

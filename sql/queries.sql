@@ -133,11 +133,37 @@ WITH old AS (
 INSERT INTO consistency.tier_value_history (tier, old_pool, new_pool, old_market, new_market)
 SELECT tier, old_pool, pool, old_market, market FROM changed;
 
--- try_cycle_lock: take the cycle turn for this session if no other session holds it
-SELECT pg_try_advisory_lock(%(key)s);
+-- take_cycle_lease: take the cycle lease for a new epoch if it is free (given back, expired, or its holder's session gone) and no cycle started within fresh_for seconds; the epoch taken (or NULL), and who holds it and since how many seconds it was renewed (see sql/migrations/0008_cycle_lease.sql)
+WITH free AS (
+    SELECT id
+      FROM consistency.cycle_lease l
+     WHERE (holder IS NULL OR expires_at <= clock_timestamp()
+            OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = l.backend_pid))
+       AND cycle_started_at <= clock_timestamp() - make_interval(secs => %(fresh_for)s)
+       FOR UPDATE SKIP LOCKED
+), taken AS (
+    UPDATE consistency.cycle_lease l
+       SET holder = %(holder)s,
+           backend_pid = pg_backend_pid(),
+           epoch = l.epoch + 1,
+           renewed_at = clock_timestamp(),
+           expires_at = clock_timestamp() + make_interval(secs => %(seconds)s),
+           cycle_started_at = clock_timestamp()
+      FROM free
+     WHERE l.id = free.id
+    RETURNING l.epoch
+)
+SELECT (SELECT epoch FROM taken), l.holder,
+       CASE WHEN l.holder IS NOT NULL THEN extract(epoch FROM clock_timestamp() - l.renewed_at) END
+  FROM consistency.cycle_lease l;
 
--- cycle_unlock: give the cycle turn back
-SELECT pg_advisory_unlock(%(key)s);
+-- fence_cycle_lease: the first statement of every transaction of a cycle: renew the lease of this epoch, or fail
+SELECT consistency.fence_cycle_lease(%(epoch)s, %(seconds)s);
+
+-- give_cycle_lease: give the lease back at the end of the cycle; the time the cycle started stays
+UPDATE consistency.cycle_lease
+   SET holder = NULL, expires_at = clock_timestamp()
+ WHERE epoch = %(epoch)s;
 
 -- select_cycle_start: where each queue's cycle starts, whether it has parked entries to retry, and the cycle's number (drawn once, the same on every row)
 SELECT w.queue, w.updated_at, w.queue_id,

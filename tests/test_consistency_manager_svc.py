@@ -9,7 +9,6 @@ from decimal import Decimal
 import pytest
 
 import migrations
-from cycle import CYCLE_LOCK_KEY
 from service import service_of
 from tests.conftest import API_TOKEN
 from tests.world import World
@@ -168,13 +167,12 @@ def test_trigger_without_a_poller_thread_runs_the_cycle_itself(client, world: Wo
 
 
 def test_trigger_answers_409_when_the_turn_does_not_come(app, client, world: World, auth) -> None:
-    world.p("SELECT pg_advisory_lock(%s)", (CYCLE_LOCK_KEY,))
-    service_of(app).poller.start()
-    try:
-        answer = client.post("/api/v1/consistency/trigger", headers=auth)
-    finally:
-        service_of(app).poller.stop()
-        world.p("SELECT pg_advisory_unlock(%s)", (CYCLE_LOCK_KEY,))
+    with world.cycle_lease_held():
+        service_of(app).poller.start()
+        try:
+            answer = client.post("/api/v1/consistency/trigger", headers=auth)
+        finally:
+            service_of(app).poller.stop()
     assert answer.status_code == 409
     assert "another process held the cycle turn" in answer.get_json()["error"]
 

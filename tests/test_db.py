@@ -77,12 +77,13 @@ def test_array_literals_round_trip_any_text(world: World) -> None:
 
 
 def test_every_connection_carries_the_configured_timeouts(settings) -> None:
-    db = Database("queue-db", settings.queue_db_uri, replace(settings, db_statement_timeout=0.5, db_lock_timeout=0.25))
+    timed = replace(settings, db_statement_timeout=0.5, db_lock_timeout=0.25, cycle_lease=6.0)
+    db = Database("queue-db", settings.queue_db_uri, timed)
     try:
         with db.transaction() as cur:
             cur.execute("SELECT current_setting('statement_timeout'), current_setting('lock_timeout'),"
                         " current_setting('idle_in_transaction_session_timeout')")  # fmt: skip
-            assert cur.fetchone() == ("500ms", "250ms", "1min")
+            assert cur.fetchone() == ("500ms", "250ms", "3s")  # half the cycle lease
             assert cur.connection.info.dsn_parameters["connect_timeout"] == str(settings.db_connect_timeout)
         with pytest.raises(DatabaseError, match="statement timeout"), db.transaction() as cur:
             cur.execute("SELECT pg_sleep(2)")

@@ -194,7 +194,7 @@ def test_wake_ups_during_a_cycle_make_exactly_one_more_cycle_right_after() -> No
     starts: list[float] = []
     release = threading.Event()
 
-    def cycle(lock_wait: float, progress: Progress) -> CycleResult:
+    def cycle(lock_wait: float, progress: Progress, fresh_for: float) -> CycleResult:
         starts.append(time.monotonic())
         if len(starts) == 1:
             release.wait(5)
@@ -215,7 +215,7 @@ def test_wake_ups_during_a_cycle_make_exactly_one_more_cycle_right_after() -> No
 
 def test_a_stream_of_wake_ups_is_paced_not_a_storm() -> None:
     starts: list[float] = []
-    poller = fake_poller(lambda lock_wait, progress: starts.append(time.monotonic()) or done())
+    poller = fake_poller(lambda lock_wait, progress, fresh_for: starts.append(time.monotonic()) or done())
     poller.start()
     try:
         end = time.monotonic() + 1.0

@@ -13,7 +13,6 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 import logs
-from cycle import CYCLE_LOCK_KEY
 from service import service_of
 from tests.world import World
 
@@ -83,11 +82,8 @@ def test_each_cycle_writes_exactly_one_summary_line_with_its_fields(app, world: 
 
 def test_a_skipped_turn_writes_its_line_at_debug(app, world: World, output) -> None:
     logs.configure("DEBUG", "json")
-    world.p("SELECT pg_advisory_lock(%s)", (CYCLE_LOCK_KEY,))
-    try:
+    with world.cycle_lease_held():
         service_of(app).poller.run_once()
-    finally:
-        world.p("SELECT pg_advisory_unlock(%s)", (CYCLE_LOCK_KEY,))
     [line] = summaries(json_lines(output()))
     assert (line["level"], line["result"]) == ("DEBUG", "skipped")
 

@@ -9,7 +9,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import metrics
-from cycle import CYCLE_LOCK_KEY
 from service import service_of
 from tests.world import World
 
@@ -111,11 +110,8 @@ def test_a_real_cycle_is_counted_by_result_queue_and_outcome(app, client, world:
 def test_a_skipped_turn_and_a_failed_cycle_are_counted_apart(app, client, make_app, world: World) -> None:
     metrics.LAG.set(42)
     _, before = scrape(client)
-    world.p("SELECT pg_advisory_lock(%s)", (CYCLE_LOCK_KEY,))
-    try:
+    with world.cycle_lease_held():
         assert service_of(app).poller.run_once().to_json()["result"] == "skipped"
-    finally:
-        world.p("SELECT pg_advisory_unlock(%s)", (CYCLE_LOCK_KEY,))
     broken = make_app(queue_db_uri="postgresql://svc@127.0.0.1:1/queue-db", db_connect_timeout=1)
     assert service_of(broken).poller.run_once().to_json()["result"] == "error"
     _, after = scrape(client)

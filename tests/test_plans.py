@@ -80,7 +80,7 @@ def test_an_idle_cycle_makes_thirteen_statements_and_five_commits(make_service, 
     summary = svc.poller.run_once().to_json()
 
     assert summary["result"] == "ok" and all(c["read"] == 0 for c in summary["counts"].values())
-    # Over both databases: the turn, the tier values with the watermarks and the pause, the horizon, a COPY
-    # per queue, the summary, the turn back, and the state kept for /status.
+    # Over both databases: the lease, the tier values with the watermarks and the pause, the horizon, a COPY
+    # per queue, the lease given back, the summary, and the state kept for /status.
     assert calls["statements"] <= 13
     assert calls["commits"] <= 5

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 import uuid as uuidlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal, localcontext
 from typing import Any
@@ -158,6 +159,18 @@ class World:
     def parked(self) -> dict[str, str]:
         """Return the parked entries' reasons by uuid."""
         return dict(self.p("SELECT uuid, reason FROM consistency.parked_entries"))
+
+    @contextmanager
+    def cycle_lease_held(self) -> Iterator[None]:
+        """Have another process hold the cycle lease for the block, as a replica in the middle of a cycle does."""
+        self.p(
+            "UPDATE consistency.cycle_lease SET holder = 'elsewhere:1:2', backend_pid = pg_backend_pid(),"
+            " epoch = epoch + 1, renewed_at = now(), expires_at = now() + interval '1 hour'"
+        )
+        try:
+            yield
+        finally:
+            self.p("UPDATE consistency.cycle_lease SET holder = NULL, expires_at = now()")
 
     def set_tiers(self, **values: str) -> None:
         """Change stored tier values directly, e.g. set_tiers(TIER1_MV='1100000')."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import time
 
 import psycopg2
@@ -307,6 +309,84 @@ def test_a_row_held_for_a_minute_delays_only_its_account(stage: Stage, world: Wo
     assert stage.log_text().count("consistency cycle failed") == 0
     assert world.p("SELECT count(*) FROM consistency.parked_entries") == [(0,)]
     assert_model(world, "row held 60 s", median_wait_s=round(waits[len(waits) // 2], 2), max_wait_s=round(waits[-1], 2))
+
+
+def lease_row(world: World) -> tuple[str | None, int]:
+    """The cycle lease's holder (None when free) and epoch."""
+    return world.p("SELECT holder, epoch FROM consistency.cycle_lease")[0]
+
+
+def test_a_frozen_lease_holder_is_replaced_within_the_lease_and_its_late_writes_are_refused(
+    stage: Stage, world: World
+) -> None:
+    accounts = [f"42000{n:05d}" for n in range(200)]  # ~75 completions each: no tier value overflows
+    open_portfolios(world, accounts)
+    bulk_backlog(world, accounts, 30000)  # a drain of several seconds: its worker holds the lease throughout
+    lease_s = 6.0
+    frozen = stage.replica(workers=2, CYCLE_LEASE=str(lease_s), BATCH_SIZE="100")
+    wait_until(lambda: world.applied() > 500, 30, "the drain to be under way")
+    other = stage.replica(workers=1, CYCLE_LEASE=str(lease_s), BATCH_SIZE="100")
+    other.wait_ready()
+    writers = Writers(world, accounts, pause=0.02).start()
+    holder, epoch = lease_row(world)
+    assert holder is not None and holder.split(":")[1] == str(frozen.process.pid), holder
+    pid = int(holder.split(":")[2])
+    os.kill(pid, signal.SIGSTOP)
+    stopped_at, applied_at_stop = time.monotonic(), world.applied()
+    health = []
+    try:
+        while lease_row(world)[1] == epoch and time.monotonic() - stopped_at < 3 * lease_s:
+            health.append(frozen.get("/health")[0])
+            time.sleep(0.2)
+        taken_over = time.monotonic() - stopped_at
+        wait_until(lambda: world.applied() > applied_at_stop + 100, 20, "entries to flow again")
+        flowing = time.monotonic() - stopped_at
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    time.sleep(2)  # the resumed worker's next transaction meets the fence, or its ended session
+    writers.stop()
+    wait_caught_up(world, timeout=120)
+
+    assert taken_over <= lease_s + 1.0
+    assert flowing <= lease_s + 3.0
+    assert 503 in health  # the frozen worker's replica says so while it holds the lease
+    # Resumed, the frozen worker's cycle fails: at the fence, or because the server ended its idle transaction.
+    refused = ("was lost: another process holds it now", "server closed the connection unexpectedly")
+    failed = [line for line in stage.log_text().splitlines() if f'"pid": {pid}' in line and '"result": "error"' in line]
+    assert any(text in line for text in refused for line in failed), failed
+    assert_model(
+        world, "frozen holder", lease_s=lease_s, taken_over_s=round(taken_over, 2), flowing_s=round(flowing, 2)
+    )
+
+
+def cycles_started(world: World) -> int:
+    """How many cycles have started, on every process: each draws the next cycle number."""
+    return world.p("SELECT last_value FROM consistency.cycles")[0][0]
+
+
+def test_one_cycle_per_interval_with_two_replicas_of_three_workers(stage: Stage, world: World) -> None:
+    open_portfolios(world, ACCOUNTS)
+    world.q((ROOT / "schema" / "queue_notify.sql").read_text())
+    replicas = [stage.replica(workers=3, POLLING_INTERVAL="1") for _ in range(2)]
+    for replica in replicas:
+        replica.wait_ready()
+    time.sleep(2)
+    first = cycles_started(world)
+    time.sleep(10)
+    idle = cycles_started(world) - first
+
+    request = world.request("investment", ACCOUNTS[0])
+    settled = time.monotonic()
+    wait_until(lambda: world.txn_status(request.uuid) == "PROCESSED", 5, "the notified entry to apply", interval=0.02)
+    notified = time.monotonic() - settled
+    before = cycles_started(world)
+    status, answer = replicas[0].get("/api/v1/consistency/trigger", "POST")
+
+    assert 8 <= idle <= 11  # ten seconds at POLLING_INTERVAL=1: six pollers, one cycle a second
+    assert notified < 0.9  # a notification still gets a cycle at once, not at the next interval
+    assert (status, answer["result"]) == (200, "ok")  # and so does a manual trigger
+    assert cycles_started(world) > before
+    assert_model(world, "one cycle per interval", replicas=2, workers_each=3, idle_cycles_in_10_s=idle)
 
 
 def test_sigterm_stops_within_ten_seconds_mid_backlog(stage: Stage, world: World) -> None:

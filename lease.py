@@ -1,0 +1,90 @@
+"""The cycle lease: which process may apply, for how long, and the fence every transaction of its cycle passes.
+
+See sql/migrations/0008_cycle_lease.sql. A process takes the lease for one cycle and gives it back at the end;
+one that stops (SIGSTOP, a long pause, a partition) loses it CYCLE_LEASE seconds after its last transaction,
+and its next transaction fails at the fence, before it writes anything.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import psycopg2.extensions
+
+from db import in_transaction, one_row
+from queries import query
+
+Connection = psycopg2.extensions.connection
+Cursor = psycopg2.extensions.cursor
+
+
+def this_process() -> str:
+    """Name this process as the lease records it: host, replica (the gunicorn master) and pid."""
+    return f"{socket.gethostname()}:{os.getppid()}:{os.getpid()}"
+
+
+def this_replica() -> str:
+    """The prefix of the names of this replica's processes: its host and its gunicorn master."""
+    return f"{socket.gethostname()}:{os.getppid()}:"
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The lease one cycle holds, on the connection that cycle writes through."""
+
+    conn: Connection
+    epoch: int
+    seconds: float
+
+    @contextmanager
+    def transaction(self) -> Iterator[Cursor]:
+        """A transaction of the cycle: it renews the lease first, or fails there if another process holds it."""
+        with in_transaction(self.conn) as cur:
+            cur.execute(query("fence_cycle_lease"), {"epoch": self.epoch, "seconds": self.seconds})
+            yield cur
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who held the lease when a process last tried to take it, and how many seconds before it was renewed."""
+
+    name: str
+    renewed_s: float
+
+    def stalled(self, seconds: float) -> bool:
+        """Tell whether the holder had gone without renewing a lease of `seconds` for more than a quarter of it.
+
+        Before the server ends a frozen holder's open transaction, at half the lease, and frees the lease.
+        """
+        return self.renewed_s > seconds / 4
+
+
+def take(conn: Connection, seconds: float, fresh_for: float, wait: float) -> tuple[Lease | None, Holder | None]:
+    """Take the lease for a cycle, unless a cycle started within fresh_for seconds; wait up to `wait` for a holder.
+
+    Returns the lease, or None and the process that holds it (None when it is free but a cycle is too recent).
+    """
+    deadline = time.monotonic() + wait
+    params = {"holder": this_process(), "seconds": seconds, "fresh_for": fresh_for}
+    while True:
+        with in_transaction(conn) as cur:
+            cur.execute(query("take_cycle_lease"), params)
+            epoch, holder, renewed_s = one_row(cur)
+        if epoch is not None:
+            return Lease(conn, epoch, seconds), None
+        if time.monotonic() >= deadline:
+            return None, None if holder is None else Holder(holder, float(renewed_s))
+        time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+
+def give(lease: Lease) -> None:
+    """Give the lease back at the end of a cycle, unless its connection is already gone (the lease then expires)."""
+    if lease.conn.closed:
+        return
+    with in_transaction(lease.conn) as cur:
+        cur.execute(query("give_cycle_lease"), {"epoch": lease.epoch})
