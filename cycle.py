@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import psycopg2
 import psycopg2.extensions
@@ -17,8 +18,8 @@ import tiers
 from actions import read_pause
 from config import Settings
 from db import Database, DatabaseError, first_line, in_transaction
-from domain import COUNT_KEYS, QUEUES, CycleResult, CycleWork, Stamp
-from horizon import HorizonWatch, read_horizon
+from domain import COUNT_KEYS, QUEUES, CycleResult, CycleWork, QueueStart, Stamp
+from horizon import LOOKBACK, HorizonWatch, read_horizon
 from lease import Holder, Lease
 from poller import Progress
 from queries import query
@@ -101,13 +102,13 @@ class CycleRunner:
         """Steps 1 to 8, plus parked retries and, when due, the reconciliation sweep; None when paused."""
         with in_transaction(held.conn) as cur:  # reads only, right after the lease was taken: no fence needed
             current, tier_version = tiers.load_in_force(cur)
-            cur.execute(query("select_cycle_start"))
+            cur.execute(query("select_cycle_start"), {"reconcile_interval": self.settings.reconcile_interval})
             rows = cur.fetchall()
             progress.paused = read_pause(cur) is not None
         if progress.paused:
             return None
-        starts = {queue: ((ts, queue_id), parked) for queue, ts, queue_id, parked, _ in rows}
-        stamp = Stamp(rows[0][4], tier_version)
+        starts = {row[0]: _queue_start(row) for row in rows}
+        stamp = Stamp(rows[0][-1], tier_version)
         horizon = read_horizon(qconn, self.settings.lookback_window)
         self.watch.observe(horizon)
         passes = [
@@ -115,16 +116,15 @@ class CycleRunner:
             for queue in QUEUES
         ]
         for each in passes:
-            watermark, any_parked = starts[each.queue.name]
-            if any_parked:
+            if starts[each.queue.name].any_parked:
                 each.retry_parked()
-            each.drain(horizon, watermark)
-        reconciled = not progress.halted() and self.watch.reconcile_due(horizon)
+            each.drain(horizon, starts[each.queue.name])
+        # Exact mode needs no sweep: its drain reads from the watermark, which no late commit can be behind.
+        due = horizon.mode == LOOKBACK and any(start.sweep_due for start in starts.values())
+        reconciled = due and not progress.halted()
         if reconciled:
             for each in passes:
-                each.reconcile()
-            if not progress.halted():
-                self.watch.swept(horizon)
+                each.reconcile(horizon, starts[each.queue.name])
         return CycleWork(
             mode=horizon.mode,
             horizon=horizon.bound,
@@ -140,3 +140,9 @@ class CycleRunner:
     def _describe(self, err: Exception) -> str:
         """Describe a cycle failure without any credential."""
         return self.portfolio_db.redact(self.queue_db.redact(first_line(err)))
+
+
+def _queue_start(row: tuple[Any, ...]) -> QueueStart:
+    """Read a select_cycle_start row as the start of its queue's part of the cycle."""
+    _, ts, queue_id, read_ts, read_id, any_parked, sweep_due, _ = row
+    return QueueStart((ts, queue_id), None if read_ts is None else (read_ts, read_id), any_parked, sweep_due)

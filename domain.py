@@ -93,7 +93,17 @@ Outcome = Literal["ok", "error", "skipped", "paused"]
 # The rule that bounded the watermarks (see the README's watermark section).
 Mode = Literal["exact", "lookback"]
 # What a cycle counts per queue: entries read, their outcomes, new corrections and reconciled entries.
-COUNT_KEYS = ("read", *TERMINAL, PARKED, "corrected", "reconciled")
+COUNT_KEYS = ("read", *TERMINAL, PARKED, "corrected", "reconciled", "swept")
+
+
+@dataclass(frozen=True)
+class QueueStart:
+    """Where a queue's part of a cycle starts, as stored: watermark, read position, parked entries, sweep due."""
+
+    watermark: Position
+    read: Position | None  # how far look-back mode's drain has read; None before its first read
+    any_parked: bool
+    sweep_due: bool  # no sweep of this queue ended within RECONCILE_INTERVAL, on any process
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -66,7 +65,7 @@ def read_horizon(queue_conn: psycopg2.extensions.connection, lookback: float) ->
 
 
 class HorizonWatch:
-    """Follows the horizon from cycle to cycle: says when its rule changes, and when the sweep is due."""
+    """Follows the horizon from cycle to cycle, and says when its rule changes."""
 
     def __init__(self, lookback_window: float, reconcile_interval: float) -> None:
         self.lookback_window = lookback_window
@@ -74,35 +73,12 @@ class HorizonWatch:
         self.mode: Mode | None = None
         self._held = False
         self._holding_prepared = False
-        # A cycle ran under the look-back rule for want of a visible start: exact mode sweeps once after it.
-        self._sweep_owed = False
-        self._last_reconcile = float("-inf")
 
     def observe(self, horizon: Horizon) -> None:
         """Log what changed since the last cycle: the mode, a long-open transaction, prepared transactions."""
         self._note_mode(horizon)
         self._note_held(horizon.held_for)
         self._note_prepared(horizon.prepared)
-
-    def reconcile_due(self, horizon: Horizon) -> bool:
-        """Tell whether the reconciliation sweep should run in this cycle.
-
-        It runs every RECONCILE_INTERVAL under the look-back rule, and once in exact mode after cycles that
-        fell back to it: a hidden session may have committed late in between.
-        """
-        if horizon.untracked:
-            self._sweep_owed = True
-        if horizon.mode == EXACT:
-            return self._sweep_owed
-        if time.monotonic() - self._last_reconcile < self.reconcile_interval:
-            return False
-        self._last_reconcile = time.monotonic()
-        return True
-
-    def swept(self, horizon: Horizon) -> None:
-        """Note that a whole reconciliation sweep ran under this horizon."""
-        if horizon.mode == EXACT:
-            self._sweep_owed = False
 
     def _note_mode(self, horizon: Horizon) -> None:
         """Log loudly which watermark mode is in force whenever it changes."""

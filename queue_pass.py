@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from fractions import Fraction
+from functools import partial
 from typing import Any, TypeVar
 
 import psycopg2
@@ -17,8 +19,8 @@ from actions import read_pause
 from adoption import baseline_of, before
 from apply import apply_batch_table, apply_each_entry, copy_batch, load_copied, load_entries, park
 from db import pg_array
-from domain import OPEN, Entry, Position, Queue, Stamp
-from horizon import Horizon
+from domain import OPEN, Entry, Position, Queue, QueueStart, Stamp
+from horizon import EXACT, Horizon
 from lease import Lease
 from poller import Progress
 from queries import query, table_query
@@ -32,62 +34,67 @@ Key = TypeVar("Key")
 START: Position = (datetime(1970, 1, 1, tzinfo=UTC), 0)
 
 
+@dataclass
 class QueuePass:
     """Applies one queue's entries in a cycle, batch by batch, on the cycle's two connections.
 
     Every transaction on user-portfolio-db is one of the lease's: it renews the lease or fails before writing.
     """
 
-    def __init__(
-        self,
-        queue: Queue,
-        factors: tuple[Fraction, ...],
-        stamp: Stamp,
-        lease: Lease,
-        qconn: Connection,
-        batch_size: int,
-        progress: Progress,
-    ) -> None:
-        self.queue = queue
-        self.factors = factors
-        self.stamp = stamp
-        self.lease = lease
-        self.qconn = qconn
-        self.batch_size = batch_size
-        self.progress = progress
-        self.counts: Counter[str] = Counter()
+    queue: Queue
+    factors: tuple[Fraction, ...]
+    stamp: Stamp
+    lease: Lease
+    qconn: Connection
+    batch_size: int
+    progress: Progress
+    counts: Counter[str] = field(default_factory=Counter)
+    read_to: Position | None = None  # how far the drain has read, in look-back mode
 
     def retry_parked(self) -> None:
         """Try the parked entries again, as their queue rows stand now."""
         self._pages(self._retry_page, START)
 
-    def drain(self, horizon: Horizon, watermark: Position) -> None:
-        """Steps 2-4 or 5-7 and 8: apply the entries changed since the watermark, and move it.
+    def drain(self, horizon: Horizon, start: QueueStart) -> None:
+        """Steps 2-4 or 5-7 and 8: apply what changed since the watermark (look-back: the read position); move it.
 
-        Only the process holding the cycle lease moves a watermark, so the one read at the cycle's start holds.
+        Only the lease holder moves either, so the ones read at the start hold. In look-back mode only the sweep
+        moves the watermark.
         """
-        self._pages(lambda after: self._drain_page(after, horizon), watermark)
+        self.read_to = start.read
+        begin = start.watermark if horizon.mode == EXACT or start.read is None else max(start.watermark, start.read)
+        self._pages(lambda after: self._drain_page(after, horizon), begin)
 
-    def reconcile(self) -> None:
-        """Find terminal entries with no applied record, such as late commits behind the look-back.
+    def reconcile(self, horizon: Horizon, start: QueueStart) -> None:
+        """Sweep: apply the settled entries from the watermark up to the read position that have no record.
 
-        Entries before the queue's adoption baseline are left alone: whatever ran before applied them.
+        They committed after the drain read past them. The watermark then moves to where, by LOOKBACK_WINDOW, every
+        commit is in. Entries before the queue's adoption baseline are left alone: whatever ran before applied them.
         """
+        until = self.read_to or start.watermark
         with self.lease.transaction() as cur:
             baseline = baseline_of(cur, self.queue.name)
-        self._pages(lambda after: self._reconcile_page(after, baseline), 0)
+        swept = self._pages(lambda after: self._sweep_page(after, until, baseline), start.watermark)
+        if swept:
+            with self.lease.transaction() as cur:
+                self._move(cur, "advance_watermark", min(until, horizon.position))
+                cur.execute(query("mark_swept"), {"queue": self.queue.name})
 
-    def _pages(self, page: Callable[[Key], tuple[int, Key | None]], start: Key) -> None:
-        """Keyset pagination: run `page` from `start`, then from where each full page ended, until stopped or paused."""
+    def _pages(self, page: Callable[[Key], tuple[int, Key | None]], start: Key) -> bool:
+        """Keyset pagination: run `page` from `start`, then from where each full page ended, until stopped or paused.
+
+        Returns whether it went to the end.
+        """
         after = start
         while not self.progress.halted():
             size, last = page(after)
             self.progress.beat()
             if last is None or size < self.batch_size:
-                return
+                return True
             after = last
             with self.lease.transaction() as cur:  # between full batches: a long drain renews and stops too
                 self.progress.paused = read_pause(cur) is not None
+        return False
 
     def _drain_page(self, after: Position, horizon: Horizon) -> tuple[int, Position | None]:
         """Copy the next batch out of queue-db, apply it and move the watermark; return its size and end."""
@@ -100,13 +107,21 @@ class QueuePass:
             if last is None:
                 return 0, None
             params = {"after_ts": after[0], "after_id": after[1], "last_ts": last[0], "last_id": last[1]}
-            counts = self._apply_or_isolate(cur, lambda: self._read("queue_read_range", params))
-            watermark = min(last, horizon.position)
-            cur.execute(query("advance_watermark"), {"queue": self.queue.name, "ts": watermark[0], "id": watermark[1]})
+            reread = partial(read_entries, self.qconn, self.queue, "queue_read_range", params)
+            counts = self._apply_or_isolate(cur, reread)
+            if horizon.mode == EXACT:
+                self._move(cur, "advance_watermark", min(last, horizon.position))
+            else:
+                self._move(cur, "advance_read_position", last)
+                self.read_to = last
         self.counts += counts
         self.counts["read"] += read
         metrics.observe_batch(last[0], sum(counts.values()))
         return read, last
+
+    def _move(self, cur: Cursor, name: str, position: Position) -> None:
+        """Move this queue's watermark (advance_watermark) or read position (advance_read_position) forward."""
+        cur.execute(query(name), {"queue": self.queue.name, "ts": position[0], "id": position[1]})
 
     def _retry_page(self, after: Position) -> tuple[int, Position | None]:
         """Try the next batch of parked entries again; return its size and the last one's position."""
@@ -116,7 +131,8 @@ class QueuePass:
             parked = [Entry(*row) for row in cur.fetchall()]
         if not parked:
             return 0, None
-        current = self._read("queue_select_by_id", {"queue_ids": pg_array(e.queue_id for e in parked)})
+        ids = pg_array(e.queue_id for e in parked)
+        current = read_entries(self.qconn, self.queue, "queue_select_by_id", {"queue_ids": ids})
         self._settle(parked, current)
         return len(parked), parked[-1].position
 
@@ -138,22 +154,23 @@ class QueuePass:
         if settled:
             self._apply_entries(settled, retrying=True)
 
-    def _reconcile_page(self, after_id: int, baseline: Position | None) -> tuple[int, int | None]:
-        """Apply the terminal entries of the next batch of queue rows that have no applied record, from the baseline."""
-        batch = self._read("queue_read_terminal", {"after_id": after_id, "limit": self.batch_size})
+    def _sweep_page(self, after: Position, until: Position, baseline: Position | None) -> tuple[int, Position | None]:
+        """Apply the settled entries of the next batch up to `until` that have no applied record, from the baseline."""
+        params = {"after_ts": after[0], "after_id": after[1], "until_ts": until[0], "until_id": until[1]}
+        batch = read_entries(self.qconn, self.queue, "queue_read_settled_range", {**params, "limit": self.batch_size})
         if not batch:
             return 0, None
+        self.counts["swept"] += len(batch)
         with self.lease.transaction() as cur:
             ids = pg_array(e.queue_id for e in batch)
             cur.execute(query("filter_unapplied"), {"queue": self.queue.name, "queue_ids": ids})
             missing = {row[0] for row in cur.fetchall()}
         # Entries before the baseline are left out here, not in the read: each page still reads batch_size rows.
-        kept = (e for e in batch if e.queue_id in missing and not before(e, baseline))
-        found = sorted(kept, key=lambda e: e.position)
+        found = [e for e in batch if e.queue_id in missing and not before(e, baseline)]  # in position order
         if found:
             self.counts["reconciled"] += len(found)
             self._apply_entries(found)
-        return len(batch), batch[-1].queue_id
+        return len(batch), batch[-1].position
 
     def _apply_entries(self, entries: Sequence[Entry], retrying: bool = False) -> None:
         """Apply entries read in Python, in one transaction."""
@@ -177,8 +194,9 @@ class QueuePass:
         cur.execute(query("release_batch"))
         return counts
 
-    def _read(self, name: str, params: dict[str, Any]) -> list[Entry]:
-        """Run a named read on this queue's table and return its rows as entries."""
-        with self.qconn.cursor() as cur:
-            cur.execute(table_query(name, self.queue.table), params)
-            return [Entry(*row) for row in cur.fetchall()]
+
+def read_entries(qconn: Connection, queue: Queue, name: str, params: dict[str, Any]) -> list[Entry]:
+    """Run a named read on a queue's table and return its rows as entries."""
+    with qconn.cursor() as cur:
+        cur.execute(table_query(name, queue.table), params)
+        return [Entry(*row) for row in cur.fetchall()]

@@ -1,4 +1,4 @@
-"""The two reference approaches the service is measured against, on the same data."""
+"""The reference approaches the service is measured against, on the same data."""
 
 from __future__ import annotations
 
@@ -88,9 +88,9 @@ END $$ LANGUAGE plpgsql IMMUTABLE
 
 BATCH_STATEMENT = """
 WITH claimed AS (
-    INSERT INTO bench_applied SELECT %(queue)s, queue_id FROM batch ON CONFLICT DO NOTHING RETURNING queue_id
+    INSERT INTO bench_applied SELECT %(queue)s, queue_id FROM {batch} ON CONFLICT DO NOTHING RETURNING queue_id
 ), mine AS (
-    SELECT batch.* FROM batch JOIN claimed USING (queue_id)
+    SELECT b.* FROM {batch} b JOIN claimed USING (queue_id)
 ), mirrored AS (  -- a data-modifying CTE always runs to completion
     UPDATE portfolio_transactions t
        SET status = CASE mine.status WHEN 'COMPLETED' THEN 'PROCESSED' ELSE mine.status END
@@ -148,10 +148,59 @@ def set_based(queue_uri: str, portfolio_uri: str, tiers: dict[str, str], batch: 
                 cur.execute("TRUNCATE batch")
                 cur.copy_expert("COPY batch FROM STDIN", buffer)
                 cur.execute("ANALYZE batch")
-                cur.execute(BATCH_STATEMENT.replace("{kind}", kind), params)
+                cur.execute(BATCH_STATEMENT.replace("{kind}", kind).replace("{batch}", "batch"), params)
             if last is None:
                 break
             after = (last[0], last[1])
+    seconds = time.perf_counter() - started
+    queue_db.close()
+    portfolio_db.close()
+    return seconds
+
+
+LEAN_COPY = (
+    "COPY (SELECT queue_id, account_number, uuid, status, updated_at FROM {table}"
+    " WHERE (updated_at, queue_id) > (%s, %s) ORDER BY updated_at, queue_id LIMIT %s) TO STDOUT"
+)
+
+
+def lean(queue_uri: str, portfolio_uri: str, tiers: dict[str, str], batch: int = 50_000) -> float:
+    """The essential writes alone: per batch two COPYs and one statement, nothing else; return the seconds.
+
+    The batch table empties itself at each commit (no TRUNCATE), has no statistics (no ANALYZE), and the next
+    batch starts after the last row copied (no OFFSET probe).
+    """
+    queue_db, portfolio_db = psycopg2.connect(queue_uri), psycopg2.connect(portfolio_uri)
+    queue_db.autocommit = True
+    with portfolio_db, portfolio_db.cursor() as cur:
+        cur.execute(RECORD)
+        cur.execute(COMPOUND)
+        cur.execute(
+            "CREATE TEMP TABLE lean_batch (queue_id int, account text, uuid uuid, status text, updated_at timestamptz)"
+            " ON COMMIT DELETE ROWS"
+        )
+    started = time.perf_counter()
+    for queue in QUEUES:
+        kind = queue.portfolio_columns.removesuffix("s")
+        statement = BATCH_STATEMENT.replace("{kind}", kind).replace("{batch}", "lean_batch")
+        params: dict[str, object] = {"queue": queue.name}
+        for n, f in enumerate(factors(tiers, kind), start=1):
+            params[f"n{n}"], params[f"d{n}"] = f.numerator, f.denominator
+        after: tuple[str, int] = ("1970-01-01 00:00:00+00", 0)
+        while True:
+            buffer = io.BytesIO()
+            with queue_db.cursor() as qcur:
+                qcur.copy_expert(qcur.mogrify(LEAN_COPY.format(table=queue.table), (*after, batch)).decode(), buffer)
+            data = buffer.getvalue()
+            if not data:
+                break
+            with portfolio_db, portfolio_db.cursor() as cur:
+                cur.copy_expert("COPY lean_batch FROM STDIN", io.BytesIO(data))
+                cur.execute(statement, params)
+            last = data.rstrip(b"\n").rsplit(b"\n", 1)[-1].split(b"\t")
+            after = (last[4].decode(), int(last[0]))
+            if data.count(b"\n") < batch:
+                break
     seconds = time.perf_counter() - started
     queue_db.close()
     portfolio_db.close()

@@ -35,13 +35,13 @@ SELECT c.relname, format_type(a.atttypid, a.atttypmod), current_setting('TimeZon
    AND NOT a.attisdropped
  ORDER BY c.relname;
 
--- queue_read_terminal: entries of a queue after a queue_id that are not open (terminal, or an unknown
--- status), for the reconciliation sweep
-SELECT queue_id, account_number, uuid, status, updated_at::timestamptz
-  FROM {table}
- WHERE queue_id > %(after_id)s
-   AND status IS DISTINCT FROM 'PENDING' AND status IS DISTINCT FROM 'PROCESSING'
- ORDER BY queue_id
+-- queue_read_settled_range: the next entries of a queue after one position and up to another that are not open (terminal, or an unknown status), in order, for the reconciliation sweep
+SELECT q.queue_id, q.account_number, q.uuid, q.status, q.updated_at::timestamptz
+  FROM {table} q
+ WHERE (q.updated_at, q.queue_id) > (%(after_ts)s, %(after_id)s)
+   AND (q.updated_at, q.queue_id) <= (%(until_ts)s, %(until_id)s)
+   AND q.status IS DISTINCT FROM 'PENDING' AND q.status IS DISTINCT FROM 'PROCESSING'
+ ORDER BY q.updated_at, q.queue_id
  LIMIT %(limit)s;
 
 -- queue_copy_batch: the next entries of a queue after a position, as COPY text for pg_temp.cm_batch (the cast reads a column without time zone in queue-db's TimeZone)
@@ -165,9 +165,10 @@ UPDATE consistency.cycle_lease
    SET holder = NULL, expires_at = clock_timestamp()
  WHERE epoch = %(epoch)s;
 
--- select_cycle_start: where each queue's cycle starts, whether it has parked entries to retry, and the cycle's number (drawn once, the same on every row)
-SELECT w.queue, w.updated_at, w.queue_id,
+-- select_cycle_start: where each queue's cycle starts (its watermark and read position), whether it has parked entries to retry, whether its sweep is due, and the cycle's number (drawn once, the same on every row)
+SELECT w.queue, w.updated_at, w.queue_id, w.read_updated_at, w.read_queue_id,
        EXISTS (SELECT 1 FROM consistency.parked_entries p WHERE p.queue = w.queue),
+       w.swept_at <= clock_timestamp() - make_interval(secs => %(reconcile_interval)s),
        (SELECT nextval('consistency.cycles'))
   FROM consistency.watermarks w;
 
@@ -176,6 +177,15 @@ UPDATE consistency.watermarks
    SET updated_at = %(ts)s, queue_id = %(id)s, moved_at = CURRENT_TIMESTAMP
  WHERE queue = %(queue)s
    AND (updated_at, queue_id) < (%(ts)s::timestamptz, %(id)s::integer);
+
+-- advance_read_position: move a queue's read position (look-back mode) forward, never back (see sql/migrations/0009_read_positions.sql)
+UPDATE consistency.watermarks
+   SET read_updated_at = %(ts)s, read_queue_id = %(id)s
+ WHERE queue = %(queue)s
+   AND (read_updated_at IS NULL OR (read_updated_at, read_queue_id) < (%(ts)s::timestamptz, %(id)s::integer));
+
+-- mark_swept: note that a queue's reconciliation sweep ended now, by this database's clock
+UPDATE consistency.watermarks SET swept_at = clock_timestamp() WHERE queue = %(queue)s;
 
 -- savepoint_batch: mark a point to return to if the database rejects a batch applied set-based
 SAVEPOINT batch;

@@ -10,9 +10,8 @@ import pytest
 import migrations
 import tiers
 from config import Settings
-from devkit import ROOT, postgres
+from devkit import ROOT, postgres, roles
 from service import Service, build_service
-from tests import pgtest
 from tests.world import World
 
 API_TOKEN = "test-token-0123456789abcdef"
@@ -46,14 +45,14 @@ def templates(pg: str) -> Iterator[tuple[str, str]]:
 @pytest.fixture(scope="session")
 def exact_role(pg: str) -> Iterator[str]:
     """A login role for schema/grants.sql with pg_read_all_stats: exact watermark mode."""
-    with pgtest.login_role(pg, "cm_exact") as role:
+    with roles.login_role(pg, "cm_exact") as role:
         yield role
 
 
 @pytest.fixture(scope="session")
 def lookback_role(pg: str) -> Iterator[str]:
     """A login role for schema/grants.sql alone: neither superuser nor pg_read_all_stats, so look-back mode."""
-    with pgtest.login_role(pg, "cm_lookback") as role:
+    with roles.login_role(pg, "cm_lookback") as role:
         yield role
 
 

@@ -12,9 +12,9 @@ import psycopg2
 import pytest
 
 from config import API_TOKEN_NAME, Credential
+from devkit import roles
 from devkit.net import wait_until
 from service import service_of
-from tests import pgtest
 from tests.conftest import API_TOKEN
 from tests.tokens import OPERATOR, READER, bearer
 from tests.world import World, expected
@@ -213,10 +213,10 @@ def lookback_app(pg, dbs, lookback_role, make_app, world: World):
     """The app as a role with schema/grants.sql only (look-back mode), sweeping in every cycle."""
     names = [urlsplit(uri).path.lstrip("/") for uri in dbs]
     world.p("DROP SCHEMA consistency CASCADE")
-    pgtest.apply_grants(pg, lookback_role, *names)
+    roles.apply_grants(pg, lookback_role, *names)
     flask_app = make_app(
-        queue_db_uri=pgtest.with_user(dbs[0], lookback_role),
-        portfolio_db_uri=pgtest.with_user(dbs[1], lookback_role),
+        queue_db_uri=roles.with_user(dbs[0], lookback_role),
+        portfolio_db_uri=roles.with_user(dbs[1], lookback_role),
         lookback_window=0.5,
         reconcile_interval=0.0,
         api_tokens=(OPERATOR,),

@@ -19,9 +19,8 @@ import migrations
 import tiers
 from config import Settings
 from db import DatabaseError
-from devkit import ROOT, postgres
+from devkit import ROOT, postgres, roles
 from service import build_service, service_of
-from tests import pgtest
 from tests.cluster import Cluster
 from tests.tokens import OPERATOR, READER, bearer
 from tests.world import TABLES, TYPES, World, expected
@@ -334,15 +333,15 @@ def test_initial_watermark_waits_while_a_prepared_transaction_hides_its_start(tw
 
 @pytest.fixture
 def limited(pg, dbs, settings, lookback_role, world: World) -> Iterator:
-    """A factory of services running as the limited role (look-back mode: a 1 s window, a sweep every 3 s)."""
+    """A factory of services running as the limited role (look-back mode: a 3 s window, a sweep every 3 s)."""
     names = [urlsplit(uri).path.lstrip("/") for uri in dbs]
     world.p("DROP SCHEMA consistency CASCADE")
-    pgtest.apply_grants(pg, lookback_role, *names)
+    roles.apply_grants(pg, lookback_role, *names)
     limited_settings = replace(
         settings,
-        queue_db_uri=pgtest.with_user(dbs[0], lookback_role),
-        portfolio_db_uri=pgtest.with_user(dbs[1], lookback_role),
-        lookback_window=1.0,
+        queue_db_uri=roles.with_user(dbs[0], lookback_role),
+        portfolio_db_uri=roles.with_user(dbs[1], lookback_role),
+        lookback_window=3.0,
         reconcile_interval=3.0,
         batch_size=200,
     )
@@ -372,17 +371,18 @@ def test_the_reconciliation_sweep_applies_nothing_before_the_baseline(limited, w
     assert ok(swept)["investment"]["reconciled"] == ok(swept)["withdrawal"]["reconciled"] == 0
     assert world.applied() == 0 and portfolios(world) == before_money
 
-    # After the baseline the sweep still finds a commit later than the look-back window, once.
+    # After the baseline the sweep still finds a commit later than the drain's reading, once.
     late = world.enqueue("investment", ACCOUNTS[0])
     writer = world.finish_uncommitted(late)
     try:
-        time.sleep(1.3)  # the writer holds its transaction longer than the window
+        time.sleep(1.3)  # the writer holds its transaction past the drain's reading, within the 3 s window
         world.request("investment", ACCOUNTS[1])
         assert ok(svc.runner.run().to_json())["investment"]["COMPLETED"] == 1
-        assert watermark(world, "investment")[0] > writer.updated_at
+        assert watermark(world, "investment")[0] < writer.updated_at  # only the sweep moves it
     finally:
         writer.commit()
-    time.sleep(max(0.0, 3.1 - (time.monotonic() - svc.runner.watch._last_reconcile)))
+    assert ok(svc.runner.run().to_json())["investment"]["read"] == 0  # the drain does not see it
+    time.sleep(3.1)  # RECONCILE_INTERVAL since the first sweep
     found = svc.runner.run().to_json()
 
     assert found["reconciled"] is True and ok(found)["investment"]["reconciled"] == 1

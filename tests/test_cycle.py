@@ -156,6 +156,7 @@ def test_a_backlog_larger_than_a_batch_matches_one_at_a_time(make_service, world
         "parked": 0,
         "corrected": 0,
         "reconciled": 0,
+        "swept": 0,
     }
     factors = {1: ("1012345", "1000000"), 2: ("1999999", "2000000"), 3: ("512345", "500000")}
     for n, account in enumerate(accounts):

@@ -9,8 +9,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from devkit import roles
 from service import build_service
-from tests import pgtest
 from tests.world import World, expected
 
 ACCOUNT = "1000000001"
@@ -18,16 +18,16 @@ ACCOUNT = "1000000001"
 
 @pytest.fixture
 def limited_service(pg, dbs, settings, lookback_role, world: World) -> Iterator:
-    """The service running as the limited role, with a 1 s look-back and a 3 s reconciliation interval."""
+    """The service running as the limited role, with a 3 s look-back and a 3 s reconciliation interval."""
     names = [urlsplit(uri).path.lstrip("/") for uri in dbs]
     world.p("DROP SCHEMA consistency CASCADE")  # the service creates its own schema as the limited role
-    pgtest.apply_grants(pg, lookback_role, *names)
+    roles.apply_grants(pg, lookback_role, *names)
     svc = build_service(
         replace(
             settings,
-            queue_db_uri=pgtest.with_user(dbs[0], lookback_role),
-            portfolio_db_uri=pgtest.with_user(dbs[1], lookback_role),
-            lookback_window=1.0,
+            queue_db_uri=roles.with_user(dbs[0], lookback_role),
+            portfolio_db_uri=roles.with_user(dbs[1], lookback_role),
+            lookback_window=3.0,
             reconcile_interval=3.0,
         )
     )
@@ -36,7 +36,9 @@ def limited_service(pg, dbs, settings, lookback_role, world: World) -> Iterator:
     svc.close()
 
 
-def test_a_late_commit_older_than_the_lookback_is_found_by_reconciliation(limited_service, world: World, caplog):
+def test_a_late_commit_behind_the_read_position_is_found_by_the_sweep_and_idle_cycles_read_nothing_again(
+    limited_service, world: World, caplog
+):
     svc = limited_service
     world.portfolio_for(ACCOUNT)
     world.set_tiers(TIER1_MV="1100000")
@@ -47,22 +49,24 @@ def test_a_late_commit_older_than_the_lookback_is_found_by_reconciliation(limite
         first = svc.runner.run().to_json()
         assert first["mode"] == "lookback"
         assert any(r.getMessage().startswith("watermark mode: lookback") for r in caplog.records)
-        assert first["reconciled"] is True
+        assert first["reconciled"] is True  # the first sweep is due at once
         assert first["counts"]["investment"]["COMPLETED"] == 1
-        time.sleep(1.3)  # the writer now holds its transaction longer than the look-back window
+        time.sleep(1.3)  # the writer holds its transaction past the drain's reading, within the 3 s bound
         world.request("investment", ACCOUNT)
         second = svc.runner.run().to_json()
         assert second["counts"]["investment"]["COMPLETED"] == 1
+        assert second["counts"]["investment"]["read"] == 1  # from the read position, not the whole window
         watermark = world.p("SELECT updated_at FROM consistency.watermarks WHERE queue = 'investment'")[0][0]
-        assert watermark > writer.updated_at  # the look-back alone has moved past the late entry
+        assert watermark < writer.updated_at  # only a sweep moves it, and never past a commit the bound allows
     finally:
         writer.commit()
 
     missed = svc.runner.run().to_json()
     assert missed["reconciled"] is False
-    assert world.txn_status(late.uuid) == "PENDING"
+    assert missed["counts"]["investment"]["read"] == 0  # an idle cycle reads nothing again
+    assert world.txn_status(late.uuid) == "PENDING"  # behind the read position: the drain does not see it
 
-    time.sleep(max(0.0, 3.1 - (time.monotonic() - svc.runner.watch._last_reconcile)))
+    time.sleep(3.1)  # RECONCILE_INTERVAL, by user-portfolio-db's clock
     swept = svc.runner.run().to_json()
 
     assert swept["reconciled"] is True

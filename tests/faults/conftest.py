@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests import pgtest
+from devkit import roles
 from tests.faults.harness import Replica, Report, service_env
 from tests.world import World
 
@@ -31,11 +31,11 @@ class Stage:
         """Give the role exactly schema/grants.sql; the service then creates its state in its own schema."""
         self.world.p("DROP SCHEMA consistency CASCADE")
         names = [urlsplit(uri).path.lstrip("/") for uri in self.dbs]
-        pgtest.apply_grants(self.pg, self.role, *names, read_all_stats=read_all_stats)
+        roles.apply_grants(self.pg, self.role, *names, read_all_stats=read_all_stats)
 
     def replica(self, workers: int = 2, **env: str) -> Replica:
         """Start one more replica of the service, as the role."""
-        uris = [pgtest.with_user(uri, self.role) for uri in self.dbs]
+        uris = [roles.with_user(uri, self.role) for uri in self.dbs]
         replica = Replica(service_env(*uris, **env), self.logs / f"replica-{len(self.replicas)}.log", workers)
         self.replicas.append(replica.start())
         return replica

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -9,9 +10,8 @@ import time
 
 import psycopg2
 
-from devkit import ROOT, postgres
+from devkit import ROOT, postgres, roles
 from devkit.net import wait_until
-from tests import pgtest
 from tests.cluster import Cluster
 from tests.faults.conftest import Stage, record
 from tests.faults.harness import (
@@ -161,19 +161,58 @@ def test_late_and_rolled_back_writers(stage: Stage, world: World) -> None:
 
 def test_least_privilege_lookback_loses_nothing(lookback_stage: Stage, world: World) -> None:
     open_portfolios(world, ACCOUNTS)
-    replica = lookback_stage.replica(workers=2, LOOKBACK_WINDOW="1", RECONCILE_INTERVAL="2", POLLING_INTERVAL="0.3")
+    replica = lookback_stage.replica(workers=2, LOOKBACK_WINDOW="4", RECONCILE_INTERVAL="2", POLLING_INTERVAL="0.3")
     replica.wait_ready()
     # The status shows kept state up to a second old: it may predate every worker's first cycle.
     wait_until(lambda: replica.get("/api/v1/consistency/status")[1]["mode"] == "lookback", 5, "look-back mode")
     stats = {"late_commits": 0, "rolled_back": 0, "later_applied_while_open": 0}
     writers = Writers(world, ACCOUNTS).start()
     try:
-        late_writers(world, hold=2.5, rounds=4, stats=stats)  # held longer than the 1 s look-back
+        late_writers(world, hold=2.5, rounds=4, stats=stats)  # past the drain's reading, within the 4 s bound
     finally:
         writers.stop()
     wait_caught_up(world, timeout=30)
     reconciled = world.p("SELECT count(*) FROM consistency.applied_entries")[0][0]
-    assert_model(world, "least privilege", lookback_s=1, hold_s=2.5, applied=reconciled, **stats)
+    assert_model(world, "least privilege", lookback_s=4, hold_s=2.5, applied=reconciled, **stats)
+
+
+def rows_read(replica: Replica) -> tuple[int, int]:
+    """What a replica's cycles read from queue-db, as their summary lines count it: by the drain, by the sweep."""
+    cycles = [json.loads(line) for line in replica.log.read_text().splitlines() if '"event": "cycle"' in line]
+    counts = [c for cycle in cycles if cycle.get("counts") for c in cycle["counts"].values()]
+    return sum(c["read"] for c in counts), sum(c["swept"] for c in counts)
+
+
+def test_least_privilege_lookback_reads_what_changed_not_the_history(lookback_stage: Stage, world: World) -> None:
+    accounts = [f"43000{n:05d}" for n in range(200)]
+    open_portfolios(world, accounts + ACCOUNTS)
+    bulk_backlog(world, accounts, 30000)  # the history
+    newest = {queue: world.q(f"SELECT max(updated_at) FROM {table}")[0][0] for queue, table in TABLES.items()}
+    env = {"LOOKBACK_WINDOW": "3", "RECONCILE_INTERVAL": "1", "POLLING_INTERVAL": "0.3", "LISTEN_NOTIFY": "false"}
+    first = lookback_stage.replica(workers=2, **env)
+    wait_caught_up(world, timeout=120)
+
+    def swept_past() -> bool:
+        return all(ts >= newest[queue] for queue, ts in world.p("SELECT queue, updated_at FROM consistency.watermarks"))
+
+    wait_until(swept_past, 30, "a sweep past the history")
+    assert first.terminate() == 0
+    replica = lookback_stage.replica(workers=2, **env)
+    stats = {"late_commits": 0, "rolled_back": 0, "later_applied_while_open": 0}
+    writers = Writers(world, accounts, pause=0.05).start()
+    try:
+        late_writers(world, hold=1.5, rounds=6, stats=stats)  # sweeps every second, all through
+    finally:
+        writers.stop()
+    wait_caught_up(world, timeout=60)
+    assert replica.terminate() == 0
+    drained, swept = rows_read(replica)
+    changed = sum(writers.settled.values()) + 2 * 6  # and each round of the late writers settles two
+
+    # Every entry is read about once by the drain and once per sweep that its LOOKBACK_WINDOW spans (3 here),
+    # however long the history: the sweeps of the whole history would be 30,000 rows each, every second.
+    assert drained < 4 * changed and swept < 6 * changed < 30000, (drained, swept, changed)
+    assert_model(world, "look-back at scale", history=30000, changed=changed, drained=drained, swept=swept, **stats)
 
 
 def test_database_outage_recovers_without_restart(exact_role: str, tmp_path) -> None:
@@ -183,7 +222,7 @@ def test_database_outage_recovers_without_restart(exact_role: str, tmp_path) -> 
         names = []
         for prefix, ddl in (("outage_queue", "queue_db.sql"), ("outage_portfolio", "user_portfolio_db.sql")):
             names.append(postgres.create_template(cluster.uri, prefix, ROOT / "schema" / ddl))
-        pgtest.apply_grants(cluster.uri, exact_role, *names, read_all_stats=True)
+        roles.apply_grants(cluster.uri, exact_role, *names, read_all_stats=True)
         dbs = (postgres.with_database(cluster.uri, names[0]), postgres.with_database(cluster.uri, names[1]))
         world = World(*dbs)
         stage = Stage(cluster.uri, dbs, exact_role, world, tmp_path)

@@ -1,7 +1,4 @@
-"""PostgreSQL helpers only the tests need: login roles, and the shipped grants given to one.
-
-The server and the databases the tests work on come from devkit.postgres, which the benchmark uses too.
-"""
+"""Login roles, and the shipped grants given to one: the least-privilege role of the tests and the benchmark."""
 
 from __future__ import annotations
 

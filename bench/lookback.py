@@ -1,0 +1,148 @@
+"""Look-back mode at size: idle cycles and sweeps after a burst, behind a long history, against exact mode."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import psycopg2
+
+import config
+import service
+from bench.data import TIERS, build_templates, run
+from devkit import postgres, roles
+
+TABLES = {"investment": "investment_queue", "withdrawal": "withdrawal_queue"}
+
+
+@dataclass(frozen=True)
+class Figures:
+    """What one mode's run showed: idle cycle times, and the rows its sweeps read after the burst."""
+
+    idle_median_ms: float
+    idle_max_ms: float
+    burst_swept: int  # rows the sweep read in the cycle that drained the burst
+    swept: int  # rows the sweeps read in the sweep_seconds after it
+    sweep_seconds: float
+
+
+def add_history(queue_uri: str, rows: int) -> None:
+    """Add `rows` settled entries per queue, a day older than the burst: history behind the watermarks."""
+    for table in TABLES.values():
+        run(queue_uri, f"INSERT INTO {table} (account_number, uuid, status, updated_at)"  # noqa: S608
+                       " SELECT (3000000000 + n / 10)::text, md5('h' || n)::uuid::text, 'COMPLETED',"
+                       " now() - interval '1 day' + n * interval '1 millisecond' FROM generate_series(1, %s) AS n",
+            (rows,))  # fmt: skip
+    run(queue_uri, "ANALYZE")
+
+
+def place_watermarks(queue_uri: str, portfolio_uri: str) -> None:
+    """Put each queue's watermark at the end of its history, just before the burst."""
+    conn = psycopg2.connect(queue_uri)
+    with conn.cursor() as cur:
+        ends = {}
+        for queue, table in TABLES.items():
+            cur.execute(f"SELECT max(updated_at) FROM {table} WHERE account_number >= '3'")  # noqa: S608
+            ends[queue] = cur.fetchone()[0]
+    conn.close()
+    for queue, end in ends.items():
+        run(portfolio_uri, "UPDATE consistency.watermarks SET updated_at = %s, queue_id = 2147483647 WHERE queue = %s",
+            (end, queue))  # fmt: skip
+
+
+def one_mode(settings: config.Settings, sweep_seconds: float, cycles: int) -> Figures:
+    """Drain the burst, time idle cycles, then cycle for sweep_seconds with a sweep every second and count its rows."""
+    svc = service.build_service(replace(settings, reconcile_interval=3600.0))
+    try:
+        svc.runner.prepare()
+        place_watermarks(settings.queue_db_uri, settings.portfolio_db_uri)
+        drained = svc.poller.run_once().to_json()  # the burst, and in look-back mode the first sweep
+        if drained["result"] != "ok":
+            raise RuntimeError(f"the burst did not drain: {drained}")
+        burst_swept = sum(c["swept"] for c in drained["counts"].values())
+        times = []
+        for _ in range(cycles):
+            started = time.perf_counter()
+            summary = svc.poller.run_once().to_json()
+            times.append((time.perf_counter() - started) * 1000)
+            if summary["result"] != "ok" or summary["reconciled"]:
+                raise RuntimeError(f"an idle cycle swept or failed: {summary}")
+    finally:
+        svc.close()
+    sweeping = service.build_service(replace(settings, reconcile_interval=1.0))
+    swept, deadline = 0, time.monotonic() + sweep_seconds
+    try:
+        while time.monotonic() < deadline:
+            counts = sweeping.poller.run_once().to_json().get("counts") or {}
+            swept += sum(c["swept"] for c in counts.values())
+            time.sleep(0.1)
+    finally:
+        sweeping.close()
+    return Figures(statistics.median(times), max(times), burst_swept, swept, sweep_seconds)
+
+
+def lookback_at_size(server: str, history: int, burst: int, sweep_seconds: float, cycles: int = 20) -> dict[str, Any]:
+    """Run exact and look-back mode on copies of one history and burst; return each mode's figures."""
+    templates = build_templates(server, burst)
+    add_history(postgres.with_database(server, templates[0]), history // 2)
+    results: dict[str, Any] = {"history": history, "burst": burst}
+    try:
+        with roles.login_role(server, "bench_lookback") as role:
+            for mode in ("exact", "lookback"):
+                names = [postgres.clone(server, template) for template in templates]
+                uris = [postgres.with_database(server, name) for name in names]
+                if mode == "lookback":
+                    roles.apply_grants(server, role, *names)
+                    uris = [roles.with_user(uri, role) for uri in uris]
+                environ = {**TIERS, "QUEUE_DB_URI": uris[0], "USER_PORTFOLIO_DB_URI": uris[1]}
+                settings = config.load_settings({**environ, "LOOKBACK_WINDOW": "2", "BATCH_SIZE": "5000"})
+                try:
+                    results[mode] = one_mode(settings, sweep_seconds if mode == "lookback" else 0.0, cycles)
+                finally:
+                    for name in names:
+                        postgres.drop(server, name)
+    finally:
+        for template in templates:
+            postgres.drop(server, template)
+    return results
+
+
+def lookback_rows(figures: dict[str, Any]) -> list[tuple[str, str]]:
+    """Describe look-back mode against exact mode: the idle cycle, and what the sweeps read."""
+    exact, lookback = figures["exact"], figures["lookback"]
+    per_minute = lookback.swept / lookback.sweep_seconds * 60
+    return [
+        (
+            "idle cycle, look-back",
+            f"median {lookback.idle_median_ms:.1f} ms, max {lookback.idle_max_ms:.1f} ms = "
+            f"{lookback.idle_median_ms / exact.idle_median_ms:.2f}x exact mode's median {exact.idle_median_ms:.1f} ms "
+            f"(target <= 2x); {figures['history']:,} entries of history, after a burst of {figures['burst']:,}",
+        ),
+        (
+            "sweep rows read, look-back",
+            f"{lookback.burst_swept:,} in the cycle that drained the burst of {figures['burst']:,}, then "
+            f"{lookback.swept:,} in {lookback.sweep_seconds:g} s of cycles with a sweep every second "
+            f"({per_minute:,.0f} a minute), with nothing changed; {figures['history']:,} entries of history "
+            "behind the watermarks, never read",
+        ),
+    ]
+
+
+def main() -> None:
+    """Run the look-back rows alone and print them."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--history", type=int, default=1_000_000, help="entries of history (default 1000000)")
+    parser.add_argument("--burst", type=int, default=50_000, help="entries in the burst (default 50000)")
+    parser.add_argument("--sweep-seconds", type=float, default=10.0, help="seconds of sweeping cycles (default 10)")
+    args = parser.parse_args()
+    server, keep_alive = postgres.server_uri()
+    for name, value in lookback_rows(lookback_at_size(server, args.history, args.burst, args.sweep_seconds)):
+        print(f"| {name} | {value} |")
+    del keep_alive
+
+
+if __name__ == "__main__":
+    main()
