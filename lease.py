@@ -1,8 +1,8 @@
 """The cycle lease: which process may apply, for how long, and the fence every transaction of its cycle passes.
 
-See sql/migrations/0008_cycle_lease.sql. A process takes the lease for one cycle and gives it back at the end;
-one that stops (SIGSTOP, a long pause, a partition) loses it CYCLE_LEASE seconds after its last transaction,
-and its next transaction fails at the fence, before it writes anything.
+See sql/migrations/0008_cycle_lease.sql. A process takes the lease for one cycle and gives it back at the end.
+One that stops (SIGSTOP, a long pause, a partition) loses it CYCLE_LEASE seconds after its last renewal, or
+sooner when the server ends its session, and its next transaction fails at the fence, before it writes.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class Holder:
     def stalled(self, seconds: float) -> bool:
         """Tell whether the holder had gone without renewing a lease of `seconds` for more than a quarter of it.
 
-        Before the server ends a frozen holder's open transaction, at half the lease, and frees the lease.
+        A quarter: sooner than the server ends a frozen holder's open transaction (at half), which frees the lease.
         """
         return self.renewed_s > seconds / 4
 

@@ -358,7 +358,7 @@ def lease_row(world: World) -> tuple[str | None, int]:
 def test_a_frozen_lease_holder_is_replaced_within_the_lease_and_its_late_writes_are_refused(
     stage: Stage, world: World
 ) -> None:
-    accounts = [f"42000{n:05d}" for n in range(200)]  # ~75 completions each: no tier value overflows
+    accounts = [f"42000{n:05d}" for n in range(200)]  # ~50 completions each, as below: no tier value overflows
     open_portfolios(world, accounts)
     bulk_backlog(world, accounts, 30000)  # a drain of several seconds: its worker holds the lease throughout
     lease_s = 6.0
