@@ -82,8 +82,8 @@ def test_every_connection_carries_the_configured_timeouts(settings) -> None:
     try:
         with db.transaction() as cur:
             cur.execute("SELECT current_setting('statement_timeout'), current_setting('lock_timeout'),"
-                        " current_setting('idle_in_transaction_session_timeout')")  # fmt: skip
-            assert cur.fetchone() == ("500ms", "250ms", "3s")  # half the cycle lease
+                        " current_setting('idle_in_transaction_session_timeout'), current_setting('jit')")  # fmt: skip
+            assert cur.fetchone() == ("500ms", "250ms", "3s", "off")  # half the cycle lease; no JIT
             assert cur.connection.info.dsn_parameters["connect_timeout"] == str(settings.db_connect_timeout)
         with pytest.raises(DatabaseError, match="statement timeout"), db.transaction() as cur:
             cur.execute("SELECT pg_sleep(2)")
