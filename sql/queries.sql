@@ -219,6 +219,7 @@ CREATE TEMP TABLE IF NOT EXISTS cm_batch (
 -- The rows of user-portfolio-db the batch's transaction holds locked (see sql/migrations/0007_row_locks.sql)
 CREATE TEMP TABLE IF NOT EXISTS cm_taken_portfolios (accountid TEXT) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS cm_taken_transactions (
+    row_id           TID,  -- where the row lies: check_batch_v3 keeps it, settle_batch_v3 updates by it
     id               UUID,
     accountid        TEXT,
     transaction_type TEXT
@@ -244,19 +245,19 @@ SELECT count(*) OVER (), updated_at, queue_id
  ORDER BY updated_at DESC, queue_id DESC
  LIMIT 1;
 
--- claim_batch: step 1 of applying the batch table's entries, which leaves out the resolved ones and records the others once each; the corrections it noted (see sql/migrations/0005_operators.sql)
-SELECT consistency.claim_batch_v2(%(queue)s, %(retrying)s, %(terminal)s::text[], %(open)s::text[], %(cycle)s);
+-- claim_batch: step 1 of applying the batch table's entries, which leaves out the resolved ones and records the others once each; the corrections it noted (see sql/migrations/0005_operators.sql and 0010_batch_sized_steps.sql)
+SELECT consistency.claim_batch_v3(%(queue)s, %(retrying)s, %(terminal)s::text[], %(open)s::text[], %(cycle)s);
 
--- check_batch: step 2, which takes the rows the claimed entries need, skipping those another session holds, and gives each entry that cannot apply now its reason (see sql/migrations/0007_row_locks.sql)
-SELECT consistency.check_batch_v2(%(queue)s, %(transaction_type)s);
+-- check_batch: step 2, which takes the rows the claimed entries need, skipping those another session holds, and gives each entry that cannot apply now its reason (see sql/migrations/0007_row_locks.sql and 0010_batch_sized_steps.sql)
+SELECT consistency.check_batch_v3(%(queue)s, %(transaction_type)s);
 
--- compound_batch: step 3, which compounds the completed entries on their portfolios and writes their journal records
-SELECT consistency.compound_batch_v2(%(queue)s, %(retrying)s, %(columns)s, %(numerators)s::numeric[],
+-- compound_batch: step 3, which compounds the completed entries on their portfolios and writes their journal records (see sql/migrations/0010_batch_sized_steps.sql)
+SELECT consistency.compound_batch_v3(%(queue)s, %(retrying)s, %(columns)s, %(numerators)s::numeric[],
                                      %(denominators)s::numeric[], %(tier_version)s, %(cycle)s);
 
--- settle_batch: step 4, which parks the blocked entries, mirrors the others' statuses, writes the journal records of those that did not complete, and counts the outcomes
+-- settle_batch: step 4, which parks the blocked entries, mirrors the others' statuses, writes the journal records of those that did not complete, and counts the outcomes (see sql/migrations/0010_batch_sized_steps.sql)
 SELECT outcome, entries
-  FROM consistency.settle_batch_v2(%(queue)s, %(terminal)s::text[], %(mirrored)s::text[], %(cycle)s);
+  FROM consistency.settle_batch_v3(%(queue)s, %(terminal)s::text[], %(mirrored)s::text[], %(cycle)s);
 
 -- filter_unapplied: of the given entries, those neither applied, parked nor resolved
 SELECT e.queue_id

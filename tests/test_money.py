@@ -84,3 +84,31 @@ def test_it_stops_before_the_step_that_would_overflow(world: World) -> None:
 
     assert (applied, problem) == (1, "result would overflow NUMERIC(15,2)")
     assert result == [Decimal("6000000000000.00"), Decimal("0.00"), Decimal("0.00")]
+
+
+def test_the_trail_agrees_with_compound_at_every_step_scale_included(world: World) -> None:
+    # compound_trail, which the apply runs, against consistency.compound run for 0, 1, ..., k steps: the same
+    # amounts written the same way (text compares the scale too), the same stop and the same problem.
+    rng = random.Random(20261204)
+    cases = []
+    for _ in range(400):
+        amounts = [str(Decimal(rng.randint(-10, 10**13)).scaleb(-2)) for _ in range(3)]
+        factors = [Fraction(rng.randint(-2, 10**9), rng.randint(1, 10**9)) for _ in range(3)]
+        cases.append((amounts, [str(f.numerator) for f in factors], [str(f.denominator) for f in factors]))
+    for amounts, numerators, denominators in cases:
+        k = rng.randint(0, 4)
+        ((trail, applied, problem, after1, after2, after3),) = world.p(
+            "SELECT result::text, applied, problem, after1::text[], after2::text[], after3::text[]"
+            " FROM consistency.compound_trail(%s::numeric[], %s::numeric[], %s::numeric[], %s)",
+            (amounts, numerators, denominators, k),
+        )
+        steps = world.p(
+            "SELECT (c).result::text, (c).applied, (c).problem FROM generate_series(0, %s) AS i,"
+            " LATERAL (SELECT consistency.compound(%s::numeric[], %s::numeric[], %s::numeric[], i) AS c) AS s"
+            " ORDER BY i",
+            (k, amounts, numerators, denominators),
+        )
+        assert (trail, applied, problem) == steps[k]
+        assert [f"{{{a},{b},{c}}}" for a, b, c in zip(after1, after2, after3, strict=True)] == [
+            step[0] for step in steps[1 : applied + 1]
+        ]
