@@ -20,6 +20,12 @@ def run(uri: str, statement: str, params: tuple = ()) -> None:
     conn.close()
 
 
+def fresh_copy(server: str, templates: tuple[str, str]) -> tuple[str, str, list[str]]:
+    """Clone the backlog's databases; return their URIs and names."""
+    names = [postgres.clone(server, template) for template in templates]
+    return postgres.with_database(server, names[0]), postgres.with_database(server, names[1]), names
+
+
 def build_templates(server: str, entries: int) -> tuple[str, str]:
     """Create template databases holding the backlog; return their names."""
     queue = postgres.create_template(server, "bench_tpl_queue", ROOT / "schema" / "queue_db.sql")

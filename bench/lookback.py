@@ -12,7 +12,7 @@ import psycopg2
 
 import config
 import service
-from bench.data import TIERS, build_templates, run
+from bench.data import TIERS, build_templates, fresh_copy, run
 from devkit import postgres, roles
 
 TABLES = {"investment": "investment_queue", "withdrawal": "withdrawal_queue"}
@@ -92,8 +92,7 @@ def lookback_at_size(server: str, history: int, burst: int, sweep_seconds: float
     try:
         with roles.login_role(server, "bench_lookback") as role:
             for mode in ("exact", "lookback"):
-                names = [postgres.clone(server, template) for template in templates]
-                uris = [postgres.with_database(server, name) for name in names]
+                *uris, names = fresh_copy(server, templates)
                 if mode == "lookback":
                     roles.apply_grants(server, role, *names)
                     uris = [roles.with_user(uri, role) for uri in uris]
