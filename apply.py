@@ -71,6 +71,22 @@ def load_entries(
     )
 
 
+def step_params(queue: Queue, factors: Sequence[Fraction], stamp: Stamp, retrying: bool) -> dict[str, object]:
+    """The parameters of the four apply steps (claim_batch, check_batch, compound_batch, settle_batch)."""
+    return {
+        "queue": queue.name,
+        "transaction_type": queue.transaction_type,
+        "columns": queue.portfolio_columns,
+        "retrying": retrying,
+        "terminal": pg_array(TERMINAL),
+        "open": pg_array(OPEN),
+        "mirrored": pg_array(MIRRORED[status] for status in TERMINAL),
+        "cycle": stamp.cycle,
+        "tier_version": stamp.tier_version,
+        **factor_arrays(factors),
+    }
+
+
 def apply_batch_table(
     cur: psycopg2.extensions.cursor,
     queue: Queue,
@@ -84,18 +100,7 @@ def apply_batch_table(
     Entries parked before are left to the parked retry (retrying=True), which reads their rows afresh.
     queue_ids (an array literal) names the loaded entries when the transaction loads more than one batch.
     """
-    params = {
-        "queue": queue.name,
-        "transaction_type": queue.transaction_type,
-        "columns": queue.portfolio_columns,
-        "retrying": retrying,
-        "terminal": pg_array(TERMINAL),
-        "open": pg_array(OPEN),
-        "mirrored": pg_array(MIRRORED[status] for status in TERMINAL),
-        "cycle": stamp.cycle,
-        "tier_version": stamp.tier_version,
-        **factor_arrays(factors),
-    }
+    params = step_params(queue, factors, stamp, retrying)
     cur.execute(query("claim_batch"), params)
     corrected = one_row(cur)[0]
     cur.execute(query("check_batch"), params)

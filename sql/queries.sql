@@ -255,7 +255,7 @@ SELECT consistency.check_batch_v3(%(queue)s, %(transaction_type)s);
 SELECT consistency.compound_batch_v3(%(queue)s, %(retrying)s, %(columns)s, %(numerators)s::numeric[],
                                      %(denominators)s::numeric[], %(tier_version)s, %(cycle)s);
 
--- settle_batch: step 4, which parks the blocked entries, mirrors the others' statuses, writes the journal records of those that did not complete, and counts the outcomes (see sql/migrations/0010_batch_sized_steps.sql)
+-- settle_batch: step 4, which parks the blocked entries, mirrors the others' statuses, writes the journal records of those that did not complete, and counts the outcomes (see sql/migrations/0010_batch_sized_steps.sql and 0011_settle_counts_what_it_mirrors.sql)
 SELECT outcome, entries
   FROM consistency.settle_batch_v3(%(queue)s, %(terminal)s::text[], %(mirrored)s::text[], %(cycle)s);
 

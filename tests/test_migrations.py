@@ -268,3 +268,31 @@ def test_the_steps_do_what_apply_batch_v2_does(pg: str, templates: tuple[str, st
     assert new == old
     outcomes = Counter(key for counts in old["outcomes"] for key in counts)  # type: ignore[union-attr]
     assert {"COMPLETED", "FAILED", "CANCELLED", "parked"} <= set(outcomes)
+
+
+def test_settle_refuses_a_batch_whose_transaction_is_not_where_check_took_it(world: World) -> None:
+    # The transactions check_batch_v3 took cannot move while the batch's transaction holds them; were one ever
+    # not found where it was taken, the batch must fail, not settle without it.
+    from apply import step_params
+    from queries import query
+    from tiers import load
+
+    world.portfolio_for(ACCOUNT)
+    request = world.request("investment", ACCOUNT)
+    (row,) = world.q("SELECT queue_id, account_number, uuid, status, updated_at FROM investment_queue")
+    before = world.amounts(ACCOUNT)
+    conn = psycopg2.connect(world.portfolio_uri)
+    try:
+        with conn.cursor() as cur:
+            params = step_params(INVESTMENT, [t.invest_factor for t in load(cur)], STAMP, False)
+            load_entries(cur, [Entry(*row)])
+            cur.execute(query("claim_batch"), params)
+            cur.execute(query("check_batch"), params)
+            cur.execute("UPDATE pg_temp.cm_taken_transactions SET row_id = '(0,0)'")
+            cur.execute(query("compound_batch"), params)
+            with pytest.raises(psycopg2.DataError, match="mirrored 0 of the 1 portfolio transactions"):
+                cur.execute(query("settle_batch"), params)
+    finally:
+        conn.rollback()
+        conn.close()
+    assert (world.txn_status(request.uuid), world.applied(), world.amounts(ACCOUNT)) == ("PENDING", 0, before)
