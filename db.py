@@ -74,7 +74,8 @@ def connect_options(settings: Settings, application_name: str = APPLICATION_NAME
         "keepalives_idle": 30,
         "keepalives_interval": 10,
         "keepalives_count": 3,
-        # JIT compiles a batch's statements anew in every transaction, and costs more than it saves on them.
+        # No JIT: the apply's statements are planned again for every batch (its ANALYZE), and JIT would compile
+        # them again for every batch too.
         "options": (
             f"-c jit=off -c statement_timeout={int(settings.db_statement_timeout * 1000)}"
             f" -c lock_timeout={int(settings.db_lock_timeout * 1000)}"

@@ -35,7 +35,7 @@ def factors(tiers: dict[str, str], kind: str) -> list[Fraction]:
 
 
 def connect(uri: str) -> connection:
-    """Open a connection as the service opens its own: without JIT, which costs more than it saves here."""
+    """Open a connection as the service opens its own: without JIT, so that the ratios compare like with like."""
     return psycopg2.connect(uri, options="-c jit=off")
 
 
