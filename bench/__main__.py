@@ -131,8 +131,9 @@ def measure(
                 if approach is not None:
                     seconds = approach(queue_uri, portfolio_uri, TIERS)
                 else:
-                    uris = (queue_uri, portfolio_uri)
-                    seconds = drain_by_service(name, *uris, batch_size, entries, http_seconds, results)
+                    seconds = drain_by_service(
+                        name, queue_uri, portfolio_uri, batch_size, entries, http_seconds, results
+                    )
                 if seconds:
                     results[name] = max(entries / seconds, results.get(name, 0))
                 results["snapshots"].append(snapshot(portfolio_uri))
