@@ -196,6 +196,15 @@ ROLLBACK TO SAVEPOINT batch;
 -- release_batch: keep the batch's work
 RELEASE SAVEPOINT batch;
 
+-- savepoint_clean: mark a point to return to if the batch is not clean
+SAVEPOINT clean;
+
+-- rollback_to_clean: undo the clean try, so that the careful steps apply the batch
+ROLLBACK TO SAVEPOINT clean;
+
+-- release_clean: keep the clean try's work
+RELEASE SAVEPOINT clean;
+
 -- savepoint_entry: mark a point to return to if one entry is rejected
 SAVEPOINT entry;
 
@@ -258,6 +267,14 @@ SELECT consistency.compound_batch_v3(%(queue)s, %(retrying)s, %(columns)s, %(num
 -- settle_batch: step 4, which parks the blocked entries, mirrors the others' statuses, writes the journal records of those that did not complete, and counts the outcomes (see sql/migrations/0010_batch_sized_steps.sql and 0011_settle_counts_what_it_mirrors.sql)
 SELECT outcome, entries
   FROM consistency.settle_batch_v3(%(queue)s, %(terminal)s::text[], %(mirrored)s::text[], %(cycle)s);
+
+-- check_clean_batch: step 2 the clean way, which takes the portfolios the completed entries compound and refuses (SQLSTATE CMB01) a batch not clean so far (see sql/migrations/0012_clean_batches.sql)
+SELECT consistency.check_clean_batch_v1(%(queue)s);
+
+-- settle_clean_batch: step 4 the clean way, which mirrors the statuses, writes the journal records of the entries that did not complete and counts the outcomes, or refuses a batch not clean (see sql/migrations/0012_clean_batches.sql)
+SELECT outcome, entries
+  FROM consistency.settle_clean_batch_v1(%(queue)s, %(transaction_type)s, %(terminal)s::text[], %(mirrored)s::text[],
+                                         %(cycle)s);
 
 -- filter_unapplied: of the given entries, those neither applied, parked nor resolved
 SELECT e.queue_id

@@ -13,8 +13,9 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 
+import apply
 import migrations
-from apply import apply_batch_table, factor_arrays, load_entries
+from apply import CAREFUL_STEPS, apply_batch_table, factor_arrays, load_entries, run_steps, step_params
 from db import pg_array
 from devkit import ROOT
 from devkit import postgres as pgtest
@@ -239,17 +240,25 @@ STATE = {
 }
 
 
-def outcome_and_state(pg: str, template: str, seed: int, factor_set: str, apply) -> dict[str, object]:
+JOURNAL = (
+    "SELECT queue, queue_id, account_number, kind, status, attempts, reason, tier1_before, tier2_before, tier3_before,"
+    " tier1_after, tier2_after, tier3_after, tier_version, cycle FROM consistency.journal ORDER BY id"
+)
+
+
+def outcome_and_state(
+    pg: str, template: str, seed: int, factor_set: str, apply, scenario_of=Scenario, state=STATE
+) -> dict[str, object]:
     """Run one seed's scenario on a fresh database with one apply, and read back everything it left."""
     name = pgtest.clone(pg, template)
     conn = psycopg2.connect(pgtest.with_database(pg, name))
     try:
-        scenario = Scenario(seed)
+        scenario = scenario_of(seed)
         with conn, conn.cursor() as cur:
             scenario.build(cur)
         found: dict[str, object] = {"outcomes": run_batches(conn, scenario, factor_set, apply)}
         with conn, conn.cursor() as cur:
-            for key, statement in STATE.items():
+            for key, statement in state.items():
                 cur.execute(statement)
                 found[key] = cur.fetchall()
         return found
@@ -296,3 +305,85 @@ def test_settle_refuses_a_batch_whose_transaction_is_not_where_check_took_it(wor
         conn.rollback()
         conn.close()
     assert (world.txn_status(request.uuid), world.applied(), world.amounts(ACCOUNT)) == ("PENDING", 0, before)
+
+
+class CleanScenario(Scenario):
+    """Entries that can each apply when first read: their own transactions, spelled every way, and portfolios."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.accounts = [f"10000000{n:02d}" for n in range(5)]
+        self.portfolios = {a: AMOUNTS[0] for a in self.accounts}
+        self.transactions = []
+        self.entries = {queue.name: self._clean_entries(queue, 40) for queue in (INVESTMENT, WITHDRAWAL)}
+
+    def _clean_entries(self, queue: Queue, count: int) -> list[Entry]:
+        """Settled entries of one queue, each naming a transaction of its own account and of the queue's type."""
+        entries = []
+        for n in range(1, count + 1):
+            account = self.rng.choice(self.accounts)
+            txn = str(uuidlib.UUID(int=self.rng.getrandbits(128)))
+            self.transactions.append((txn, account, queue.transaction_type))
+            spelled = self.rng.choice(SPELLINGS)(txn)
+            status = self.rng.choice(["COMPLETED", "COMPLETED", "FAILED", "CANCELLED"])
+            entries.append(Entry(n, account, spelled, status, T0 + timedelta(seconds=n // 2)))
+        return entries
+
+
+def apply_carefully(cur, queue, entries, factors, retrying=False):
+    """Load entries and apply them by the careful steps alone, as the service did before the clean way."""
+    load_entries(cur, entries)
+    corrected, counts = run_steps(cur, step_params(queue, factors, STAMP, retrying), CAREFUL_STEPS)
+    return counts + Counter({"corrected": corrected})
+
+
+@pytest.mark.parametrize("factor_set", sorted(FACTOR_SETS))
+@pytest.mark.parametrize("seed", range(2))
+def test_the_clean_way_ends_every_batch_as_the_careful_steps_end_it(
+    pg: str, templates: tuple[str, str], seed: int, factor_set: str
+) -> None:
+    """Clean batches, then batches made unclean by corrections and steps that overflow: the same end, journal too."""
+    state = {**STATE, "journal": JOURNAL}
+    careful = outcome_and_state(pg, templates[1], seed, factor_set, apply_carefully, CleanScenario, state)
+    service = outcome_and_state(pg, templates[1], seed, factor_set, apply_entries, CleanScenario, state)
+
+    assert service == careful
+    assert len(careful["journal"]) >= 80  # type: ignore[arg-type]
+
+
+def test_the_clean_way_takes_a_clean_batch_and_refuses_one_that_is_not(world: World) -> None:
+    from tiers import load
+
+    world.portfolio_for(ACCOUNT)
+    requests = [world.request("investment", ACCOUNT) for _ in range(3)]
+    rows = world.q("SELECT queue_id, account_number, uuid, status, updated_at FROM investment_queue ORDER BY queue_id")
+    conn = psycopg2.connect(world.portfolio_uri, options="-c lock_timeout=5s")
+    holder = psycopg2.connect(world.portfolio_uri)
+    try:
+        with conn.cursor() as cur:
+            params = step_params(INVESTMENT, [t.invest_factor for t in load(cur)], STAMP, False)
+            load_entries(cur, [Entry(*rows[0])])
+            assert apply._try_clean(cur, params) == (0, Counter({"COMPLETED": 1}))
+            cur.execute("SELECT count(*) FROM pg_temp.cm_taken_transactions")
+            assert cur.fetchone() == (0,)  # the clean way takes no transaction ahead of its update
+
+            with holder.cursor() as other:  # another session holds the second entry's transaction
+                other.execute("SELECT 1 FROM portfolio_transactions WHERE id = %s FOR UPDATE", (requests[1].uuid,))
+            load_entries(cur, [Entry(*rows[1])])
+            assert apply._try_clean(cur, params) is None
+            cur.execute("SELECT current_setting('lock_timeout'), count(*) FROM pg_temp.cm_batch")
+            assert cur.fetchone() == ("5s", 1)  # the try is undone, and the session's own wait is back
+
+            world.p("DELETE FROM portfolio_transactions WHERE id = %s", (requests[2].uuid,))
+            load_entries(cur, [Entry(*rows[2])])
+            assert apply._try_clean(cur, params) is None
+            _, counts = run_steps(cur, params, CAREFUL_STEPS)
+            assert counts == Counter({"parked": 1})
+            cur.execute("SELECT reason FROM pg_temp.cm_batch")
+            assert cur.fetchone() == ("no portfolio transaction with this id",)
+    finally:
+        holder.rollback()
+        holder.close()
+        conn.rollback()
+        conn.close()
+    assert world.txn_status(requests[0].uuid) == "PENDING"  # nothing of the rolled-back transaction stays
