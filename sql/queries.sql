@@ -254,8 +254,8 @@ SELECT count(*) OVER (), updated_at, queue_id
  ORDER BY updated_at DESC, queue_id DESC
  LIMIT 1;
 
--- claim_batch: step 1 of applying the batch table's entries, which leaves out the resolved ones and records the others once each; the corrections it noted (see sql/migrations/0005_operators.sql and 0010_batch_sized_steps.sql)
-SELECT consistency.claim_batch_v3(%(queue)s, %(retrying)s, %(terminal)s::text[], %(open)s::text[], %(cycle)s);
+-- claim_batch: step 1 of applying the batch table's entries, which leaves out the resolved ones and records the others once each; the corrections it noted (see sql/migrations/0005_operators.sql and 0012_clean_batches.sql)
+SELECT consistency.claim_batch_v4(%(queue)s, %(retrying)s, %(terminal)s::text[], %(open)s::text[], %(cycle)s);
 
 -- check_batch: step 2, which takes the rows the claimed entries need, skipping those another session holds, and gives each entry that cannot apply now its reason (see sql/migrations/0007_row_locks.sql and 0010_batch_sized_steps.sql)
 SELECT consistency.check_batch_v3(%(queue)s, %(transaction_type)s);

@@ -387,3 +387,22 @@ def test_the_clean_way_takes_a_clean_batch_and_refuses_one_that_is_not(world: Wo
         conn.rollback()
         conn.close()
     assert world.txn_status(requests[0].uuid) == "PENDING"  # nothing of the rolled-back transaction stays
+
+
+def test_the_claim_gathers_the_batch_statistics_again_only_for_a_batch_of_another_size(world: World) -> None:
+    from queries import query
+
+    conn = psycopg2.connect(world.portfolio_uri)
+    seen, first = [], 1
+    try:
+        for size in (10, 15, 40, 12):
+            entries = [Entry(n, ACCOUNT, str(uuidlib.uuid4()), "FAILED", T0) for n in range(first, first + size)]
+            first += size
+            with conn, conn.cursor() as cur:
+                load_entries(cur, entries)
+                cur.execute(query("claim_batch"), step_params(INVESTMENT, FACTORS, STAMP, False))
+                cur.execute("SELECT reltuples FROM pg_class WHERE oid = 'pg_temp.cm_batch'::regclass")
+                seen.append(cur.fetchone()[0])
+    finally:
+        conn.close()
+    assert seen == [10, 10, 40, 12]  # 15 is within twice 10; 40 is not, nor 12 within half of 40

@@ -7,7 +7,7 @@
 --
 -- Each clean step refuses, with SQLSTATE CMB01, a batch that is not clean, and the service then undoes the
 -- clean try and applies the batch by the careful steps (check_batch_v3 and settle_batch_v3), which give
--- every entry that cannot apply its reason. claim_batch_v3 and compound_batch_v3 serve both ways. So a
+-- every entry that cannot apply its reason. claim_batch_v4 (below) and compound_batch_v3 serve both ways. So a
 -- clean batch ends as the careful steps would end it, and any other batch is applied by them.
 
 -- Takes the portfolios the batch's completed entries compound, as check_batch_v3 does, and refuses a batch
@@ -92,6 +92,56 @@ BEGIN
         SELECT b.status, count(*)
           FROM pg_temp.cm_batch b
          GROUP BY 1;
+END
+$$;
+
+-- Claims the batch's entries as claim_batch_v3 does, gathering the batch table's statistics again only when
+-- the batch is of another size than the one they describe: a batch's statistics, and the plans made for
+-- them, then serve the next batches of a drain.
+CREATE FUNCTION consistency.claim_batch_v4(
+    p_queue TEXT, p_retrying BOOLEAN, p_terminal TEXT[], p_open TEXT[], p_cycle BIGINT
+) RETURNS BIGINT
+LANGUAGE plpgsql AS $$
+DECLARE
+    left_over BIGINT;
+    target TEXT;
+    analyzed REAL;
+    loaded BIGINT;
+BEGIN
+    PERFORM 1
+       FROM consistency.parked_entries p
+       JOIN pg_temp.cm_batch b ON b.queue_id = p.queue_id
+      WHERE p.queue = p_queue
+      ORDER BY p.queue_id
+        FOR UPDATE OF p;
+    DELETE FROM pg_temp.cm_batch b
+     USING consistency.resolved_entries r
+     WHERE r.queue = p_queue AND r.queue_id = b.queue_id;
+    IF NOT p_retrying THEN
+        DELETE FROM pg_temp.cm_batch b
+         USING consistency.parked_entries p
+         WHERE p.queue = p_queue AND p.queue_id = b.queue_id;
+    END IF;
+    BEGIN
+        UPDATE pg_temp.cm_batch SET txn_id = uuid::uuid;
+    EXCEPTION WHEN invalid_text_representation THEN
+        UPDATE pg_temp.cm_batch SET txn_id = consistency.to_uuid(uuid);
+    END;
+    left_over := consistency.record_batch_v1(p_queue, p_terminal);
+    -- The statistics of a batch of about the same size are good for this one: the planner scales their row
+    -- count to the table's pages. So they are gathered again only when the size is twice or half theirs.
+    SELECT reltuples INTO analyzed FROM pg_class WHERE oid = 'pg_temp.cm_batch'::regclass;
+    SELECT count(*) INTO loaded FROM pg_temp.cm_batch;
+    IF analyzed < 0 OR loaded > 2 * analyzed OR 2 * loaded < analyzed THEN
+        target := current_setting('default_statistics_target');
+        PERFORM set_config('default_statistics_target', '10', TRUE);
+        ANALYZE pg_temp.cm_batch (queue_id, account_number, status, txn_id, reason, unclaimed);
+        PERFORM set_config('default_statistics_target', target, TRUE);
+    END IF;
+    IF left_over = 0 THEN
+        RETURN 0;
+    END IF;
+    RETURN consistency.sort_unclaimed_v2(p_queue, p_terminal, p_open, p_cycle);
 END
 $$;
 
