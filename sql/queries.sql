@@ -44,8 +44,8 @@ SELECT q.queue_id, q.account_number, q.uuid, q.status, q.updated_at::timestamptz
  ORDER BY q.updated_at, q.queue_id
  LIMIT %(limit)s;
 
--- queue_copy_batch: the next entries of a queue after a position, as COPY text for pg_temp.cm_batch (the cast reads a column without time zone in queue-db's TimeZone)
-COPY (SELECT q.queue_id, q.account_number, q.uuid, q.status, q.updated_at::timestamptz
+-- queue_copy_batch: the next entries of a queue after a position, as COPY text for pg_temp.cm_batch, the uuid twice: as written and as the transaction id (the cast reads a column without time zone in queue-db's TimeZone)
+COPY (SELECT q.queue_id, q.account_number, q.uuid, q.uuid, q.status, q.updated_at::timestamptz
         FROM {table} q
        WHERE (q.updated_at, q.queue_id) > (%(after_ts)s, %(after_id)s)
        ORDER BY q.updated_at, q.queue_id
@@ -234,8 +234,20 @@ CREATE TEMP TABLE IF NOT EXISTS cm_taken_transactions (
     transaction_type TEXT
 ) ON COMMIT DELETE ROWS;
 
--- copy_into_batch: load COPY text from queue_copy_batch into the batch table
+-- copy_into_batch: load COPY text from queue_copy_batch into the batch table, which reads each transaction id as a UUID
+COPY pg_temp.cm_batch (queue_id, account_number, uuid, txn_id, status, updated_at) FROM STDIN;
+
+-- copy_into_batch_as_written: load COPY text from queue_copy_batch, less its transaction ids, into the batch table (the claim works them out)
 COPY pg_temp.cm_batch (queue_id, account_number, uuid, status, updated_at) FROM STDIN;
+
+-- savepoint_load: mark a point to return to if the batch's transaction ids are not all UUIDs
+SAVEPOINT load;
+
+-- rollback_to_load: undo the load that read a uuid which is not a UUID
+ROLLBACK TO SAVEPOINT load;
+
+-- release_load: keep the load
+RELEASE SAVEPOINT load;
 
 -- clear_batch_table: empty the batch table before loading entries into it within a transaction
 DELETE FROM pg_temp.cm_batch;
@@ -260,8 +272,8 @@ SELECT consistency.claim_batch_v4(%(queue)s, %(retrying)s, %(terminal)s::text[],
 -- check_batch: step 2, which takes the rows the claimed entries need, skipping those another session holds, and gives each entry that cannot apply now its reason (see sql/migrations/0007_row_locks.sql and 0010_batch_sized_steps.sql)
 SELECT consistency.check_batch_v3(%(queue)s, %(transaction_type)s);
 
--- compound_batch: step 3, which compounds the completed entries on their portfolios and writes their journal records (see sql/migrations/0010_batch_sized_steps.sql)
-SELECT consistency.compound_batch_v3(%(queue)s, %(retrying)s, %(columns)s, %(numerators)s::numeric[],
+-- compound_batch: step 3, which compounds the completed entries on their portfolios and writes their journal records (see sql/migrations/0010_batch_sized_steps.sql and 0012_clean_batches.sql)
+SELECT consistency.compound_batch_v4(%(queue)s, %(retrying)s, %(columns)s, %(numerators)s::numeric[],
                                      %(denominators)s::numeric[], %(tier_version)s, %(cycle)s);
 
 -- settle_batch: step 4, which parks the blocked entries, mirrors the others' statuses, writes the journal records of those that did not complete, and counts the outcomes (see sql/migrations/0010_batch_sized_steps.sql and 0011_settle_counts_what_it_mirrors.sql)

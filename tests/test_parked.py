@@ -98,6 +98,34 @@ def test_a_malformed_uuid_is_parked_not_fatal(svc, world: World) -> None:
     assert world.txn_status(good.uuid) == "CANCELLED"
 
 
+def test_a_copied_batch_brings_its_transaction_ids_unless_a_uuid_is_not_one(world: World) -> None:
+    import psycopg2
+
+    from apply import copy_batch, load_copied
+    from domain import INVESTMENT
+    from queue_pass import START
+
+    world.portfolio_for(ACCOUNT)
+    good = world.request("investment", ACCOUNT, "CANCELLED")
+    bad = world.finish(world.enqueue("investment", ACCOUNT, "not-a-\tuuid", txn=False), "CANCELLED")
+    batch = "SELECT queue_id, uuid, txn_id::text FROM pg_temp.cm_batch ORDER BY queue_id"
+    qconn, pconn = psycopg2.connect(world.queue_uri), psycopg2.connect(world.portfolio_uri)
+    try:
+        with qconn.cursor() as qcur:
+            first, both = copy_batch(qcur, INVESTMENT, START, 1), copy_batch(qcur, INVESTMENT, START, 10)
+        with pconn.cursor() as cur:
+            assert load_copied(cur, first)[0] == 1
+            cur.execute(batch)
+            assert cur.fetchall() == [(good.queue_id, good.uuid, good.uuid)]  # read as a UUID by the COPY itself
+            pconn.rollback()
+            assert load_copied(cur, both)[0] == 2
+            cur.execute(batch)
+            assert cur.fetchall() == [(good.queue_id, good.uuid, None), (bad.queue_id, "not-a-\tuuid", None)]
+    finally:
+        qconn.close()
+        pconn.close()
+
+
 def test_a_constraint_violation_parks_only_the_rejected_entry(svc, world: World) -> None:
     world.portfolio_for(ACCOUNT, values=("900.00", "0.00", "0.00"))
     world.portfolio_for(OTHER, values=("10.00", "0.00", "0.00"))

@@ -7,7 +7,7 @@
 --
 -- Each clean step refuses, with SQLSTATE CMB01, a batch that is not clean, and the service then undoes the
 -- clean try and applies the batch by the careful steps (check_batch_v3 and settle_batch_v3), which give
--- every entry that cannot apply its reason. claim_batch_v4 (below) and compound_batch_v3 serve both ways. So a
+-- every entry that cannot apply its reason. claim_batch_v4 and compound_batch_v4 (below) serve both ways. So a
 -- clean batch ends as the careful steps would end it, and any other batch is applied by them.
 
 -- Takes the portfolios the batch's completed entries compound, as check_batch_v3 does, and refuses a batch
@@ -95,8 +95,55 @@ BEGIN
 END
 $$;
 
--- Claims the batch's entries as claim_batch_v3 does, gathering the batch table's statistics again only when
--- the batch is of another size than the one they describe: a batch's statistics, and the plans made for
+-- Records the batch's terminal entries as record_batch_v1 does, and marks the others unclaimed; returns how
+-- many it marked. What cannot be claimed is marked first: the entries not settled, and those recorded
+-- before. The others are then inserted in any order, with no second pass over what was inserted, unless one
+-- conflicts after all (its transaction recorded before, or named twice in the batch, or the entry recorded
+-- meanwhile by another process): they are then recorded as record_batch_v1 records them, in (updated_at,
+-- queue_id) order, the first keeping the transaction.
+CREATE FUNCTION consistency.record_batch_v2(p_queue TEXT, p_terminal TEXT[]) RETURNS BIGINT
+LANGUAGE plpgsql AS $$
+DECLARE
+    left_over BIGINT;
+    refused BIGINT;
+BEGIN
+    UPDATE pg_temp.cm_batch b
+       SET unclaimed = TRUE
+     WHERE (b.status = ANY (p_terminal)) IS NOT TRUE
+        OR b.queue_id IN (SELECT a.queue_id
+                            FROM consistency.applied_entries a
+                           WHERE a.queue = p_queue
+                             AND a.queue_id = ANY (ARRAY(SELECT queue_id FROM pg_temp.cm_batch)));
+    GET DIAGNOSTICS left_over = ROW_COUNT;
+    BEGIN
+        INSERT INTO consistency.applied_entries (queue, queue_id, uuid, txn_id, status)
+        SELECT p_queue, b.queue_id, NULLIF(b.uuid, b.txn_id::text), b.txn_id, b.status
+          FROM pg_temp.cm_batch b
+         WHERE NOT b.unclaimed;
+    EXCEPTION WHEN unique_violation THEN
+        WITH claimed AS (
+            INSERT INTO consistency.applied_entries (queue, queue_id, uuid, txn_id, status)
+            SELECT p_queue, b.queue_id, NULLIF(b.uuid, b.txn_id::text), b.txn_id, b.status
+              FROM pg_temp.cm_batch b
+             WHERE NOT b.unclaimed
+             ORDER BY b.updated_at, b.queue_id
+                ON CONFLICT DO NOTHING
+            RETURNING queue_id
+        )
+        UPDATE pg_temp.cm_batch b
+           SET unclaimed = TRUE
+         WHERE NOT b.unclaimed
+           AND NOT EXISTS (SELECT 1 FROM claimed c WHERE c.queue_id = b.queue_id);
+        GET DIAGNOSTICS refused = ROW_COUNT;
+        left_over := left_over + refused;
+    END;
+    RETURN left_over;
+END
+$$;
+
+-- Claims the batch's entries as claim_batch_v3 does, recording them by record_batch_v2. It works out the
+-- transaction ids only of a batch that came without them, and gathers the batch table's statistics again only
+-- when the batch is of another size than the one they describe: a batch's statistics, and the plans made for
 -- them, then serve the next batches of a drain.
 CREATE FUNCTION consistency.claim_batch_v4(
     p_queue TEXT, p_retrying BOOLEAN, p_terminal TEXT[], p_open TEXT[], p_cycle BIGINT
@@ -122,12 +169,16 @@ BEGIN
          USING consistency.parked_entries p
          WHERE p.queue = p_queue AND p.queue_id = b.queue_id;
     END IF;
-    BEGIN
-        UPDATE pg_temp.cm_batch SET txn_id = uuid::uuid;
-    EXCEPTION WHEN invalid_text_representation THEN
-        UPDATE pg_temp.cm_batch SET txn_id = consistency.to_uuid(uuid);
-    END;
-    left_over := consistency.record_batch_v1(p_queue, p_terminal);
+    -- A batch copied out of queue-db comes with its transaction ids (copy_into_batch in sql/queries.sql) unless
+    -- one of its uuids is not a UUID.
+    IF EXISTS (SELECT 1 FROM pg_temp.cm_batch WHERE txn_id IS NULL AND uuid IS NOT NULL) THEN
+        BEGIN
+            UPDATE pg_temp.cm_batch SET txn_id = uuid::uuid;
+        EXCEPTION WHEN invalid_text_representation THEN
+            UPDATE pg_temp.cm_batch SET txn_id = consistency.to_uuid(uuid);
+        END;
+    END IF;
+    left_over := consistency.record_batch_v2(p_queue, p_terminal);
     -- The statistics of a batch of about the same size are good for this one: the planner scales their row
     -- count to the table's pages. So they are gathered again only when the size is twice or half theirs.
     SELECT reltuples INTO analyzed FROM pg_class WHERE oid = 'pg_temp.cm_batch'::regclass;
@@ -142,6 +193,73 @@ BEGIN
         RETURN 0;
     END IF;
     RETURN consistency.sort_unclaimed_v2(p_queue, p_terminal, p_open, p_cycle);
+END
+$$;
+
+-- Compounds the batch's completed entries as compound_batch_v3 does, reading their portfolios by the primary
+-- key's index, however many portfolios there are, rather than by a scan of them all.
+CREATE FUNCTION consistency.compound_batch_v4(
+    p_queue TEXT, p_retrying BOOLEAN, p_columns TEXT, p_numerators NUMERIC[], p_denominators NUMERIC[],
+    p_tier_version BIGINT, p_cycle BIGINT
+) RETURNS VOID
+LANGUAGE plpgsql AS $$
+BEGIN
+    WITH eligible AS (
+        SELECT account_number COLLATE "C" AS account, array_agg(queue_id ORDER BY updated_at, queue_id) AS ids
+          FROM pg_temp.cm_batch
+         WHERE reason IS NULL AND status = 'COMPLETED'
+         GROUP BY 1
+    ), computed AS (
+        SELECT p.accountid, e.ids, s.amounts, c.result, c.applied, c.problem, c.after1, c.after2, c.after3
+          FROM eligible e
+          JOIN user_portfolios p ON p.accountid = e.account COLLATE "default"
+                                AND p.accountid = ANY (ARRAY(SELECT account COLLATE "default" FROM eligible))
+         CROSS JOIN LATERAL (SELECT CASE p_columns
+                                        WHEN 'values' THEN ARRAY[p.tier1_value, p.tier2_value, p.tier3_value]
+                                        ELSE ARRAY[p.tier1_allocation, p.tier2_allocation, p.tier3_allocation]
+                                    END AS amounts) AS s
+         CROSS JOIN LATERAL consistency.compound_trail(s.amounts, p_numerators, p_denominators, cardinality(e.ids)) AS c
+    ), blocked AS (
+        -- Only the portfolios where a step could not be stored: usually none.
+        UPDATE pg_temp.cm_batch b
+           SET reason = c.problem
+          FROM computed c, unnest(c.ids[c.applied + 1:]) AS u(queue_id)
+         WHERE c.problem IS NOT NULL AND b.queue_id = u.queue_id
+    ), journaled AS (
+        -- Each portfolio's records in the order its entries applied: set-returning functions in the select
+        -- list give their elements in order, side by side, one row each, and nothing between them and the
+        -- insert reorders rows. Only a retry looks up the attempts of the parkings it ends: a drain's batch
+        -- holds no parked entry.
+        INSERT INTO consistency.journal
+               (queue, queue_id, account_number, kind, status, attempts, tier1_before, tier2_before, tier3_before,
+                tier1_after, tier2_after, tier3_after, tier_version, cycle)
+        SELECT p_queue, s.queue_id, s.accountid, 'applied', 'COMPLETED',
+               CASE WHEN p_retrying THEN (SELECT p.attempts FROM consistency.parked_entries p
+                                           WHERE p.queue = p_queue AND p.queue_id = s.queue_id) END,
+               s.before1, s.before2, s.before3, s.after1, s.after2, s.after3, p_tier_version, p_cycle
+          FROM (SELECT c.accountid, unnest(c.ids[1:c.applied]) AS queue_id,
+                       unnest(c.amounts[1] || c.after1[1:c.applied - 1]) AS before1,
+                       unnest(c.amounts[2] || c.after2[1:c.applied - 1]) AS before2,
+                       unnest(c.amounts[3] || c.after3[1:c.applied - 1]) AS before3,
+                       unnest(c.after1) AS after1, unnest(c.after2) AS after2, unnest(c.after3) AS after3
+                  FROM computed c
+                 WHERE c.applied > 0) AS s
+    )
+    UPDATE user_portfolios p
+       SET tier1_value = CASE p_columns WHEN 'values' THEN c.result[1] ELSE p.tier1_value END,
+           tier2_value = CASE p_columns WHEN 'values' THEN c.result[2] ELSE p.tier2_value END,
+           tier3_value = CASE p_columns WHEN 'values' THEN c.result[3] ELSE p.tier3_value END,
+           total_value = CASE p_columns WHEN 'values' THEN c.result[1] + c.result[2] + c.result[3]
+                                        ELSE p.total_value END,
+           tier1_allocation = CASE p_columns WHEN 'allocations' THEN c.result[1] ELSE p.tier1_allocation END,
+           tier2_allocation = CASE p_columns WHEN 'allocations' THEN c.result[2] ELSE p.tier2_allocation END,
+           tier3_allocation = CASE p_columns WHEN 'allocations' THEN c.result[3] ELSE p.tier3_allocation END,
+           total_allocation = CASE p_columns WHEN 'allocations' THEN c.result[1] + c.result[2] + c.result[3]
+                                             ELSE p.total_allocation END,
+           updated_at = CURRENT_TIMESTAMP
+      FROM computed c
+     WHERE p.accountid = c.accountid
+       AND c.applied > 0;
 END
 $$;
 
