@@ -104,8 +104,8 @@ def step_params(queue: Queue, factors: Sequence[Fraction], stamp: Stamp, retryin
 # The four steps, the clean way and the careful way (sql/migrations/0012_clean_batches.sql).
 CLEAN_STEPS = ("claim_batch", "check_clean_batch", "compound_batch", "settle_clean_batch")
 CAREFUL_STEPS = ("claim_batch", "check_batch", "compound_batch", "settle_batch")
-# A clean step's refusal of a batch that is not clean, and a row held past the clean update's short wait.
-NOT_CLEAN = frozenset({"CMB01", "55P03"})
+# The SQLSTATE with which a clean step refuses a batch that is not clean.
+NOT_CLEAN = "CMB01"
 
 
 def apply_batch_table(
@@ -150,7 +150,7 @@ def _try_clean(cur: psycopg2.extensions.cursor, params: dict[str, object]) -> tu
     try:
         outcome = run_steps(cur, params, CLEAN_STEPS)
     except psycopg2.Error as err:
-        if err.pgcode not in NOT_CLEAN:
+        if err.pgcode != NOT_CLEAN:
             raise
         cur.execute(query("rollback_to_clean"))
         log.debug("a %s batch is not clean (%s); applying it the careful way", params["queue"], err.pgerror)

@@ -57,16 +57,19 @@ BEGIN
         RAISE EXCEPTION 'the batch is not clean: a step could not be stored' USING ERRCODE = 'CMB01';
     END IF;
 
-    -- A row held longer than this fails the update with lock_not_available, which the service takes as not
-    -- clean as well; a row held only a moment is waited for.
+    -- A row held only a moment is waited for; one held longer makes the batch not clean.
     PERFORM set_config('lock_timeout', '100ms', TRUE);
-    UPDATE portfolio_transactions t
-       SET status = p_mirrored[array_position(p_terminal, b.status)],
-           updated_at = CURRENT_TIMESTAMP
-      FROM pg_temp.cm_batch b
-     WHERE t.id = b.txn_id AND t.accountid = b.account_number AND t.transaction_type = p_transaction_type
-       AND t.id = ANY (ARRAY(SELECT txn_id FROM pg_temp.cm_batch));
-    GET DIAGNOSTICS mirrored = ROW_COUNT;
+    BEGIN
+        UPDATE portfolio_transactions t
+           SET status = p_mirrored[array_position(p_terminal, b.status)],
+               updated_at = CURRENT_TIMESTAMP
+          FROM pg_temp.cm_batch b
+         WHERE t.id = b.txn_id AND t.accountid = b.account_number AND t.transaction_type = p_transaction_type
+           AND t.id = ANY (ARRAY(SELECT txn_id FROM pg_temp.cm_batch));
+        GET DIAGNOSTICS mirrored = ROW_COUNT;
+    EXCEPTION WHEN lock_not_available THEN
+        RAISE EXCEPTION 'the batch is not clean: a transaction is held by another session' USING ERRCODE = 'CMB01';
+    END;
     PERFORM set_config('lock_timeout', waits, TRUE);
     -- The claim left no transaction named twice: a second entry naming one gets a reason.
     SELECT count(*) INTO claimed FROM pg_temp.cm_batch;
