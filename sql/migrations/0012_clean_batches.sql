@@ -11,9 +11,9 @@
 -- clean batch ends as the careful steps would end it, and any other batch is applied by them.
 
 -- Takes the portfolios the batch's completed entries compound, as check_batch_v3 does, and refuses a batch
--- that is not clean so far: an entry the claim gave a reason, a uuid that is not a UUID, a portfolio missing
--- or held, or any parked entry of the queue waiting for a row lock (later entries of its account wait
--- behind it, which only the careful check works out).
+-- that is not clean so far: an entry the claim gave a reason or left unclaimed, a uuid that is not a UUID, a
+-- portfolio missing or held, or any parked entry of the queue waiting for a row lock (later entries of its
+-- account wait behind it, which only the careful check works out).
 CREATE FUNCTION consistency.check_clean_batch_v1(p_queue TEXT) RETURNS VOID
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -22,7 +22,8 @@ DECLARE
 BEGIN
     DELETE FROM pg_temp.cm_taken_portfolios;
     IF EXISTS (SELECT 1 FROM pg_temp.cm_batch
-                WHERE reason IS NOT NULL OR txn_id IS NULL OR (status = 'COMPLETED' AND account_number IS NULL))
+                WHERE reason IS NOT NULL OR unclaimed OR txn_id IS NULL
+                   OR (status = 'COMPLETED' AND account_number IS NULL))
        OR EXISTS (SELECT 1 FROM consistency.parked_entries
                    WHERE queue = p_queue AND reason LIKE 'waiting for a row lock%') THEN
         RAISE EXCEPTION 'the batch is not clean' USING ERRCODE = 'CMB01';
@@ -41,7 +42,7 @@ BEGIN
 END
 $$;
 
--- Settles a clean batch as settle_batch_v3 settles it, and refuses one that compound_batch_v3 found a step
+-- Settles a clean batch as settle_batch_v3 settles it, and refuses one that compound_batch_v4 found a step
 -- of which it could not store, or whose transactions are not all there to update: one missing, of another
 -- account or type, or held by another session for longer than a moment.
 CREATE FUNCTION consistency.settle_clean_batch_v1(
