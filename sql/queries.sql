@@ -273,7 +273,7 @@ SELECT consistency.claim_batch_v4(%(queue)s, %(retrying)s, %(terminal)s::text[],
 SELECT consistency.check_batch_v3(%(queue)s, %(transaction_type)s);
 
 -- compound_batch: step 3, which compounds the completed entries on their portfolios and writes their journal records (see sql/migrations/0010_batch_sized_steps.sql and 0012_clean_batches.sql)
-SELECT consistency.compound_batch_v4(%(queue)s, %(retrying)s, %(columns)s, %(numerators)s::numeric[],
+SELECT consistency.compound_batch_v3(%(queue)s, %(retrying)s, %(columns)s, %(numerators)s::numeric[],
                                      %(denominators)s::numeric[], %(tier_version)s, %(cycle)s);
 
 -- settle_batch: step 4, which parks the blocked entries, mirrors the others' statuses, writes the journal records of those that did not complete, and counts the outcomes (see sql/migrations/0010_batch_sized_steps.sql and 0011_settle_counts_what_it_mirrors.sql)

@@ -7,7 +7,7 @@
 --
 -- Each clean step refuses, with SQLSTATE CMB01, a batch that is not clean, and the service then undoes the
 -- clean try and applies the batch by the careful steps (check_batch_v3 and settle_batch_v3), which give
--- every entry that cannot apply its reason. claim_batch_v4 and compound_batch_v4 (below) serve both ways. So a
+-- every entry that cannot apply its reason. claim_batch_v4 (below) and compound_batch_v3 serve both ways. So a
 -- clean batch ends as the careful steps would end it, and any other batch is applied by them.
 
 -- Takes the portfolios the batch's completed entries compound, as check_batch_v3 does, and refuses a batch
@@ -42,7 +42,7 @@ BEGIN
 END
 $$;
 
--- Settles a clean batch as settle_batch_v3 settles it, and refuses one that compound_batch_v4 found a step
+-- Settles a clean batch as settle_batch_v3 settles it, and refuses one that compound_batch_v3 found a step
 -- of which it could not store, or whose transactions are not all there to update: one missing, of another
 -- account or type, or held by another session for longer than a moment.
 CREATE FUNCTION consistency.settle_clean_batch_v1(
@@ -200,9 +200,10 @@ BEGIN
 END
 $$;
 
--- Compounds the batch's completed entries as compound_batch_v3 does, reading their portfolios by the primary
--- key's index, however many portfolios there are, rather than by a scan of them all.
-CREATE FUNCTION consistency.compound_batch_v4(
+-- compound_batch_v3 reading the batch's portfolios by the primary key's index, however many portfolios there
+-- are, rather than by a scan of them all: the same results, so the step keeps its name, for pods of the
+-- previous release too.
+CREATE OR REPLACE FUNCTION consistency.compound_batch_v3(
     p_queue TEXT, p_retrying BOOLEAN, p_columns TEXT, p_numerators NUMERIC[], p_denominators NUMERIC[],
     p_tier_version BIGINT, p_cycle BIGINT
 ) RETURNS VOID
