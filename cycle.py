@@ -87,14 +87,15 @@ class CycleRunner:
                     return CycleResult.finish(started, clock, "skipped")
                 try:
                     work = self._cycle(held, qconn, progress)
+                    if work is None:  # paused: nothing read, nothing applied
+                        return CycleResult.finish(started, clock, "paused")
+                    result = CycleResult.finish(started, clock, "paused" if progress.paused else "ok", work)
+                    # Where every process can read it, under the lease: a holder that lost it saves nothing.
+                    with held.transaction() as cur:
+                        cur.execute(query("save_last_cycle"), {"summary": Json(result.to_json())})
+                    return result
                 finally:
                     lease.give(held)
-                if work is None:  # paused: nothing read, nothing applied
-                    return CycleResult.finish(started, clock, "paused")
-                result = CycleResult.finish(started, clock, "paused" if progress.paused else "ok", work)
-                with in_transaction(pconn) as cur:  # where every process can read it
-                    cur.execute(query("save_last_cycle"), {"summary": Json(result.to_json())})
-                return result
         except (DatabaseError, psycopg2.Error, tiers.TiersNotStored) as err:
             return CycleResult.finish(started, clock, "error", work, self._describe(err))
 

@@ -46,6 +46,31 @@ def test_an_expired_lease_is_taken_over_and_the_old_holders_next_transaction_wri
     assert world.txn_status(request.uuid) == "PROCESSED"
 
 
+def test_a_holder_that_lost_the_lease_before_saving_its_summary_saves_nothing(svc, world: World, mocker) -> None:
+    world.portfolio_for(ACCOUNT)
+    assert svc.runner.run().outcome == "ok"
+    saved = world.p("SELECT summary FROM consistency.last_cycle")
+    taker = psycopg2.connect(world.portfolio_uri)
+    cycle = svc.runner._cycle
+
+    def then_frozen_and_taken_over(*args: object) -> object:
+        work = cycle(*args)
+        world.p("UPDATE consistency.cycle_lease SET expires_at = clock_timestamp()")  # it renewed nothing since
+        assert lease.take(taker, 60.0, 0.0, 0.0)[0] is not None
+        return work
+
+    mocker.patch.object(svc.runner, "_cycle", side_effect=then_frozen_and_taken_over)
+    request = world.request("investment", ACCOUNT)
+    try:
+        result = svc.runner.run()
+    finally:
+        taker.close()
+    assert result.outcome == "error"
+    assert "was lost" in (result.error or "")
+    assert world.p("SELECT summary FROM consistency.last_cycle") == saved  # not overwritten by the late holder
+    assert world.txn_status(request.uuid) == "PROCESSED"  # what it applied under the lease stays
+
+
 def test_a_lease_whose_holder_session_ended_is_free_at_once(svc, world: World) -> None:
     crashed = psycopg2.connect(world.portfolio_uri)
     held, _ = lease.take(crashed, 3600.0, 0.0, 0.0)
