@@ -17,6 +17,7 @@ import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
 
+import metrics
 from db import one_row, pg_array
 from domain import MIRRORED, OPEN, TERMINAL, Entry, Position, Queue, Stamp
 from queries import query, table_query
@@ -124,6 +125,7 @@ def apply_batch_table(
     """
     params = step_params(queue, factors, stamp, retrying)
     outcome = None if retrying else _try_clean(cur, params)
+    metrics.observe_way(clean=outcome is not None)
     corrected, counts = outcome or run_steps(cur, params, CAREFUL_STEPS)
     if corrected:
         counts["corrected"] = corrected

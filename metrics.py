@@ -31,6 +31,12 @@ ENTRIES = Counter(
     "Queue entries applied, by queue and outcome; parked counts every parking, a retry's included.",
     ["queue", "outcome"],
 )
+BATCHES = Counter(
+    "consistency_batches",
+    "Batches applied, by way: clean (every entry could apply) or careful (the steps that give the rest their reasons).",
+    ["way"],
+)
+WAYS = ("clean", "careful")
 DURATION = Histogram(
     "consistency_cycle_duration_seconds",
     "Duration of the cycles this service ran (ok, error, or paused mid-way; skipped turns and paused ones are not).",
@@ -93,6 +99,8 @@ for _queue in QUEUES:
         ENTRIES.labels(queue=_queue.name, outcome=_outcome)
 for _database in DATABASES:
     POOL_IN_USE.labels(database=_database)
+for _way in WAYS:
+    BATCHES.labels(way=_way)
 for _kind in DRIFT_KINDS:
     DRIFT_FINDINGS.labels(kind=_kind)
 
@@ -121,6 +129,11 @@ def observe_pause(pause: Pause | None) -> None:
     """Show the pause just read from the stored state: whether applying is paused, and since when."""
     PAUSED.set(0 if pause is None else 1)
     PAUSE_STARTED.set(0 if pause is None else pause.paused_at.timestamp())
+
+
+def observe_way(clean: bool) -> None:
+    """Count a batch applied, the clean way or the careful way (sql/migrations/0012_clean_batches.sql)."""
+    BATCHES.labels(way="clean" if clean else "careful").inc()
 
 
 def observe_batch(last_read: datetime, applied: int) -> None:

@@ -17,6 +17,7 @@ NO_PORTFOLIO = "2999999999"
 FAMILIES = {
     "consistency_cycles": "counter",
     "consistency_entries": "counter",
+    "consistency_batches": "counter",
     "consistency_cycle_duration_seconds": "histogram",
     "consistency_lag_seconds": "gauge",
     "consistency_parked_entries": "gauge",
@@ -87,6 +88,10 @@ def test_a_real_cycle_is_counted_by_result_queue_and_outcome(app, client, world:
 
     assert grew("consistency_cycles_total", result="ok") == 1
     assert grew("consistency_cycles_total", result="error") == 0
+    # Batches of 4: the investments' second batch holds the entry with no portfolio and takes the careful way;
+    # their first batch and the withdrawals' are clean.
+    assert grew("consistency_batches_total", way="careful") == 1
+    assert grew("consistency_batches_total", way="clean") == 2
     assert grew("consistency_cycle_duration_seconds_count") == 1
     assert grew("consistency_cycle_duration_seconds_sum") == pytest.approx(summary["duration_ms"] / 1000)
     expected = {
