@@ -99,7 +99,6 @@ def _filter_of(given: Any) -> dict[str, str]:
     for name, value in given.items():
         if not isinstance(value, str) or not value.strip() or len(value) > FILTER_TEXT_MAX:
             raise InputError(f"filter.{name}", f"must be a non-empty string of at most {FILTER_TEXT_MAX} characters")
-        storable(f"filter.{name}", value)
     if given.get("queue", QUEUE_NAMES[0]) not in QUEUE_NAMES:
         raise InputError("filter.queue", f"must be one of {', '.join(QUEUE_NAMES)}")
     return given
@@ -112,13 +111,6 @@ def _limit_of(given: Any) -> int:
     if not whole or not 1 <= given <= BULK_LIMIT_MAX or given != int(given):
         raise InputError("limit", f"must be a whole number from 1 to {BULK_LIMIT_MAX}")
     return int(given)
-
-
-def storable(field: str, text: str | None) -> str | None:
-    """Return text PostgreSQL can store and compare, or raise InputError: it takes no NUL character."""
-    if text is not None and "\x00" in text:
-        raise InputError(field, "must not contain a NUL character")
-    return text
 
 
 def only_fields(body: dict[str, Any], allowed: Sequence[str], prefix: str = "") -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from functools import wraps
 from typing import Any
@@ -15,7 +15,7 @@ from werkzeug.exceptions import HTTPException
 
 import metrics
 import tiers
-from actions import BULK_FIELDS, EntryKey, Refused, Retried, Selection, only_fields, storable
+from actions import BULK_FIELDS, EntryKey, Refused, Retried, Selection, only_fields
 from adoption import BaselineRequest
 from auth import OPERATE, READ, actor, require
 from db import DatabaseError
@@ -31,6 +31,10 @@ PARKED_LIMIT_MAX = 1000
 REASON_MAX = 500  # characters of an operator's reason
 ACCOUNT_MAX = 64  # characters of an account number in a query
 QUEUE_ID_MAX = 2**31 - 1  # queue_id is an INTEGER
+# PostgreSQL text holds no NUL, and UTF-8 has no lone surrogate, which json.loads lets into a str (as "\ud800" or
+# as its raw bytes): psycopg2 could not send it.
+UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+UNSTORABLE_TEXT = "no NUL character or lone surrogate (U+D800 to U+DFFF): PostgreSQL cannot store them"
 
 
 def service() -> Service:
@@ -41,6 +45,57 @@ def service() -> Service:
 def error(status: int, message: str, **extra: Any) -> tuple[Response, int]:
     """Build a JSON error answer."""
     return jsonify({"error": message, **extra}), status
+
+
+@bp.before_request
+def refuse_unstorable_text() -> Any:
+    """Refuse text PostgreSQL cannot store, anywhere in a request, with 400 naming its field, before any view runs."""
+    for field, text in request_text():
+        if UNSTORABLE.search(text):
+            err = InputError(shown(field), UNSTORABLE_TEXT)
+            return error(400, str(err), field=err.field)
+    return None
+
+
+def request_text() -> Iterator[tuple[str, str]]:
+    """Yield every string a request carries with its field: query parameters (names too), path parameters, JSON body."""
+    for name, values in request.args.lists():
+        yield name, name
+        yield from ((name, value) for value in values)
+    for name, value in (request.view_args or {}).items():
+        if isinstance(value, str):
+            yield name, value
+    yield from json_text(parsed_body())
+
+
+def parsed_body() -> Any:
+    """Return the JSON body as the views read it, or None: a body that is not JSON is the view's to refuse or ignore."""
+    if not request.is_json:
+        return None
+    try:
+        return parse_json(request.get_data(cache=True))
+    except (ValueError, RecursionError):  # not JSON, not UTF-8 (UnicodeDecodeError), NaN, too deep
+        return None
+
+
+def json_text(body: Any) -> Iterator[tuple[str, str]]:
+    """Yield every string of a parsed JSON body, keys too, with its field: `filter.account`, `items[0]`, or `body`."""
+    pending: list[tuple[str, Any]] = [("", body)]
+    while pending:  # a loop, not recursion: a body nested hundreds deep must not overflow the stack here
+        field, value = pending.pop()
+        if isinstance(value, str):
+            yield field or "body", value
+        elif isinstance(value, dict):
+            for key, item in reversed(value.items()):
+                inner = f"{field}.{key}" if field else key
+                pending += [(inner, item), (inner, key)]
+        elif isinstance(value, list):
+            pending += reversed([(f"{field or 'body'}[{i}]", item) for i, item in enumerate(value)])
+
+
+def shown(field: str) -> str:
+    """Name a field in an answer, with any character that cannot be stored in its name escaped."""
+    return UNSTORABLE.sub(lambda bad: f"\\u{ord(bad.group()):04x}", field)
 
 
 @bp.get("/health")
@@ -264,12 +319,12 @@ def action_body(allowed: tuple[str, ...], optional: bool) -> Any:
 
 def optional_reason(body: dict[str, Any]) -> str | None:
     """Read an action's optional `reason`, or raise InputError."""
-    return storable("reason", reason_of(body, required=False))
+    return reason_of(body, required=False)
 
 
 def required_reason(body: dict[str, Any]) -> str:
     """Read an action's required `reason`, or raise InputError."""
-    reason = storable("reason", reason_of(body, required=True))
+    reason = reason_of(body, required=True)
     if reason is None:  # reason_of has raised already
         raise InputError("reason", "give a reason: a non-empty string")
     return reason
