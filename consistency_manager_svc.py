@@ -39,17 +39,30 @@ def create_app(settings: Settings | None = None) -> Flask:
 app = create_app(load_settings_or_exit())
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 def main() -> None:
-    """Run the service with Flask's server: the poller starts now, the first cycle at once."""
+    """Run the service with Flask's server until SIGTERM or Ctrl-C: the poller starts now, the first cycle at once."""
     svc = service_of(app)
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        svc.close()
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, stop)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, stop_on_signal)
     svc.start()
-    app.run(host="0.0.0.0", port=svc.settings.port, threaded=True)  # noqa: S104 - a container listens on all interfaces
+    try:
+        app.run(host="0.0.0.0", port=svc.settings.port, threaded=True)  # noqa: S104 - a container listens on all interfaces
+    finally:
+        svc.close()  # outside the signal handler: the poller's cycle ends at a batch boundary, the lease given back
+
+
+def stop_on_signal(signum: int, frame: FrameType | None) -> None:
+    """End the server on the first SIGTERM or SIGINT; a second one must not cut the stop short."""
+    for each in STOP_SIGNALS:
+        signal.signal(each, ignore_signal)
+    raise SystemExit(0)
+
+
+def ignore_signal(signum: int, frame: FrameType | None) -> None:
+    """Take a stop signal that arrives while the service is already stopping, and do nothing."""
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ from devkit import ROOT, gunicorn, postgres
 from devkit.net import wait_until
 
 QUEUE_DB, PORTFOLIO_DB = "consistency_demo_queue", "consistency_demo_portfolio"
+# Where the demo's server listens unless DEMO_HOST says otherwise: this machine only, since its token is public.
+DEMO_HOST = "127.0.0.1"
+WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104 - how the demo reaches a server on all interfaces
 # Development default, for the demo only: never use it anywhere else.
 DEMO_TOKEN = "demo-token-not-for-production"  # noqa: S105 - a marked development default
 DEMO_TIERS = {"TIER1_MV": "1030000.0", "TIER2_MV": "1990000.0", "TIER3_MV": "512500.0"}
@@ -100,28 +103,42 @@ def settle_one(queue_uri: str) -> str | None:
     return None
 
 
-def get(port: int, path: str) -> tuple[int, dict]:
+def demo_host() -> str:
+    """Return DEMO_HOST: the address the demo's server listens on (127.0.0.1 unless set)."""
+    return os.environ.get("DEMO_HOST") or DEMO_HOST
+
+
+def address(host: str, port: int) -> str:
+    """Write host and port as gunicorn's --bind and a URL take them: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def base_url(host: str, port: int) -> str:
+    """Return the URL this machine reaches the demo's server at: a wildcard address through the loopback."""
+    return f"http://{address(WILDCARDS.get(host, host), port)}"
+
+
+def get(base: str, path: str) -> tuple[int, dict]:
     """GET a path of the running service."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as answer:
+        with urllib.request.urlopen(f"{base}{path}", timeout=5) as answer:  # noqa: S310 - the http:// base_url
             return answer.status, json.loads(answer.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
 
 
-def wait_ready(port: int, service: subprocess.Popen[bytes], timeout: float = 60) -> None:
+def wait_ready(base: str, service: subprocess.Popen[bytes], timeout: float = 60) -> None:
     """Wait until the service reports ready; stop the demo if it exits first or takes too long."""
     try:
-        wait_until(lambda: service.poll() is not None or get(port, "/ready")[0] == 200, timeout, "readiness", 0.2)
+        wait_until(lambda: service.poll() is not None or get(base, "/ready")[0] == 200, timeout, "readiness", 0.2)
     except AssertionError:
         raise SystemExit("the service did not become ready") from None
     if service.poll() is not None:
         raise SystemExit(f"the service exited with status {service.returncode}")
 
 
-def print_try_these(port: int) -> None:
+def print_try_these(base: str) -> None:
     """Show the curl commands a newcomer can try."""
-    base = f"http://localhost:{port}"
     auth = f'-H "Authorization: Bearer {DEMO_TOKEN}"'
     print(f"""
 The consistency manager is running on {base}. Try:
@@ -167,7 +184,8 @@ def main() -> None:
     queue_uri = recreate(server, QUEUE_DB, "queue_db.sql")
     portfolio_uri = recreate(server, PORTFOLIO_DB, "user_portfolio_db.sql")
     load_sample(queue_uri, portfolio_uri)
-    port = load_settings().port
+    host, port = demo_host(), load_settings().port
+    base = base_url(host, port)
     env = {
         **os.environ,
         **DEMO_TIERS,
@@ -179,12 +197,14 @@ def main() -> None:
         "LOG_FORMAT": os.environ.get("LOG_FORMAT", "text"),
     }
     try:
-        with gunicorn.running(gunicorn.command(), env) as service:  # its lines go to this terminal
-            wait_ready(port, service)
+        # --bind replaces gunicorn.conf.py's 0.0.0.0, which a container needs and a laptop does not.
+        command = gunicorn.command("--bind", address(host, port))
+        with gunicorn.running(command, env) as service:  # its lines go to this terminal
+            wait_ready(base, service)
             if args.smoke:
                 smoke(portfolio_uri)
                 return
-            print_try_these(port)
+            print_try_these(base)
             while service.poll() is None:
                 time.sleep(15)
                 done = settle_one(queue_uri)

@@ -8,8 +8,11 @@ imported inside the hooks that run in a worker, and this file imports only confi
 from __future__ import annotations
 
 import shutil
+import signal
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import logs
@@ -18,6 +21,9 @@ from config import load_settings_or_exit, share_metrics_dir
 _settings = load_settings_or_exit()
 # The directory where the workers keep their metrics, chosen when the master starts.
 _metrics: dict[str, Any] = {"dir": None, "made": False}
+# Whether this worker has begun to stop: set by its first SIGINT or SIGQUIT, or when worker_exit runs.
+_stop = {"begun": False}
+Handler = Callable[[int, FrameType | None], None]
 
 bind = f"0.0.0.0:{_settings.port}"
 workers = 2
@@ -26,7 +32,7 @@ worker_class = "gthread"
 threads = 50
 # Each worker runs its own poller; the poller's threads and connections must not cross a fork.
 preload_app = False
-# A cycle finishes its batch on SIGTERM; gunicorn waits this long before it kills a worker.
+# A cycle finishes its batch on SIGTERM, SIGINT or SIGQUIT; gunicorn waits this long before it kills a worker.
 graceful_timeout = 20
 timeout = 60
 # No gunicornc control socket: nothing uses it, and it would write under $HOME.
@@ -52,14 +58,37 @@ def on_starting(server: Any) -> None:
 
 
 def post_worker_init(worker: Any) -> None:
-    """Start the poller of a freshly booted worker."""
+    """Start the poller of a freshly booted worker, and have only its first SIGINT or SIGQUIT count."""
     from service import service_of
 
+    quit_once = _first_quit_only(worker.handle_quit)
+    for sig in (signal.SIGINT, signal.SIGQUIT):
+        signal.signal(sig, quit_once)
     service_of(worker.wsgi).start()
 
 
+def _first_quit_only(handle_quit: Handler) -> Handler:
+    """Wrap gunicorn's quick-shutdown handler so that a later SIGINT or SIGQUIT does nothing.
+
+    Ctrl-C reaches a worker twice: the terminal's SIGINT, then the master's SIGQUIT. Gunicorn's handler raises
+    SystemExit each time, and a second one, raised while the first unwinds, cut worker_exit short: the poller
+    was never stopped and went on with its cycle, holding the lease, while the process was torn down.
+    """
+
+    def quit_once(sig: int, frame: FrameType | None) -> None:
+        if _stop["begun"]:
+            return
+        _stop["begun"] = True
+        handle_quit(sig, frame)
+
+    return quit_once
+
+
 def worker_exit(server: Any, worker: Any) -> None:
-    """Stop the poller of an exiting worker and close its pools."""
+    """Stop the poller of an exiting worker (its cycle ends at a batch boundary) and close its pools."""
+    if not hasattr(worker, "wsgi"):  # called in the master for a worker already gone, or one that never loaded
+        return
+    _stop["begun"] = True  # a SIGINT or SIGQUIT from now on must not cut the stop short
     from service import service_of
 
     service_of(worker.wsgi).close()

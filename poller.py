@@ -7,6 +7,7 @@ lease keeps the time, see lease.py). A manual trigger always gets a cycle.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
@@ -91,9 +92,13 @@ class Poller:
             self.listener.start()
         self._thread = threading.Thread(target=self._loop, name="consistency-poller", daemon=True)
         self._thread.start()
+        # A daemon thread runs on while the interpreter shuts down, until it is frozen wherever it is: a process
+        # that exits without stop() would leave its cycle running through the teardown, the lease not given back.
+        atexit.register(self.stop)
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Ask the thread to stop after its current batch and wait for it; safe from any thread, any time."""
+        atexit.unregister(self.stop)
         self.progress.stopping.set()
         self._wake.set()
         if self.listener is not None:
@@ -148,6 +153,7 @@ class Poller:
                 self._served = ticket
                 self._done.notify_all()
             fresh_for = self._wait_for_next()
+        log.info("poller stopped")
 
     def _wait_for_next(self) -> float:
         """Wait for the interval or a wake-up; return how recent a cycle started elsewhere may be to serve it."""
@@ -160,4 +166,3 @@ class Poller:
         # A wake-up before this point is served by the cycle about to start, one after it by the next.
         self._wake.clear()
         return fresh_for
-        log.info("poller stopped")

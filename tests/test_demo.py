@@ -2,22 +2,39 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import demo
 from devkit import ROOT, gunicorn
 from devkit.net import free_port, wait_until
 
 DEMO = [sys.executable, "demo.py"]
+EVERY_INTERFACE = "0.0.0.0"  # noqa: S104 - what DEMO_HOST may ask for
 
 
 def demo_env(**settings: str) -> dict[str, str]:
     """The environment of `make demo` on a machine with no PostgreSQL, on a free port, in the demo's log format."""
-    env = {k: v for k, v in os.environ.items() if k not in ("LOG_FORMAT", "POLLING_INTERVAL")}
+    env = {k: v for k, v in os.environ.items() if k not in ("LOG_FORMAT", "POLLING_INTERVAL", "DEMO_HOST")}
     return {**env, "DEMO_PG_URI": "embedded", "PORT": str(free_port()), "PYTHONUNBUFFERED": "1", **settings}
+
+
+def listening_on(port: int) -> set[str]:
+    """Return the local addresses of the TCP sockets that listen on a port, as /proc/net/tcp and tcp6 list them."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, _, state = line.split()[1:4]
+            host, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(host)  # in 32-bit words of this machine's byte order (little-endian)
+                found.add(str(ipaddress.ip_address(b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4)))))
+    return found
 
 
 def cycle_lines(output: str) -> list[str]:
@@ -50,3 +67,25 @@ def test_demo_shows_the_cycles_that_did_something_and_not_the_idle_ones(tmp_path
     assert "COMPLETED=2 FAILED=1" in cycles[0]
     # Then the orphan parked again by each cycle's retry; shown only by the other worker's first cycle.
     assert len(cycles) <= 2, "\n".join(cycles)
+
+
+def test_the_demo_listens_on_this_machine_only_by_default(tmp_path) -> None:
+    env, log = demo_env(), tmp_path / "demo.log"
+    port = int(env["PORT"])
+    process = gunicorn.start(DEMO, env, log)
+    try:
+        wait_until(lambda: "Ctrl-C stops it all" in log.read_text(), 120, "the demo to start")
+        listening = listening_on(port)
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    assert listening == {"127.0.0.1"}  # its token is printed for anyone to read: not on 0.0.0.0
+    assert f"running on http://127.0.0.1:{port}." in log.read_text()
+
+
+def test_the_demo_reaches_a_server_told_to_listen_on_every_interface_through_the_loopback() -> None:
+    assert demo.address(EVERY_INTERFACE, 8080) == "0.0.0.0:8080"
+    assert demo.base_url(EVERY_INTERFACE, 8080) == "http://127.0.0.1:8080"
+    assert demo.address("::", 8080) == "[::]:8080"
+    assert demo.base_url("::", 8080) == "http://[::1]:8080"
+    assert demo.base_url("192.0.2.7", 8080) == "http://192.0.2.7:8080"
