@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
@@ -17,9 +18,19 @@ import psycopg2.pool
 from config import Settings
 from logs import mask_uri
 from queries import query
+from watchdog import ANSWER_WAIT, Watchdog, WatchedConnection
+
+log = logging.getLogger(__name__)
 
 # How the service's sessions are named in pg_stat_activity.
 APPLICATION_NAME = "consistency-manager-svc"
+# TCP's bounds on every connection, on both ends: a path that loses every packet is noticed within 11 s. Idle or
+# waiting for an answer, keepalive probes start after 5 s without a word, every 2 s, and the connection is given up
+# at the first probe past TCP_USER_TIMEOUT (10 s); sending, it is given up when data stays unacknowledged that long.
+KEEPALIVES_IDLE = 5
+KEEPALIVES_INTERVAL = 2
+KEEPALIVES_COUNT = 3
+TCP_USER_TIMEOUT_MS = 10_000
 
 
 class DatabaseError(Exception):
@@ -69,17 +80,20 @@ def connect_options(settings: Settings, application_name: str = APPLICATION_NAME
     return {
         "connect_timeout": settings.db_connect_timeout,
         "application_name": application_name,
-        # A peer that vanished without a word is noticed within about a minute, even on an idle connection.
         "keepalives": 1,
-        "keepalives_idle": 30,
-        "keepalives_interval": 10,
-        "keepalives_count": 3,
+        "keepalives_idle": KEEPALIVES_IDLE,
+        "keepalives_interval": KEEPALIVES_INTERVAL,
+        "keepalives_count": KEEPALIVES_COUNT,
+        "tcp_user_timeout": TCP_USER_TIMEOUT_MS,
         # No JIT: the apply's statements are planned again for every batch (its ANALYZE), and JIT would compile
-        # them again for every batch too.
+        # them again for every batch too. The server's side of the connection gets the same TCP bounds, so that it
+        # ends the session of a client it lost, and the locks that session holds, as soon.
         "options": (
             f"-c jit=off -c statement_timeout={int(settings.db_statement_timeout * 1000)}"
             f" -c lock_timeout={int(settings.db_lock_timeout * 1000)}"
             f" -c idle_in_transaction_session_timeout={idle_ms} -c datestyle=ISO{timezone}"
+            f" -c tcp_keepalives_idle={KEEPALIVES_IDLE} -c tcp_keepalives_interval={KEEPALIVES_INTERVAL}"
+            f" -c tcp_keepalives_count={KEEPALIVES_COUNT} -c tcp_user_timeout={TCP_USER_TIMEOUT_MS}"
         ),
     }
 
@@ -111,8 +125,17 @@ class Database:
         self._password = urlsplit(uri).password or ""
         self._slots = threading.BoundedSemaphore(settings.db_pool_size)
         self._wait = float(settings.db_connect_timeout)
-        self._options = connect_options(settings, utc=utc)
+        # Every connection may be watched; a test may count statements through a class of its own instead.
+        self._options = {"connection_factory": WatchedConnection, **connect_options(settings, utc=utc)}
         self._pool = _LazyPool(settings.db_pool_size, dsn=uri, **self._options)
+        # libpq waits at least 2 s to connect, whatever connect_timeout says.
+        probe_wait = float(max(2, settings.db_connect_timeout))
+        overdue_after = settings.db_statement_timeout + ANSWER_WAIT
+        self.watchdog = Watchdog(name, self._probe_connection, probe_wait, overdue_after, self.describe)
+
+    def describe(self, err: Exception) -> str:
+        """Describe an error of this database in one line, without any credential."""
+        return self.redact(first_line(err))
 
     def redact(self, text: str) -> str:
         """Remove this database's password, and any URI password, from a message."""
@@ -129,6 +152,7 @@ class Database:
         try:
             conn = self._pool.getconn()
             self._on_lend(1)
+            self.watchdog.watch(conn)
             conn.autocommit = autocommit
             yield conn
         except psycopg2.Error as err:
@@ -149,16 +173,29 @@ class Database:
                 conn.autocommit = False
             except psycopg2.Error:
                 broken = True
+        self.watchdog.unwatch(conn)
         self._pool.putconn(conn, close=broken)
 
     def dedicated(self, application_name: str) -> psycopg2.extensions.connection:
-        """Open a connection outside the pool, in autocommit mode, with the pool's options; the caller closes it."""
+        """Open a connection outside the pool, in autocommit mode, with the pool's options; the caller closes it.
+
+        The watchdog watches it until it is closed.
+        """
         try:
             conn: psycopg2.extensions.connection = psycopg2.connect(
                 self.uri, **{**self._options, "application_name": application_name}
             )
         except psycopg2.Error as err:
             raise DatabaseError(self.name, self.redact(first_line(err))) from err
+        conn.autocommit = True
+        self.watchdog.watch(conn)
+        return conn
+
+    def _probe_connection(self) -> psycopg2.extensions.connection:
+        """Open a connection for the watchdog's probe: is the database there at all?"""
+        conn: psycopg2.extensions.connection = psycopg2.connect(
+            self.uri, **{**self._options, "application_name": f"{APPLICATION_NAME}-probe"}
+        )
         conn.autocommit = True
         return conn
 
@@ -169,7 +206,8 @@ class Database:
             yield cur
 
     def close(self) -> None:
-        """Close every pooled connection; safe to call twice."""
+        """Stop the watchdog and close every pooled connection; safe to call twice."""
+        self.watchdog.stop()
         if not self._pool.closed:
             self._pool.closeall()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +22,40 @@ from queries import query
 
 Connection = psycopg2.extensions.connection
 Cursor = psycopg2.extensions.cursor
+
+
+class Tenure:
+    """When each lease this process holds was last renewed, by this process's own clock: what liveness reads.
+
+    Noted where the lease is taken and at every fence, forgotten when it is given back; a lease whose connection
+    has closed is not held any more (its session is gone, which frees it at once).
+    """
+
+    def __init__(self) -> None:
+        self._renewed: dict[tuple[int, int], tuple[Connection, float]] = {}  # by connection and epoch
+        self._lock = threading.Lock()
+
+    def renewed(self, conn: Connection, epoch: int) -> None:
+        """Note that this process has just renewed, or taken, the lease of `epoch` on this connection."""
+        with self._lock:
+            self._renewed[id(conn), epoch] = (conn, time.monotonic())
+
+    def ended(self, conn: Connection, epoch: int) -> None:
+        """Forget a lease given back, or lost."""
+        with self._lock:
+            self._renewed.pop((id(conn), epoch), None)
+
+    def unrenewed_for(self) -> float:
+        """Seconds since the lease this process holds was last renewed; 0 when it holds none."""
+        with self._lock:
+            for key in [key for key, (conn, _) in self._renewed.items() if conn.closed]:
+                del self._renewed[key]
+            held = [at for _, at in self._renewed.values()]
+        return time.monotonic() - min(held) if held else 0.0
+
+
+# The leases this process holds: one at a time, as a rule, but a cycle that lost its lease may overlap the next.
+HELD = Tenure()
 
 
 def this_process() -> str:
@@ -46,6 +81,7 @@ class Lease:
         """A transaction of the cycle: it renews the lease first, or fails there if another process holds it."""
         with in_transaction(self.conn) as cur:
             cur.execute(query("fence_cycle_lease"), {"epoch": self.epoch, "seconds": self.seconds})
+            HELD.renewed(self.conn, self.epoch)
             yield cur
 
 
@@ -76,6 +112,7 @@ def take(conn: Connection, seconds: float, fresh_for: float, wait: float) -> tup
             cur.execute(query("take_cycle_lease"), params)
             epoch, holder, renewed_s = one_row(cur)
         if epoch is not None:
+            HELD.renewed(conn, epoch)
             return Lease(conn, epoch, seconds), None
         if time.monotonic() >= deadline:
             return None, None if holder is None else Holder(holder, float(renewed_s))
@@ -84,7 +121,10 @@ def take(conn: Connection, seconds: float, fresh_for: float, wait: float) -> tup
 
 def give(lease: Lease) -> None:
     """Give the lease back at the end of a cycle, unless its connection is already gone (the lease then expires)."""
-    if lease.conn.closed:
-        return
-    with in_transaction(lease.conn) as cur:
-        cur.execute(query("give_cycle_lease"), {"epoch": lease.epoch})
+    try:
+        if lease.conn.closed:
+            return
+        with in_transaction(lease.conn) as cur:
+            cur.execute(query("give_cycle_lease"), {"epoch": lease.epoch})
+    finally:
+        HELD.ended(lease.conn, lease.epoch)

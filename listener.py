@@ -23,6 +23,10 @@ LISTENER_NAME = f"{APPLICATION_NAME}-listener"
 # quarter at random, so that the workers of every replica do not all knock at once after a restart.
 RETRY_FIRST = 1.0
 RETRY_LAST = 30.0
+# After this many seconds without a word from queue-db the listener pings it: a request that gets no answer is what
+# the pool's watchdog notices (watchdog.py), where a silent connection would go on waiting for notifications that
+# cannot come. So a dead listening connection is noticed within this plus the watchdog's bound.
+PING_AFTER = 4.0
 
 
 class Listener:
@@ -95,10 +99,12 @@ class Listener:
         # Entries that settled while nobody listened notified no one: have the poller look once now.
         self._wake()
         while not self._stopping.is_set():
-            readable, _, _ = select.select([conn.fileno(), bell.fileno()], [], [])
-            if conn.fileno() not in readable:
-                continue
-            conn.poll()
+            readable, _, _ = select.select([conn.fileno(), bell.fileno()], [], [], PING_AFTER)
+            if not readable:
+                with conn.cursor() as cur:
+                    cur.execute(query("ping"))
+            elif conn.fileno() in readable:
+                conn.poll()
             if conn.notifies:
                 conn.notifies.clear()  # however many arrived, one wake-up covers them all
                 self._wake()

@@ -7,7 +7,8 @@ import functools
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -40,6 +41,8 @@ EXTENSION = "consistency"  # the key of the service in app.extensions
 STATE_MAX_AGE = 1.0
 # What a caller is told of an unexpected error; the traceback goes to the log.
 INTERNAL_ERROR = "internal error; see the service log"
+# How long /ready waits for the databases' answers: well within the readiness probe's timeout (k8s/base: 5 s).
+READY_WAIT = 1.5
 
 
 class StateCache:
@@ -113,6 +116,55 @@ class StateCache:
         return self._state
 
 
+class BoundedChecks:
+    """Runs named checks on threads of their own, one at a time per name, and waits for them a bounded time.
+
+    A check still running when the next request comes is waited for again, not started twice: a database that
+    does not answer holds one thread per check until the connection's own bounds end it, not one per request.
+    """
+
+    def __init__(self) -> None:
+        self._running: dict[str, _Check] = {}
+        self._lock = threading.Lock()
+
+    def run(self, checks: dict[str, Callable[[], str]], wait: float) -> dict[str, str]:
+        """Start each check, or join the one running, and return each answer, or that none came within `wait`."""
+        deadline = time.monotonic() + wait
+        with self._lock:
+            for name, check in checks.items():
+                if name not in self._running or self._running[name].done.is_set():
+                    self._running[name] = _Check(name, check)
+            running = {name: self._running[name] for name in checks}
+        answers = {}
+        for name, each in running.items():
+            answered = each.done.wait(max(0.0, deadline - time.monotonic()))
+            answers[name] = each.answer if answered else f"unreachable: no answer for {each.age():.1f}s"
+        return answers
+
+
+class _Check:
+    """One run of a check, on a daemon thread."""
+
+    def __init__(self, name: str, check: Callable[[], str]) -> None:
+        self.started = time.monotonic()
+        self.done = threading.Event()
+        self.answer = INTERNAL_ERROR
+        threading.Thread(target=self._run, args=(check,), name=f"check-{name}", daemon=True).start()
+
+    def age(self) -> float:
+        """Seconds since the check started."""
+        return time.monotonic() - self.started
+
+    def _run(self, check: Callable[[], str]) -> None:
+        """Run the check and keep its answer; an unexpected error is logged and answered as such."""
+        try:
+            self.answer = check()
+        except Exception:
+            log.exception("a readiness check failed")
+        finally:
+            self.done.set()
+
+
 def run_and_report(
     runner: CycleRunner, cache: StateCache, lock_wait: float, progress: Progress, fresh_for: float
 ) -> CycleResult:
@@ -132,7 +184,9 @@ def run_and_report(
     standing = None
     try:
         standing = cache.after_cycle()
-    except Exception:  # the summary line and the metrics still tell of the cycle
+    except DatabaseError as err:  # the summary line and the metrics still tell of the cycle
+        log.warning("could not read the state after a cycle: %s", err)
+    except Exception:
         log.exception("could not read the state after a cycle")
     report(result, standing if result.outcome == "ok" else None)
     return result
@@ -153,6 +207,7 @@ class Service:
     actions: Actions
     drift: DriftChecks
     adoption: Adoption
+    checks: BoundedChecks = field(default_factory=BoundedChecks)  # what /ready runs, each within READY_WAIT
 
     def start(self) -> None:
         """Start the poller (and the listener), the first cycle at once, and the drift checks' thread."""
@@ -166,39 +221,46 @@ class Service:
             return {"status": "failing", "poller": "stopped"}
         if stalled > self.settings.liveness_timeout:
             return {"status": "failing", "poller": "stuck", "seconds_without_progress": round(stalled, 1)}
-        holder = self.runner.holder  # as the poller's last attempt to take the lease found it
-        if (
-            holder is not None
-            and holder.name.startswith(lease.this_replica())
-            and holder.stalled(self.settings.cycle_lease)
-        ):
-            return {
-                "status": "failing",
-                "poller": "lease-stalled",
-                "lease_holder": holder.name,
-                "seconds_without_progress": round(holder.renewed_s, 1),
-            }
+        # This process's own lease, by its own clock, whether or not its database answers; then another process
+        # of this replica, as the poller's last attempt to take the lease found it.
+        own = lease.Holder(lease.this_process(), lease.HELD.unrenewed_for())
+        for holder in (own, self.runner.holder):
+            if (
+                holder is not None
+                and holder.name.startswith(lease.this_replica())
+                and holder.stalled(self.settings.cycle_lease)
+            ):
+                return {
+                    "status": "failing",
+                    "poller": "lease-stalled",
+                    "lease_holder": holder.name,
+                    "seconds_without_progress": round(holder.renewed_s, 1),
+                }
         return {"status": "ok", "poller": "running"}
 
     def readiness(self) -> dict[str, str]:
-        """Check each dependency; return 'ok' or the problem for each."""
-        checks = {}
+        """Check each dependency within READY_WAIT, whatever the databases do; return 'ok' or the problem for each."""
+        return self.checks.run({QUEUE_DB: self._check_queue_db, PORTFOLIO_DB: self._check_portfolio_db}, READY_WAIT)
+
+    def _check_queue_db(self) -> str:
+        """Tell whether queue-db answers."""
         try:
             with self.queue_db.transaction() as cur:
                 cur.execute(query("ping"))
-            checks[QUEUE_DB] = "ok"
         except DatabaseError as err:
-            checks[QUEUE_DB] = f"unreachable: {err.detail}"
+            return f"unreachable: {err.detail}"
+        return "ok"
+
+    def _check_portfolio_db(self) -> str:
+        """Tell whether user-portfolio-db answers with the state schema migrated."""
         try:
             with self.portfolio_db.transaction() as cur:
                 version = migrations.schema_version(cur)
-            ok = version == migrations.LATEST_VERSION
-            checks[PORTFOLIO_DB] = (
-                "ok" if ok else f"state schema at version {version}, needs {migrations.LATEST_VERSION}"
-            )
         except DatabaseError as err:
-            checks[PORTFOLIO_DB] = f"unreachable: {err.detail}"
-        return checks
+            return f"unreachable: {err.detail}"
+        if version != migrations.LATEST_VERSION:
+            return f"state schema at version {version}, needs {migrations.LATEST_VERSION}"
+        return "ok"
 
     def status(self) -> dict[str, Any]:
         """Describe tier values, watermarks, mode, parked count and the last cycle, from the kept snapshot."""

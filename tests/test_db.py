@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
 
 from db import Database, DatabaseError
+from devkit import ROOT
+from devkit.net import wait_until
+from devkit.proxy import Proxy
 from domain import Entry
+from listener import PING_AFTER, Listener
 from logs import mask_uri
+from queries import query
 from tests.world import (
     STAMP,
     World,
 )
+from watchdog import ANSWER_WAIT, WATCH_EVERY
 
 
 def backend_pid(db: Database) -> int:
@@ -85,10 +98,203 @@ def test_every_connection_carries_the_configured_timeouts(settings) -> None:
                         " current_setting('idle_in_transaction_session_timeout'), current_setting('jit')")  # fmt: skip
             assert cur.fetchone() == ("500ms", "250ms", "3s", "off")  # half the cycle lease; no JIT
             assert cur.connection.info.dsn_parameters["connect_timeout"] == str(settings.db_connect_timeout)
+            # The server's end of the connection has TCP's bounds too.
+            cur.execute("SELECT current_setting('tcp_keepalives_idle'), current_setting('tcp_keepalives_interval'),"
+                        " current_setting('tcp_keepalives_count'), current_setting('tcp_user_timeout')")  # fmt: skip
+            assert cur.fetchone() == ("5", "2", "3", "10000")
+            assert tcp_bounds(cur.connection) == (1, 5, 2, 3, 10_000)  # and the service's end, as libpq set them
         with pytest.raises(DatabaseError, match="statement timeout"), db.transaction() as cur:
             cur.execute("SELECT pg_sleep(2)")
     finally:
         db.close()
+
+
+def tcp_bounds(conn) -> tuple[int, ...]:
+    """Read a connection's keepalive settings and TCP_USER_TIMEOUT from its socket."""
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        options = [
+            (socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+            (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+        ]
+        return tuple(sock.getsockopt(level, option) for level, option in options)
+
+
+@pytest.fixture
+def proxy(pg: str) -> Iterator[Proxy]:
+    """A TCP proxy in front of the test server."""
+    made = Proxy.before(pg)
+    yield made
+    made.close()
+
+
+def test_a_request_the_database_never_answers_ends_within_the_bound_logged_once(settings, proxy, caplog) -> None:
+    uri = proxy.uri(settings.portfolio_db_uri).replace("@", ":pw-4711-secret@", 1)  # trust: the server asks for none
+    db = Database("user-portfolio-db", uri, replace(settings, db_connect_timeout=2))
+    try:
+        with db.transaction() as cur:
+            cur.execute(query("ping"))
+        proxy.blackhole()  # its kernel still acknowledges: TCP's keepalives and user timeout see a live peer
+        asked = time.monotonic()
+        with caplog.at_level(logging.INFO, "db"), pytest.raises(DatabaseError) as failed, db.transaction() as cur:
+            cur.execute(query("ping"))
+        took = time.monotonic() - asked
+        proxy.forward()
+        with db.transaction() as cur:  # the pool discarded the dead connection: a new one works
+            cur.execute(query("ping"))
+    finally:
+        db.close()
+    assert failed.value.database == "user-portfolio-db"
+    assert "server closed the connection unexpectedly" in failed.value.detail  # the watchdog shut its socket
+    # No answer for ANSWER_WAIT, then a probe that gets none within DB_CONNECT_TIMEOUT (2 s here).
+    assert ANSWER_WAIT + 2 <= took <= ANSWER_WAIT + WATCH_EVERY + 2 + 1.0, took
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith("user-portfolio-db gave no answer for "), warnings
+    assert "nor to a new connection: " in warnings[0] and "pw-4711-secret" not in warnings[0]
+
+
+def test_a_long_statement_on_a_database_that_answers_is_left_to_finish(settings, caplog) -> None:
+    db = Database("user-portfolio-db", settings.portfolio_db_uri, settings)
+    try:
+        with caplog.at_level(logging.INFO, logger="db"), db.transaction() as cur:
+            cur.execute("SELECT pg_sleep(%s)", (ANSWER_WAIT + 1.5,))  # the watchdog probes, and the probe answers
+    finally:
+        db.close()
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_ready_answers_within_two_seconds_when_a_database_gives_no_answer(make_app, settings, proxy) -> None:
+    # The check's request is lost with the bytes the proxy drops: once it forwards again, the connection is
+    # dropped when it has waited longer than any statement may run.
+    app = make_app(portfolio_db_uri=proxy.uri(settings.portfolio_db_uri), db_statement_timeout=2.0)
+    client = app.test_client()
+    assert client.get("/ready").status_code == 200
+    proxy.blackhole()
+    answers = []
+    for _ in range(3):  # the first waits for its check; the next ones join the check still waiting
+        asked = time.monotonic()
+        answers.append((client.get("/ready"), time.monotonic() - asked))
+    proxy.forward()
+    assert [answer.status_code for answer, _ in answers] == [503, 503, 503]
+    assert max(took for _, took in answers) < 2.0
+    checks = answers[-1][0].get_json()["checks"]
+    assert checks["queue-db"] == "ok"
+    assert checks["user-portfolio-db"].startswith("unreachable: no answer for ")
+    wait_until(lambda: client.get("/ready").status_code == 200, 15, "readiness once the database answers again")
+
+
+def test_the_listener_notices_a_connection_that_gives_no_answer_and_listens_again(settings, proxy, caplog) -> None:
+    db = Database("queue-db", proxy.uri(settings.queue_db_uri), replace(settings, db_connect_timeout=2))
+    ear = Listener(db, lambda: None)
+    ear.start()
+    try:
+        wait_until(ear.listening.is_set, 10, "the listener to listen")
+        with caplog.at_level(logging.INFO):
+            proxy.blackhole()
+            lost = time.monotonic()
+            # Silent for PING_AFTER, it pings; the ping gets no answer, which the watchdog notices.
+            wait_until(lambda: not ear.listening.is_set(), PING_AFTER + ANSWER_WAIT + 5, "the listener to notice")
+            noticed = time.monotonic() - lost
+            proxy.forward()
+            wait_until(ear.listening.is_set, 40, "the listener to listen again")
+    finally:
+        ear.stop()
+        db.close()
+    assert noticed <= PING_AFTER + ANSWER_WAIT + WATCH_EVERY + 2 + 1.0, noticed
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("queue-db gave no answer for ") for m in messages), messages
+    assert any(m.startswith("queue-db notifications unavailable") for m in messages), messages
+    assert "listening to queue-db notifications again" in messages
+
+
+# A server that answers the startup and every query until told to stop, for the test below (run in a network
+# namespace of its own, where a route can drop every packet).
+PARTITIONED = r"""
+import json, socket, struct, subprocess, threading, time
+import psycopg2
+from config import Settings
+from db import connect_options
+
+def message(kind, body):
+    return kind + struct.pack("!i", len(body) + 4) + body
+
+def session(conn, answering):
+    data = b""
+    def take(n):
+        nonlocal data
+        while len(data) < n:
+            more = conn.recv(65536)
+            if not more:
+                raise EOFError
+            data += more
+        head, data = data[:n], data[n:]
+        return head
+    try:
+        take(struct.unpack("!i", take(4))[0] - 4)
+        hello = message(b"R", struct.pack("!i", 0)) + message(b"K", struct.pack("!ii", 1, 2))
+        for name, value in (("server_version", "15.0"), ("client_encoding", "UTF8"), ("DateStyle", "ISO, MDY"),
+                            ("integer_datetimes", "on"), ("standard_conforming_strings", "on")):
+            hello += message(b"S", f"{name}\0{value}\0".encode())
+        conn.sendall(hello + message(b"Z", b"I"))
+        while True:
+            take(struct.unpack("!i", take(5)[1:])[0] - 4)
+            if answering.is_set():
+                conn.sendall(message(b"C", b"SELECT 1\0") + message(b"Z", b"I"))
+    except (EOFError, OSError):
+        pass
+
+def serve(server, answering):
+    while True:
+        conn, _ = server.accept()
+        threading.Thread(target=session, args=(conn, answering), daemon=True).start()
+
+subprocess.run("ip link set lo up && ip addr add 10.9.9.9/32 dev lo", shell=True, check=True)
+answering = threading.Event()
+answering.set()
+server = socket.create_server(("10.9.9.9", 5432))
+threading.Thread(target=serve, args=(server, answering), daemon=True).start()
+options = {k: v for k, v in connect_options(Settings()).items() if k != "options"}
+conns = [psycopg2.connect(host="10.9.9.9", user="x", dbname="x", sslmode="disable", **options) for _ in range(2)]
+for conn in conns:
+    conn.autocommit = True
+    conn.cursor().execute("SELECT 1")
+answering.clear()
+took = {}
+
+def ask(name, conn):
+    asked = time.monotonic()
+    try:
+        conn.cursor().execute("SELECT 1")
+    except psycopg2.Error as err:
+        took[name] = [str(err).splitlines()[0], time.monotonic() - asked]
+
+waiting = threading.Thread(target=ask, args=("waiting", conns[0]))
+waiting.start()  # its request reaches the server, which does not answer: then the path goes
+time.sleep(0.5)
+subprocess.run("ip addr del 10.9.9.9/32 dev lo && ip route add blackhole 10.9.9.9/32", shell=True, check=True)
+sending = threading.Thread(target=ask, args=("sending", conns[1]))
+sending.start()  # its request is lost with the path
+waiting.join(60)
+sending.join(60)
+print(json.dumps(took))
+"""
+
+
+def test_tcp_alone_gives_up_a_path_that_drops_every_packet_within_eleven_seconds() -> None:
+    """What TCP's own bounds give, on a path that loses every packet (a partition without a proxy)."""
+    if subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs a network namespace of its own (unshare -n), to drop packets without touching others")
+    done = subprocess.run(
+        ["unshare", "-n", sys.executable, "-c", PARTITIONED], cwd=ROOT, capture_output=True, text=True, timeout=90
+    )
+    assert done.returncode == 0, done.stderr
+    took = json.loads(done.stdout)
+    # Waiting for an answer, its request acknowledged: keepalive probes from 5 s, every 2 s, given up at the first
+    # past TCP_USER_TIMEOUT (10 s), at 11 s. Sending: TCP_USER_TIMEOUT, 10 s without an acknowledgement.
+    assert took["waiting"][0].endswith("Connection timed out") and 10.5 <= took["waiting"][1] <= 12.5, took
+    assert took["sending"][0].endswith("Connection timed out") and 9.5 <= took["sending"][1] <= 11.5, took
 
 
 def test_the_portfolio_lock_lets_other_services_insert_transactions(settings, world: World) -> None:

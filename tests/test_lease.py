@@ -156,3 +156,49 @@ def test_the_poller_asks_for_a_cycle_only_if_none_started_within_the_interval_or
     assert start == (0.0, 60.0)  # another process may have run one a moment ago
     assert wake[0] == 0.0 and 0 <= wake[1] < 1.0  # any cycle that started after the wake-up serves it
     assert trigger == (1.0, 0.0)  # waits for its turn, and runs however recent the last cycle
+
+
+def test_a_process_keeps_the_time_of_its_own_renewals_and_forgets_a_lease_given_back(world: World) -> None:
+    conn = psycopg2.connect(world.portfolio_uri)
+    try:
+        held, _ = lease.take(conn, 60.0, 0.0, 0.0)
+        assert held is not None
+        time.sleep(0.3)
+        assert 0.3 <= lease.HELD.unrenewed_for() < 1.0  # by this process's clock: no database asked
+        with held.transaction():
+            pass
+        assert lease.HELD.unrenewed_for() < 0.1  # the fence renewed it
+        lease.give(held)
+        assert lease.HELD.unrenewed_for() == 0.0
+        lost, _ = lease.take(conn, 60.0, 0.0, 0.0)
+        assert lost is not None
+    finally:
+        conn.close()  # its session is gone, and the lease with it: this process holds nothing
+    time.sleep(0.1)
+    assert lease.HELD.unrenewed_for() == 0.0
+
+
+def test_liveness_fails_by_its_own_clock_while_its_cycle_holds_the_lease_without_renewing(make_app, mocker) -> None:
+    app = make_app(cycle_lease=2.0, polling_interval=3600.0)
+    client = app.test_client()
+    svc = app.extensions["consistency"]
+    svc.runner.prepare()
+    stuck, cycle = threading.Event(), svc.runner._cycle
+
+    def held_up(*args: object) -> object:
+        stuck.wait(10)  # a read that gets no answer, say: the database is not asked how the lease stands
+        return cycle(*args)
+
+    mocker.patch.object(svc.runner, "_cycle", side_effect=held_up)
+    svc.poller.start()
+    try:
+        wait_until(lambda: client.get("/health").status_code == 503, 3, "liveness to fail", interval=0.05)
+        failing = client.get("/health").get_json()
+        stuck.set()
+        wait_until(lambda: client.get("/health").status_code == 200, 5, "liveness to recover", interval=0.05)
+    finally:
+        stuck.set()
+        svc.poller.stop()
+    assert failing["poller"] == "lease-stalled"
+    assert failing["lease_holder"] == lease.this_process()
+    assert failing["seconds_without_progress"] >= 0.5  # a quarter of the lease, to a tenth
