@@ -180,17 +180,21 @@ def _matching(cur: Cursor, selection: Selection) -> tuple[list[Parked], bool]:
 
 
 def _states(cur: Cursor, keys: Sequence[EntryKey]) -> list[dict[str, Any]]:
-    """Tell where each entry stands: applied (with its outcome), resolved, still parked, or released."""
+    """Tell where each entry stands: still parked, applied (with its outcome), resolved, or released.
+
+    A queue row that came to carry another transaction is another entry: its parking, or else the newer of its
+    latest application and its resolution, tells where it stands.
+    """
     cur.execute(query("select_entry_states"), _keys(keys))
     states = []
-    for queue, queue_id, applied, resolved_by, resolved_at, reason, attempts in cur.fetchall():
+    for queue, queue_id, applied, applied_at, resolved_by, resolved_at, reason, attempts in cur.fetchall():
         state: dict[str, Any] = {"queue": queue, "queue_id": queue_id}
-        if applied is not None:
+        if reason is not None:
+            state.update(result="parked", reason=reason, attempts=attempts)
+        elif applied is not None and (resolved_at is None or applied_at > resolved_at):
             state.update(result="applied", outcome=applied)
         elif resolved_by is not None:
             state.update(result="resolved", resolved_by=resolved_by, resolved_at=resolved_at.isoformat())
-        elif reason is not None:
-            state.update(result="parked", reason=reason, attempts=attempts)
         else:  # its queue row is open again, or there never was such an entry
             state.update(result="released")
         states.append(state)
@@ -207,9 +211,10 @@ def _not_parked(cur: Cursor, key: EntryKey) -> Refused:
     return Refused(404, f"{key.queue} entry {key.queue_id} is not parked: {told}", state=state["result"])
 
 
-def _refuse_if_applied(cur: Cursor, keys: Sequence[EntryKey]) -> None:
+def _refuse_if_applied(cur: Cursor, entries: Sequence[Parked]) -> None:
     """Refuse to resolve entries that have a ledger record: they were applied, and applied entries stay so."""
-    cur.execute(query("select_ledger_records"), _keys(keys))
+    params = {**_keys([e.key for e in entries]), "uuids": pg_array(e.uuid for e in entries)}
+    cur.execute(query("select_ledger_records"), params)
     applied = [f"{queue} entry {queue_id}" for queue, queue_id in cur.fetchall()]
     if applied:
         raise Refused(409, f"applied, so not resolved: {', '.join(applied)}")
@@ -308,7 +313,7 @@ class Actions:
             entries = _lock(cur, [key])
             if not entries:
                 raise _not_parked(cur, key)
-            _refuse_if_applied(cur, [key])
+            _refuse_if_applied(cur, entries)
             (resolved,) = _resolve(cur, entries, actor, reason)
             (entry,) = entries
             detail = {"uuid": entry.uuid, "account_number": entry.account_number, "status": entry.status,
@@ -323,7 +328,7 @@ class Actions:
             entries, more = _matching(cur, selection)
             if selection.dry_run or not entries:
                 return _listing(selection, [e.to_json() for e in entries], more)
-            _refuse_if_applied(cur, [e.key for e in entries])
+            _refuse_if_applied(cur, entries)
             resolved = _resolve(cur, entries, actor, reason)
             audit.record(cur, actor, audit.RESOLVE, _bulk_target(selection, entries), reason)
         self._changed()

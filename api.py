@@ -190,6 +190,17 @@ def bad_limit() -> tuple[Response, int]:
     return error(400, f"limit: must be one whole number from 1 to {PARKED_LIMIT_MAX}", field="limit")
 
 
+@bp.get("/api/v1/consistency/reused-entries")
+@require(READ)
+def reused_entries() -> Any:
+    """Queue rows found carrying another transaction than the one applied under their queue_id, newest first, paged."""
+    paging = page_arguments()
+    if isinstance(paging[0], Response):
+        return paging
+    limit, before = paging
+    return jsonify(service().reused(limit, before))
+
+
 @bp.get("/api/v1/consistency/audit")
 @require(READ)
 def audit_trail() -> Any:

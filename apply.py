@@ -126,27 +126,28 @@ def apply_batch_table(
     params = step_params(queue, factors, stamp, retrying)
     outcome = None if retrying else _try_clean(cur, params)
     metrics.observe_way(clean=outcome is not None)
-    corrected, counts = outcome or run_steps(cur, params, CAREFUL_STEPS)
-    if corrected:
-        counts["corrected"] = corrected
+    counts = run_steps(cur, params, CAREFUL_STEPS) if outcome is None else outcome
+    if counts["corrected"]:
         _warn_corrections(cur, queue, queue_ids)
-    return counts
+    if counts["reused"]:
+        _warn_reuses(cur, queue, queue_ids)
+    return +counts  # no zero counts
 
 
-def run_steps(
-    cur: psycopg2.extensions.cursor, params: dict[str, object], steps: Sequence[str]
-) -> tuple[int, Counter[str]]:
-    """Run the four named apply steps in order; return the corrections the claim noted and the outcomes."""
+def run_steps(cur: psycopg2.extensions.cursor, params: dict[str, object], steps: Sequence[str]) -> Counter[str]:
+    """Run the four named apply steps in order; return the outcomes, and the corrections and reuses the claim noted."""
     claim, check, compound, settle = steps
     cur.execute(query(claim), params)
-    corrected = one_row(cur)[0]
+    corrected, reused = one_row(cur)
     cur.execute(query(check), params)
     cur.execute(query(compound), params)
     cur.execute(query(settle), params)
-    return corrected, Counter(dict(cur.fetchall()))
+    counts: Counter[str] = Counter(dict(cur.fetchall()))
+    counts.update(corrected=corrected, reused=reused)
+    return counts
 
 
-def _try_clean(cur: psycopg2.extensions.cursor, params: dict[str, object]) -> tuple[int, Counter[str]] | None:
+def _try_clean(cur: psycopg2.extensions.cursor, params: dict[str, object]) -> Counter[str] | None:
     """Apply the batch the clean way; if it is not clean, undo the try and return None."""
     cur.execute(query("savepoint_clean"))
     try:
@@ -174,6 +175,23 @@ def _warn_corrections(cur: psycopg2.extensions.cursor, queue: Queue, queue_ids: 
             applied,
             now,
             extra={"queue": queue.name, "queue_id": queue_id, "applied_status": applied, "queue_status": now},
+        )
+
+
+def _warn_reuses(cur: psycopg2.extensions.cursor, queue: Queue, queue_ids: str | None) -> None:
+    """Name each queue row of the batch found carrying another transaction than the one applied under its queue_id."""
+    cur.execute(query("select_new_reuses"), {"queue": queue.name, "queue_ids": queue_ids})
+    for queue_id, earlier, now, status in cur.fetchall():
+        log.warning(
+            "%s entry %s was applied as portfolio transaction %s and the queue row now carries %s (%s): a new "
+            "entry, applied once unless its transaction was settled before; was queue-db restored from a backup? "
+            "GET /api/v1/consistency/reused-entries lists every such row",
+            queue.name,
+            queue_id,
+            earlier,
+            now,
+            status,
+            extra={"queue": queue.name, "queue_id": queue_id, "earlier_transaction": str(earlier), "transaction": now},
         )
 
 

@@ -4,6 +4,7 @@ the two databases' names, the tier keys and a cycle's result. Every other module
 from __future__ import annotations
 
 import time
+import uuid as uuidlib
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -24,9 +25,10 @@ OUTCOMES = (*TERMINAL, PARKED)
 
 # What a drift check finds, by kind: a settled entry behind the watermark that was never applied; a ledger
 # record whose queue row is gone or changed status; a portfolio transaction whose status differs from the
-# outcome applied; a PROCESSED transaction the ledger does not record.
-DRIFT_KINDS = ("unapplied_entry", "changed_entry", "changed_transaction", "unrecorded_transaction")
-UNAPPLIED_ENTRY, CHANGED_ENTRY, CHANGED_TRANSACTION, UNRECORDED_TRANSACTION = DRIFT_KINDS
+# outcome applied; a PROCESSED transaction the ledger does not record; a ledger record whose queue row now
+# carries another transaction (queue-db restored from a backup, a uuid rewritten).
+DRIFT_KINDS = ("unapplied_entry", "changed_entry", "changed_transaction", "unrecorded_transaction", "reused_entry")
+UNAPPLIED_ENTRY, CHANGED_ENTRY, CHANGED_TRANSACTION, UNRECORDED_TRANSACTION, REUSED_ENTRY = DRIFT_KINDS
 
 # Who set a queue's adoption baseline (consistency.baseline.source): INITIAL_WATERMARK, or the operators' action.
 BY_INITIAL_WATERMARK, BY_BASELINE_ACTION = "INITIAL_WATERMARK", "baseline action"
@@ -64,6 +66,14 @@ WITHDRAWAL = Queue("withdrawal", "withdrawal_queue", "WITHDRAWAL", "allocations"
 QUEUES = (INVESTMENT, WITHDRAWAL)
 
 
+def transaction_id(uuid: str | None) -> str | None:
+    """Read a queue uuid as the id of its portfolio transaction, in one spelling; None if it is not a UUID."""
+    try:
+        return str(uuidlib.UUID(uuid)) if uuid is not None else None
+    except ValueError:
+        return None
+
+
 @dataclass(frozen=True)
 class Entry:
     """One queue row as the service reads it."""
@@ -79,6 +89,11 @@ class Entry:
         """Return where the entry sits in (updated_at, queue_id) order."""
         return (self.updated_at, self.queue_id)
 
+    @property
+    def transaction(self) -> str | None:
+        """Return the portfolio transaction the row carries: with its queue and queue_id, the entry's identity."""
+        return transaction_id(self.uuid)
+
 
 @dataclass(frozen=True)
 class Stamp:
@@ -92,8 +107,9 @@ class Stamp:
 Outcome = Literal["ok", "error", "skipped", "paused"]
 # The rule that bounded the watermarks (see the README's watermark section).
 Mode = Literal["exact", "lookback"]
-# What a cycle counts per queue: entries read, their outcomes, new corrections and reconciled entries.
-COUNT_KEYS = ("read", *TERMINAL, PARKED, "corrected", "reconciled", "swept")
+# What a cycle counts per queue: entries read, their outcomes, new corrections, queue rows found carrying another
+# transaction than the one applied under their queue_id (new entries), reconciled entries and rows swept.
+COUNT_KEYS = ("read", *TERMINAL, PARKED, "corrected", "reused", "reconciled", "swept")
 
 
 @dataclass(frozen=True)
@@ -165,8 +181,10 @@ class Pause:
 
 @dataclass(frozen=True)
 class Standing:
-    """The stored state right after a cycle: each queue's watermark, and how many entries are parked or corrected."""
+    """The stored state right after a cycle: each queue's watermark, and how many entries are parked or corrected,
+    and how many queue rows were found reused."""
 
     watermarks: dict[str, dict[str, Any]]
     parked: int
     corrections: int
+    reused: int

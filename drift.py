@@ -146,7 +146,8 @@ class DriftChecks:
                 return None
             cur.execute(query("drift_findings_of"), {"check_id": rows[0]["id"]})
             findings = json_rows(cur)
-        return {**rows[0], "findings_kept_per_kind": FINDINGS_KEPT, "findings": findings}
+        counts = {**_zeros_dict(), **rows[0]["counts"]}  # a check stored before a kind existed found none of it
+        return {**rows[0], "counts": counts, "findings_kept_per_kind": FINDINGS_KEPT, "findings": findings}
 
     def start(self) -> None:
         """Start the daemon thread that runs requested, unfinished and scheduled checks."""

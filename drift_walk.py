@@ -8,7 +8,6 @@ written.
 
 from __future__ import annotations
 
-import uuid as uuidlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +22,7 @@ from domain import (
     OPEN,
     PROCESSED,
     QUEUES,
+    REUSED_ENTRY,
     UNAPPLIED_ENTRY,
     UNRECORDED_TRANSACTION,
     Entry,
@@ -142,6 +142,7 @@ def _unapplied(pconn: Connection, queue: Queue, settled: list[Entry]) -> list[En
         "queue": queue.name,
         "queue_ids": pg_array(entry.queue_id for entry in settled),
         "updated": pg_array(entry.updated_at for entry in settled),
+        "uuids": pg_array(entry.uuid for entry in settled),
     }
     found = {row[0] for row in _portfolio_rows(pconn, "drift_unapplied", params)}
     return [entry for entry in settled if entry.queue_id in found]
@@ -151,22 +152,19 @@ def _unapplied_finding(queue: Queue, entry: Entry) -> Finding:
     """Describe a settled entry the ledger has no record of."""
     detail = {"status": entry.status, "updated_at": entry.updated_at.isoformat()}
     return Finding(
-        UNAPPLIED_ENTRY, queue.name, entry.queue_id, entry.uuid, _txn_id(entry.uuid), entry.account_number, detail
+        UNAPPLIED_ENTRY, queue.name, entry.queue_id, entry.uuid, entry.transaction, entry.account_number, detail
     )
 
 
-def _txn_id(uuid: str | None) -> str | None:
-    """Read an entry's uuid as the id of its portfolio transaction, as the service does; None if it is not a UUID."""
-    try:
-        return str(uuidlib.UUID(uuid)) if uuid is not None else None
-    except ValueError:
-        return None
-
-
 def _ledger_chunk(queue: Queue, queue_db: Database, pconn: Connection, start: int, limit: int) -> Chunk:
-    """Ledger records whose queue row is gone or changed status, and whose transaction's status differs."""
+    """Ledger records whose queue row is gone, changed status or carries another transaction, and whose
+    transaction's status differs."""
     params = {"queue": queue.name, "next": start, "limit": limit + 1}
     rows, following = _split(_portfolio_rows(pconn, "drift_ledger_chunk", params), limit)
+    if following is not None and any(row[0] == following for row in rows):
+        # The records of one queue_id (one per transaction applied under it) go in one chunk: the next starts at it.
+        rows = [row for row in rows if row[0] != following] or rows
+        following = following if rows[-1][0] != following else int(following) + 1
     current = _current(queue_db, queue, [row[0] for row in rows])
     findings = tuple(found for row in rows for found in _ledger_findings(queue, row, current.get(row[0])))
     return Chunk(len(rows), findings, following)
@@ -177,7 +175,10 @@ def _ledger_findings(queue: Queue, row: tuple[Any, ...], entry: Entry | None) ->
     queue_id, uuid, txn_id, applied, txn_status, txn_account, before_baseline = row
     account = entry.account_number if entry is not None else txn_account
     found = []
-    if entry is None or entry.status != applied:
+    if entry is not None and txn_id is not None and entry.transaction != str(txn_id):
+        detail = {"applied_status": applied, "queue_uuid": entry.uuid, "queue_status": entry.status}
+        found.append(Finding(REUSED_ENTRY, queue.name, queue_id, uuid, txn_id, account, detail))
+    elif entry is None or entry.status != applied:
         detail = {"applied_status": applied, "queue_status": None if entry is None else entry.status}
         detail["queue_row"] = "gone" if entry is None else "changed"
         found.append(Finding(CHANGED_ENTRY, queue.name, queue_id, uuid, txn_id, account, detail))

@@ -9,7 +9,7 @@ import psycopg2.extensions
 
 import tiers
 from db import Database, fetch_page, json_rows, one_row, plain
-from domain import OPEN, Entry, Queue
+from domain import OPEN, Entry, Queue, transaction_id
 from queries import query, table_query
 
 # What a journal record tells of its entry.
@@ -21,7 +21,8 @@ AGREES_AGAIN = "agrees_again"  # the queue's status is back to the one applied
 RETRIED = "retried"  # an operator asked for a retry
 RESOLVED = "resolved"  # an operator dismissed it: it is never applied
 ADOPTED = "adopted"  # recorded as applied without moving money, by the baseline action or INITIAL_WATERMARK
-KINDS = (APPLIED, PARKED, RELEASED, CORRECTED, AGREES_AGAIN, RETRIED, RESOLVED, ADOPTED)
+REUSED = "reused"  # its queue row, applied before under another transaction, came to carry this one: a new entry
+KINDS = (APPLIED, PARKED, RELEASED, CORRECTED, AGREES_AGAIN, RETRIED, RESOLVED, ADOPTED, REUSED)
 
 
 def record(
@@ -73,19 +74,23 @@ class Journal:
         entry = None if row is None else Entry(*row)
         with self.portfolio_db.transaction() as cur:
             cur.execute(query("entry_standing"), key)
-            ledger, parked, resolved, correction = one_row(cur)
-            # Its records are filed under the accounts it named: in the queue, its transaction, its parking.
+            ledgers, parked, resolved, correction, reuses = one_row(cur)
+            ledgers, reuses = ledgers or [], reuses or []
+            # Its records are filed under the accounts it named: in the queue, its transactions, its parking.
             named = [entry.account_number if entry else None] + [
-                p["account_number"] for p in (ledger, parked, resolved) if p
+                p["account_number"] for p in (*ledgers, *reuses, parked, resolved) if p
             ]
-            accounts = {"accounts": [a for a in named if a is not None], "no_account": None in named}
+            accounts = {"accounts": sorted({a for a in named if a is not None}), "no_account": None in named}
             cur.execute(query("entry_journal"), {**key, **accounts, "limit": STORY_RECORDS_MAX})
             records = json_rows(cur)
             in_force = {v: _tiers_at(cur, queue, v) for v in {r["tier_version"] for r in records} - {None}}
-        if row is None and not records and ledger is None and parked is None and resolved is None:
+        if row is None and not records and not ledgers and parked is None and resolved is None:
             return None
         for record in records:
             record["tiers_in_force"] = in_force.get(record["tier_version"])
+        ledger = _ledger_now(entry, ledgers)
+        if resolved is not None and entry is not None and not _carries(entry, resolved["uuid"]):
+            resolved = None  # resolved while the row carried another transaction: this one is another entry
         return {
             **key,
             "state": _state(entry, ledger, parked, resolved),
@@ -94,6 +99,8 @@ class Journal:
             "parked": parked,
             "resolved": resolved,
             "correction": correction,
+            "transactions": _transactions(entry, ledgers, reuses, parked),
+            "reuses": reuses,
             "records": records,
         }
 
@@ -107,6 +114,46 @@ def _tiers_at(cur: psycopg2.extensions.cursor, queue: Queue, version: int) -> di
     values = tuple(tiers.Tier(pool, market) for _, pool, market in rows)
     factors = [tiers.shown_fraction(f) for f in tiers.factors_for(queue, values)]
     return {**tiers.tiers_json(values), "factors": factors}
+
+
+def _carries(entry: Entry, uuid: str | None) -> bool:
+    """Tell whether a queue row carries the transaction a uuid names (or the same text, when it names none)."""
+    txn = transaction_id(uuid)
+    return entry.transaction == txn if txn is not None else entry.uuid == uuid
+
+
+def _ledger_now(entry: Entry | None, ledgers: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The ledger record of the transaction the row carries now (of its latest application, if the row is gone)."""
+    if entry is None:
+        return ledgers[-1] if ledgers else None
+    mine = [r for r in ledgers if r["portfolio_transaction"] in (None, entry.transaction)]
+    return mine[-1] if mine else None
+
+
+def _transactions(
+    entry: Entry | None, ledgers: list[dict[str, Any]], reuses: list[dict[str, Any]], parked: dict[str, Any] | None
+) -> list[dict[str, Any]]:
+    """Every portfolio transaction the row has carried, as far as the service saw, oldest first, and which applied."""
+    seen: dict[str | None, dict[str, Any]] = {}
+
+    def note(txn: str | None, uuid: str | None) -> None:
+        seen.setdefault(txn, {"portfolio_transaction": txn, "uuid": uuid, "applied": False})
+
+    for reuse in reuses:
+        note(reuse["earlier_transaction"], None)
+        note(reuse["portfolio_transaction"], reuse["uuid"])
+    for record in ledgers:
+        note(record["portfolio_transaction"], record["uuid"] or record["portfolio_transaction"])
+        seen[record["portfolio_transaction"]].update(
+            applied=True, applied_status=record["status"], applied_at=record["applied_at"]
+        )
+    if parked is not None:
+        note(transaction_id(parked.get("uuid")), parked.get("uuid"))
+    if entry is not None:
+        note(entry.transaction, entry.uuid)
+    for txn, shown in seen.items():
+        shown["carried_now"] = entry is not None and txn == entry.transaction
+    return list(seen.values())
 
 
 def _state(entry: Entry | None, ledger: Any, parked: Any, resolved: Any) -> str:

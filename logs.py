@@ -103,7 +103,12 @@ def cycle_fields(result: CycleResult, standing: Standing | None) -> dict[str, An
     """Return the fields of a cycle's summary line."""
     fields = {"event": "cycle", **result.to_json()}
     if standing is not None:
-        fields.update(watermarks=standing.watermarks, parked_entries=standing.parked, corrections=standing.corrections)
+        fields.update(
+            watermarks=standing.watermarks,
+            parked_entries=standing.parked,
+            corrections=standing.corrections,
+            reused_entries=standing.reused,
+        )
     return fields
 
 

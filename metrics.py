@@ -31,6 +31,12 @@ ENTRIES = Counter(
     "Queue entries applied, by queue and outcome; parked counts every parking, a retry's included.",
     ["queue", "outcome"],
 )
+REUSED = Counter(
+    "consistency_reused_entries",
+    "Queue rows found carrying another transaction than the one applied under their queue and queue_id, by queue:"
+    " new entries, as after queue-db was restored from a backup.",
+    ["queue"],
+)
 BATCHES = Counter(
     "consistency_batches",
     "Batches applied, by way: clean (every entry could apply) or careful (the steps that give the rest their reasons).",
@@ -97,6 +103,7 @@ for _result in RESULTS:
 for _queue in QUEUES:
     for _outcome in OUTCOMES:
         ENTRIES.labels(queue=_queue.name, outcome=_outcome)
+    REUSED.labels(queue=_queue.name)
 for _database in DATABASES:
     POOL_IN_USE.labels(database=_database)
 for _way in WAYS:
@@ -115,6 +122,8 @@ def observe_cycle(result: CycleResult, standing: Standing | None = None) -> None
         for outcome in OUTCOMES:
             if counts.get(outcome):
                 ENTRIES.labels(queue=queue, outcome=outcome).inc(counts[outcome])
+        if counts.get("reused"):
+            REUSED.labels(queue=queue).inc(counts["reused"])
     if result.outcome == "ok" and work is not None:
         LAST_SUCCESS.set(time.time())
         OLDEST_TRANSACTION.set(work.oldest_transaction_s or 0)

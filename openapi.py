@@ -111,6 +111,24 @@ _RECORD = {
         "actor": {"type": ["string", "null"]},
     },
 }
+_REUSE = {
+    "type": "object",
+    "required": ["id", "noticed_at", "queue", "queue_id", "earlier_transaction", "portfolio_transaction", "state"],
+    "properties": {
+        "id": {"type": "integer"},
+        "noticed_at": {"type": "string", "format": "date-time"},
+        "queue": {"type": "string", "enum": [q.name for q in QUEUES]},
+        "queue_id": {"type": "integer"},
+        "earlier_transaction": {"type": "string", "format": "uuid"},
+        "portfolio_transaction": {"type": ["string", "null"]},
+        "uuid": {"type": ["string", "null"]},
+        "account_number": {"type": ["string", "null"]},
+        "status": {"type": ["string", "null"]},
+        "cycle": {"type": ["integer", "null"]},
+        "state": {"type": "string", "enum": ["applied", "parked", "resolved", "not applied yet"]},
+        "parked_reason": {"type": ["string", "null"]},
+    },
+}
 _QUEUE_PATH = [
     {"name": "queue", "in": "path", "required": True, "schema": {"type": "string", "enum": [q.name for q in QUEUES]}},
     {"name": "queue_id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}},
@@ -169,6 +187,20 @@ _JOURNAL_PATHS: dict[str, Any] = {
                                     },
                                     "queue_row": {"type": ["object", "null"]},
                                     "ledger": {"type": ["object", "null"]},
+                                    "transactions": {
+                                        "type": "array",
+                                        "items": {
+                                            "type": "object",
+                                            "required": ["portfolio_transaction", "applied", "carried_now"],
+                                            "properties": {
+                                                "portfolio_transaction": {"type": ["string", "null"]},
+                                                "uuid": {"type": ["string", "null"]},
+                                                "applied": {"type": "boolean"},
+                                                "carried_now": {"type": "boolean"},
+                                            },
+                                        },
+                                    },
+                                    "reuses": {"type": "array", "items": {"type": "object"}},
                                     "parked": {"type": ["object", "null"]},
                                     "resolved": {"type": ["object", "null"]},
                                     "correction": {"type": ["object", "null"]},
@@ -572,6 +604,7 @@ SPEC: dict[str, Any] = {
                     "mode",
                     "parked_entries",
                     "corrections",
+                    "reused_entries",
                     "pause",
                     "polling_interval",
                     "last_cycle",
@@ -583,6 +616,7 @@ SPEC: dict[str, Any] = {
                     "mode": {"type": ["string", "null"]},
                     "parked_entries": {"type": "integer"},
                     "corrections": {"type": "integer"},
+                    "reused_entries": {"type": "integer"},
                     "pause": {"oneOf": [_PAUSE, {"type": "null"}]},
                     "polling_interval": {"type": "number"},
                     "last_cycle": {"oneOf": [{"$ref": "#/components/schemas/CycleSummary"}, {"type": "null"}]},
@@ -655,6 +689,34 @@ SPEC: dict[str, Any] = {
                 "security": _READ,
                 "parameters": [_limit()],
                 "responses": {"200": _json("Listing", "corrections"), **_errors(400, 401, 503), **_TOO_LONG},
+            }
+        },
+        "/api/v1/consistency/reused-entries": {
+            "get": {
+                "summary": "Queue rows found carrying another transaction than the one applied under their queue_id "
+                "(new entries, as after queue-db was restored from a backup), newest first, with where each stands",
+                "security": _READ,
+                "parameters": [_limit(), _before()],
+                "responses": {
+                    "200": {
+                        "description": "how many there are, and a page of them",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["count", "entries", "next_before"],
+                                    "properties": {
+                                        "count": {"type": "integer"},
+                                        "entries": {"type": "array", "items": _REUSE},
+                                        "next_before": {"type": ["integer", "null"]},
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    **_errors(400, 401, 503),
+                    **_TOO_LONG,
+                },
             }
         },
         "/api/v1/consistency/audit": {

@@ -162,8 +162,8 @@ class QueuePass:
             return 0, None
         self.counts["swept"] += len(batch)
         with self.lease.transaction() as cur:
-            ids = pg_array(e.queue_id for e in batch)
-            cur.execute(query("filter_unapplied"), {"queue": self.queue.name, "queue_ids": ids})
+            params = {"queue": self.queue.name, "queue_ids": pg_array(e.queue_id for e in batch)}
+            cur.execute(query("filter_unapplied"), {**params, "uuids": pg_array(e.uuid for e in batch)})
             missing = {row[0] for row in cur.fetchall()}
         # Entries before the baseline are left out here, not in the read: each page still reads batch_size rows.
         found = [e for e in batch if e.queue_id in missing and not before(e, baseline)]  # in position order

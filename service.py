@@ -25,7 +25,7 @@ from actions import Actions
 from adoption import Adoption, baseline_row
 from config import Settings
 from cycle import CycleRunner
-from db import Database, DatabaseError, json_rows, one_row
+from db import Database, DatabaseError, fetch_page, json_rows, one_row
 from domain import PORTFOLIO_DB, QUEUE_DB, CycleResult, Pause, Standing
 from drift import DriftChecks
 from horizon import HorizonWatch
@@ -78,7 +78,7 @@ class StateCache:
         """Read the state a cycle left, for every request after it, and return its standing."""
         with self._lock:
             state = self.refresh()
-        return Standing(state["watermarks"], state["parked_entries"], state["corrections"])
+        return Standing(state["watermarks"], state["parked_entries"], state["corrections"], state["reused_entries"])
 
     def forget(self) -> None:
         """Have the next status request read the state again."""
@@ -97,7 +97,7 @@ class StateCache:
             }
             baselines = {row[0]: baseline_row(row[0], row[4:]).to_json() for row in rows if row[4] is not None}
             cur.execute(query("select_counts_and_pause"))
-            parked, corrections, *paused = one_row(cur)
+            parked, corrections, reused, *paused = one_row(cur)
             cur.execute(query("select_last_cycle"))
             row = cur.fetchone()
         pause = None if paused[0] is None else Pause(*paused)
@@ -109,6 +109,7 @@ class StateCache:
             "mode": self._watch.mode or (row[0].get("mode") if row else None),
             "parked_entries": parked,
             "corrections": corrections,
+            "reused_entries": reused,
             "pause": None if pause is None else pause.to_json(),
             "last_cycle": row[0] if row else None,
         }
@@ -287,6 +288,15 @@ class Service:
     def corrections(self, limit: int) -> dict[str, Any]:
         """List the applied entries the queue has changed since, newest first."""
         return self._listing("count_corrections", "list_corrections", limit)
+
+    def reused(self, limit: int, before: int | None) -> dict[str, Any]:
+        """List the queue rows found carrying another transaction than the one applied under their queue_id, newest
+        first, with where each new entry stands."""
+        with self.portfolio_db.transaction() as cur:
+            cur.execute(query("count_reused_entries"))
+            total = one_row(cur)[0]
+            page = fetch_page(cur, "list_reused_entries", {"before": before}, limit)
+        return {"count": total, **page}
 
     def parked(self, limit: int) -> dict[str, Any]:
         """List parked entries, oldest first."""

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import glob
 import itertools
 import os
+import re
+import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -120,3 +123,37 @@ def clone(uri: str, template: str) -> str:
 def drop(uri: str, name: str) -> None:
     """Drop a database, ending any session still on it."""
     admin(uri, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def server_major(uri: str) -> int:
+    """The major version of the PostgreSQL server at a URI."""
+    conn = psycopg2.connect(uri)
+    try:
+        return conn.server_version // 10000
+    finally:
+        conn.close()
+
+
+def tool_major(path: Path) -> int:
+    """The major version of a PostgreSQL client program."""
+    shown = subprocess.run([str(path), "--version"], capture_output=True, text=True, check=True).stdout  # noqa: S603
+    found = re.search(r"\(PostgreSQL\) (\d+)", shown)
+    if found is None:
+        raise RuntimeError(f"{path} --version printed {shown!r}")
+    return int(found.group(1))
+
+
+def pg_tool(uri: str, name: str) -> Path:
+    """Find pg_dump or pg_restore of the server's own major version: Debian's, or those the pgserver package ships."""
+    candidates = [Path(d) / name for d in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)]
+    try:
+        import pgserver
+
+        candidates.append(Path(pgserver.__file__).parent / "pginstall" / "bin" / name)
+    except ImportError:
+        pass
+    major = server_major(uri)
+    for path in candidates:
+        if path.exists() and tool_major(path) == major:
+            return path
+    raise AssertionError(f"no {name} of PostgreSQL {major} among {[str(p) for p in candidates]}")

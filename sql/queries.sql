@@ -266,8 +266,9 @@ SELECT count(*) OVER (), updated_at, queue_id
  ORDER BY updated_at DESC, queue_id DESC
  LIMIT 1;
 
--- claim_batch: step 1 of applying the batch table's entries, which leaves out the resolved ones and records the others once each; the corrections it noted (see sql/migrations/0005_operators.sql and 0012_clean_batches.sql)
-SELECT consistency.claim_batch_v4(%(queue)s, %(retrying)s, %(terminal)s::text[], %(open)s::text[], %(cycle)s);
+-- claim_batch: step 1 of applying the batch table's entries, which leaves out the resolved ones and records the others once each, an entry being its queue, queue_id and transaction; the corrections it noted and the queue rows it found reused (see sql/migrations/0005_operators.sql, 0012_clean_batches.sql and 0013_queue_row_reuse.sql)
+SELECT corrected, reused
+  FROM consistency.claim_batch_v5(%(queue)s, %(retrying)s, %(terminal)s::text[], %(open)s::text[], %(cycle)s);
 
 -- check_batch: step 2, which takes the rows the claimed entries need, skipping those another session holds, and gives each entry that cannot apply now its reason (see sql/migrations/0007_row_locks.sql and 0010_batch_sized_steps.sql)
 SELECT consistency.check_batch_v3(%(queue)s, %(transaction_type)s);
@@ -288,15 +289,17 @@ SELECT outcome, entries
   FROM consistency.settle_clean_batch_v1(%(queue)s, %(transaction_type)s, %(terminal)s::text[], %(mirrored)s::text[],
                                          %(cycle)s);
 
--- filter_unapplied: of the given entries, those neither applied, parked nor resolved
+-- filter_unapplied: of the given entries, those neither applied (under the transaction they carry), parked nor resolved (while carrying the transaction they were resolved with)
 SELECT e.queue_id
-  FROM unnest(%(queue_ids)s::integer[]) AS e(queue_id)
+  FROM unnest(%(queue_ids)s::integer[], %(uuids)s::text[]) AS e(queue_id, uuid)
  WHERE NOT EXISTS (SELECT 1 FROM consistency.applied_entries a
-                    WHERE a.queue = %(queue)s AND a.queue_id = e.queue_id)
+                    WHERE a.queue = %(queue)s AND a.queue_id = e.queue_id
+                      AND (a.txn_id IS NULL OR a.txn_id = consistency.to_uuid(e.uuid)))
    AND NOT EXISTS (SELECT 1 FROM consistency.parked_entries p
                     WHERE p.queue = %(queue)s AND p.queue_id = e.queue_id)
    AND NOT EXISTS (SELECT 1 FROM consistency.resolved_entries r
-                    WHERE r.queue = %(queue)s AND r.queue_id = e.queue_id);
+                    WHERE r.queue = %(queue)s AND r.queue_id = e.queue_id
+                      AND (r.uuid IS NOT DISTINCT FROM e.uuid OR consistency.to_uuid(r.uuid) = consistency.to_uuid(e.uuid)));
 
 -- release_reopened: release parked entries whose queue rows are open again, with a journal record each; the cycle reads them again when they settle
 WITH released AS (
@@ -342,6 +345,35 @@ SELECT queue_id, uuid, applied_status, queue_status
    AND (%(queue_ids)s::integer[] IS NULL OR queue_id = ANY(%(queue_ids)s::integer[]))
  ORDER BY queue_id;
 
+-- count_reused_entries: how many queue rows were found carrying another transaction than the one applied under their queue_id
+SELECT count(*) FROM consistency.reused_entries;
+
+-- list_reused_entries: queue rows found carrying another transaction than the one applied under their queue_id, newest first, below an id when given, each with where the new entry stands (applied, parked with its reason, resolved, or not applied yet)
+SELECT r.id, r.noticed_at, r.queue, r.queue_id, r.earlier_txn_id AS earlier_transaction,
+       r.txn_id AS portfolio_transaction, r.uuid, r.account_number, r.status, r.cycle,
+       CASE WHEN a.applied THEN 'applied' WHEN p.reason IS NOT NULL THEN 'parked'
+            WHEN s.resolved THEN 'resolved' ELSE 'not applied yet' END AS state,
+       p.reason AS parked_reason
+  FROM consistency.reused_entries r
+  LEFT JOIN LATERAL (SELECT TRUE AS applied FROM consistency.applied_entries a
+                      WHERE a.queue = r.queue AND a.queue_id = r.queue_id AND a.txn_id = r.txn_id) AS a ON TRUE
+  LEFT JOIN LATERAL (SELECT p.reason FROM consistency.parked_entries p
+                      WHERE p.queue = r.queue AND p.queue_id = r.queue_id
+                        AND (p.uuid IS NOT DISTINCT FROM r.uuid OR consistency.to_uuid(p.uuid) = r.txn_id)) AS p ON TRUE
+  LEFT JOIN LATERAL (SELECT TRUE AS resolved FROM consistency.resolved_entries s
+                      WHERE s.queue = r.queue AND s.queue_id = r.queue_id
+                        AND (s.uuid IS NOT DISTINCT FROM r.uuid OR consistency.to_uuid(s.uuid) = r.txn_id)) AS s ON TRUE
+ WHERE %(before)s::bigint IS NULL OR r.id < %(before)s::bigint
+ ORDER BY r.id DESC
+ LIMIT %(limit)s;
+
+-- select_new_reuses: the queue rows of a queue found reused by this transaction, of the given entries (any, when NULL)
+SELECT queue_id, earlier_txn_id, coalesce(txn_id::text, uuid), status
+  FROM consistency.reused_entries
+ WHERE queue = %(queue)s AND noticed_at = CURRENT_TIMESTAMP
+   AND (%(queue_ids)s::integer[] IS NULL OR queue_id = ANY(%(queue_ids)s::integer[]))
+ ORDER BY queue_id;
+
 -- save_last_cycle: keep the summary of the cycle that just finished
 INSERT INTO consistency.last_cycle (id, summary) VALUES (TRUE, %(summary)s)
     ON CONFLICT (id) DO UPDATE SET summary = EXCLUDED.summary;
@@ -365,13 +397,23 @@ SELECT id, at, actor, action, target, reason, detail
 
 -- The journal ---------------------------------------------------------------------------------------------
 
--- list_account_journal: one account's journal records, newest first, below an id when given, with the portfolio transaction each entry settled
-SELECT j.id, j.at, j.queue, j.queue_id, a.txn_id AS portfolio_transaction, j.kind, j.status, j.reason, j.attempts,
+-- list_account_journal: one account's journal records, newest first, below an id when given, with the portfolio transaction each record is about: the one its queue row carried then, by the reuses found of that row (each noticed in the transaction of the new entry's records), else the one the ledger recorded for it
+SELECT j.id, j.at, j.queue, j.queue_id,
+       CASE WHEN u.found THEN u.txn_id ELSE a.txn_id END AS portfolio_transaction, j.kind, j.status, j.reason, j.attempts,
        CASE WHEN j.tier1_after IS NOT NULL THEN ARRAY[j.tier1_before, j.tier2_before, j.tier3_before] END AS before,
        CASE WHEN j.tier1_after IS NOT NULL THEN ARRAY[j.tier1_after, j.tier2_after, j.tier3_after] END AS after,
        j.tier_version, j.cycle, j.actor
   FROM consistency.journal j
-  LEFT JOIN consistency.applied_entries a ON a.queue = j.queue AND a.queue_id = j.queue_id
+  LEFT JOIN LATERAL (SELECT TRUE AS found,
+                            CASE WHEN r.noticed_at <= j.at THEN r.txn_id ELSE r.earlier_txn_id END AS txn_id
+                       FROM consistency.reused_entries r
+                      WHERE r.queue = j.queue AND r.queue_id = j.queue_id
+                      ORDER BY r.noticed_at <= j.at DESC, abs(extract(epoch FROM r.noticed_at - j.at)), r.id
+                      LIMIT 1) AS u ON TRUE
+  LEFT JOIN LATERAL (SELECT txn_id FROM consistency.applied_entries
+                      WHERE queue = j.queue AND queue_id = j.queue_id
+                      ORDER BY applied_at DESC
+                      LIMIT 1) AS a ON TRUE
  WHERE j.account_number = %(account)s
    AND (%(before)s::bigint IS NULL OR j.id < %(before)s::bigint)
  ORDER BY j.id DESC
@@ -388,21 +430,28 @@ SELECT id, at, kind, account_number, status, reason, attempts,
  ORDER BY id
  LIMIT %(limit)s;
 
--- entry_standing: where one entry stands now: its ledger record, its parking, its resolution and its correction, each as JSON or NULL
-SELECT (SELECT jsonb_build_object('status', a.status, 'portfolio_transaction', a.txn_id, 'uuid', a.uuid,
-                                  'applied_at', a.applied_at, 'account_number', t.accountid)
+-- entry_standing: where one queue row stands now: its ledger records (one per transaction applied under its queue_id, oldest first), its parking, its resolution, its correction and the reuses found of it, each as JSON or NULL
+SELECT (SELECT jsonb_agg(jsonb_build_object('status', a.status, 'portfolio_transaction', a.txn_id, 'uuid', a.uuid,
+                                            'applied_at', a.applied_at, 'account_number', t.accountid)
+                         ORDER BY a.applied_at)
           FROM consistency.applied_entries a
           LEFT JOIN portfolio_transactions t ON t.id = a.txn_id
          WHERE a.queue = %(queue)s AND a.queue_id = %(queue_id)s),
-       (SELECT jsonb_build_object('reason', reason, 'attempts', attempts, 'status', status, 'parked_at', parked_at,
-                                  'last_attempt_at', last_attempt_at, 'account_number', account_number)
+       (SELECT jsonb_build_object('reason', reason, 'attempts', attempts, 'status', status, 'uuid', uuid,
+                                  'parked_at', parked_at, 'last_attempt_at', last_attempt_at,
+                                  'account_number', account_number)
           FROM consistency.parked_entries WHERE queue = %(queue)s AND queue_id = %(queue_id)s),
        (SELECT jsonb_build_object('reason', reason, 'resolved_by', resolved_by, 'resolved_at', resolved_at,
-                                  'status', status, 'account_number', account_number)
+                                  'status', status, 'uuid', uuid, 'account_number', account_number)
           FROM consistency.resolved_entries WHERE queue = %(queue)s AND queue_id = %(queue_id)s),
        (SELECT jsonb_build_object('applied_status', applied_status, 'queue_status', queue_status,
                                   'first_seen_at', first_seen_at, 'noticed_at', noticed_at)
-          FROM consistency.corrections WHERE queue = %(queue)s AND queue_id = %(queue_id)s);
+          FROM consistency.corrections WHERE queue = %(queue)s AND queue_id = %(queue_id)s),
+       (SELECT jsonb_agg(jsonb_build_object('earlier_transaction', earlier_txn_id, 'portfolio_transaction', txn_id,
+                                            'uuid', uuid, 'status', status, 'account_number', account_number,
+                                            'noticed_at', noticed_at)
+                         ORDER BY noticed_at, id)
+          FROM consistency.reused_entries WHERE queue = %(queue)s AND queue_id = %(queue_id)s);
 
 -- tier_values_at: the tier values in force as of a tier_value_history id: each tier's newest row up to it
 SELECT DISTINCT ON (tier) tier, new_pool, new_market
@@ -443,11 +492,12 @@ SELECT queue, queue_id, uuid, account_number, status, reason, attempts, parked_a
  LIMIT %(limit)s
    FOR UPDATE;
 
--- select_ledger_records: which of the given entries have a ledger record (were applied)
+-- select_ledger_records: which of the given entries have a ledger record under the transaction they carry (were applied)
 SELECT a.queue, a.queue_id
   FROM consistency.applied_entries a
-  JOIN unnest(%(queues)s::text[], %(queue_ids)s::integer[]) AS e(queue, queue_id)
+  JOIN unnest(%(queues)s::text[], %(queue_ids)s::integer[], %(uuids)s::text[]) AS e(queue, queue_id, uuid)
     ON a.queue = e.queue AND a.queue_id = e.queue_id
+   AND (a.txn_id IS NULL OR a.txn_id = consistency.to_uuid(e.uuid))
  ORDER BY a.queue, a.queue_id;
 
 -- resolve_parked_entries: move the given parked entries to the resolved ones, by whom and why; they leave the parked list
@@ -462,10 +512,13 @@ SELECT queue, queue_id, uuid, account_number, status, %(reason)s, %(actor)s FROM
     ON CONFLICT (queue, queue_id) DO NOTHING
 RETURNING queue, queue_id, resolved_at;
 
--- select_entry_states: where each of the given entries stands: its ledger record, its resolution, its parking
-SELECT e.queue, e.queue_id, a.status, r.resolved_by, r.resolved_at, p.reason, p.attempts
+-- select_entry_states: where each of the given entries stands: its latest ledger record, its resolution, its parking
+SELECT e.queue, e.queue_id, a.status, a.applied_at, r.resolved_by, r.resolved_at, p.reason, p.attempts
   FROM unnest(%(queues)s::text[], %(queue_ids)s::integer[]) AS e(queue, queue_id)
-  LEFT JOIN consistency.applied_entries a ON a.queue = e.queue AND a.queue_id = e.queue_id
+  LEFT JOIN LATERAL (SELECT status, applied_at FROM consistency.applied_entries
+                      WHERE queue = e.queue AND queue_id = e.queue_id
+                      ORDER BY applied_at DESC
+                      LIMIT 1) AS a ON TRUE
   LEFT JOIN consistency.resolved_entries r ON r.queue = e.queue AND r.queue_id = e.queue_id
   LEFT JOIN consistency.parked_entries p ON p.queue = e.queue AND p.queue_id = e.queue_id
  ORDER BY e.queue, e.queue_id;
@@ -483,9 +536,10 @@ RETURNING paused_by, reason, paused_at;
 -- delete_pause: end the pause in force, if any; returns it
 DELETE FROM consistency.pause RETURNING paused_by, reason, paused_at;
 
--- select_counts_and_pause: how many entries are parked, how many applied ones the queue has changed since, and the pause in force (NULLs when none)
+-- select_counts_and_pause: how many entries are parked, how many applied ones the queue has changed since, how many queue rows were found reused, and the pause in force (NULLs when none)
 SELECT (SELECT count(*) FROM consistency.parked_entries),
        (SELECT count(*) FROM consistency.corrections),
+       (SELECT count(*) FROM consistency.reused_entries),
        p.paused_by, p.reason, p.paused_at
   FROM (SELECT) AS one
   LEFT JOIN consistency.pause p ON TRUE;
@@ -559,23 +613,27 @@ SELECT queue_id, account_number, uuid, status, updated_at::timestamptz
  ORDER BY queue_id
  LIMIT %(limit)s;
 
--- drift_unapplied: of a chunk's settled entries, those at or behind the watermark and not before the baseline that have no ledger record and are neither parked nor resolved (one index probe of each per entry)
+-- drift_unapplied: of a chunk's settled entries, those at or behind the watermark and not before the baseline that have no ledger record under the transaction they carry and are neither parked nor resolved (one index probe of each per entry)
 SELECT e.queue_id
-  FROM unnest(%(queue_ids)s::integer[], %(updated)s::timestamptz[]) AS e(queue_id, updated_at)
+  FROM unnest(%(queue_ids)s::integer[], %(updated)s::timestamptz[], %(uuids)s::text[]) AS e(queue_id, updated_at, uuid)
   JOIN consistency.watermarks w ON w.queue = %(queue)s
   LEFT JOIN consistency.baseline b ON b.queue = %(queue)s
   LEFT JOIN LATERAL (
-        SELECT 1 AS known FROM consistency.applied_entries a WHERE a.queue = %(queue)s AND a.queue_id = e.queue_id
+        SELECT 1 AS known FROM consistency.applied_entries a
+         WHERE a.queue = %(queue)s AND a.queue_id = e.queue_id
+           AND (a.txn_id IS NULL OR a.txn_id = consistency.to_uuid(e.uuid))
         UNION ALL
         SELECT 1 FROM consistency.parked_entries p WHERE p.queue = %(queue)s AND p.queue_id = e.queue_id
         UNION ALL
-        SELECT 1 FROM consistency.resolved_entries r WHERE r.queue = %(queue)s AND r.queue_id = e.queue_id
+        SELECT 1 FROM consistency.resolved_entries r
+         WHERE r.queue = %(queue)s AND r.queue_id = e.queue_id
+           AND (r.uuid IS NOT DISTINCT FROM e.uuid OR consistency.to_uuid(r.uuid) = consistency.to_uuid(e.uuid))
         LIMIT 1) AS k ON TRUE
  WHERE (e.updated_at, e.queue_id) <= (w.updated_at, w.queue_id)
    AND (b.queue IS NULL OR (e.updated_at, e.queue_id) >= (b.updated_at, b.queue_id))
    AND k.known IS NULL;
 
--- drift_ledger_chunk: a chunk of a queue's ledger records from a queue_id on (the uuid as the queue spells it), with the portfolio transaction each settled and whether that transaction was settled before the queue's baseline
+-- drift_ledger_chunk: a chunk of a queue's ledger records from a queue_id on (the uuid as the queue spells it), with the portfolio transaction each settled and whether that transaction was settled before the queue's baseline; a queue_id holds one record per transaction applied under it
 SELECT a.queue_id, COALESCE(a.uuid, a.txn_id::text), a.txn_id, a.status, t.status, t.accountid,
        COALESCE(t.updated_at < b.updated_at, FALSE) AS before_baseline
   FROM (SELECT queue, queue_id, uuid, txn_id, status
@@ -641,7 +699,8 @@ SELECT queue_id, account_number, uuid, status, updated_at::timestamptz
 -- entry or its portfolio transaction, neither parked nor resolved
 SELECT count(*)
   FROM unnest(%(queue_ids)s::integer[], %(uuids)s::text[]) AS e(queue_id, uuid)
- WHERE NOT EXISTS (SELECT 1 FROM consistency.applied_entries a WHERE a.queue = %(queue)s AND a.queue_id = e.queue_id)
+ WHERE NOT EXISTS (SELECT 1 FROM consistency.applied_entries a WHERE a.queue = %(queue)s AND a.queue_id = e.queue_id
+                      AND a.txn_id IS NULL)
    AND NOT EXISTS (SELECT 1 FROM consistency.applied_entries a WHERE a.txn_id = consistency.to_uuid(e.uuid))
    AND NOT EXISTS (SELECT 1 FROM consistency.parked_entries p WHERE p.queue = %(queue)s AND p.queue_id = e.queue_id)
    AND NOT EXISTS (SELECT 1 FROM consistency.resolved_entries r WHERE r.queue = %(queue)s AND r.queue_id = e.queue_id);
@@ -657,7 +716,8 @@ WITH given AS (
     INSERT INTO consistency.applied_entries (queue, queue_id, uuid, txn_id, status)
     SELECT %(queue)s, g.queue_id, NULLIF(g.uuid, g.txn_id::text), g.txn_id, g.status
       FROM given g
-     WHERE NOT EXISTS (SELECT 1 FROM consistency.applied_entries a WHERE a.queue = %(queue)s AND a.queue_id = g.queue_id)
+     WHERE NOT EXISTS (SELECT 1 FROM consistency.applied_entries a WHERE a.queue = %(queue)s AND a.queue_id = g.queue_id
+                          AND (a.txn_id IS NULL OR a.txn_id = g.txn_id))
        AND NOT EXISTS (SELECT 1 FROM consistency.parked_entries p WHERE p.queue = %(queue)s AND p.queue_id = g.queue_id)
        AND NOT EXISTS (SELECT 1 FROM consistency.resolved_entries r WHERE r.queue = %(queue)s AND r.queue_id = g.queue_id)
      ORDER BY g.updated_at, g.queue_id

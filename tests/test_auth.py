@@ -10,7 +10,13 @@ from config import API_TOKEN_NAME, ConfigError, Credential, load_settings
 from tests.conftest import API_TOKEN
 from tests.tokens import OPERATOR, READER, bearer
 
-ACCOUNT_ENDPOINTS = ["/api/v1/consistency/parked", "/api/v1/consistency/corrections", "/api/v1/consistency/audit"]
+ACCOUNT_ENDPOINTS = [
+    "/api/v1/consistency/parked",
+    "/api/v1/consistency/corrections",
+    "/api/v1/consistency/reused-entries",
+    "/api/v1/consistency/audit",
+    "/api/v1/consistency/journal?account=1000000001",
+]
 
 
 @pytest.fixture
@@ -75,6 +81,26 @@ def test_account_data_needs_a_token(named, path: str) -> None:
     assert refused.headers["WWW-Authenticate"] == "Bearer"
     assert named.get(path, headers=bearer(READER)).status_code == 200
     assert named.get(path, headers=bearer(OPERATOR)).status_code == 200
+
+
+def documented_gets() -> list[tuple[str, bool]]:
+    """Every GET of the OpenAPI document, its path filled in, and whether the document says it needs a token."""
+    from openapi import SPEC
+
+    filled = {"{queue}": "investment", "{queue_id}": "1"}
+    found = []
+    for path, methods in SPEC["paths"].items():
+        if "get" in methods:
+            for name, value in filled.items():
+                path = path.replace(name, value)
+            found.append((path, bool(methods["get"].get("security"))))
+    return found
+
+
+@pytest.mark.parametrize(("path", "guarded"), documented_gets())
+def test_every_get_the_document_guards_needs_a_token_and_no_other_does(named, path: str, guarded: bool) -> None:
+    answer = named.get(path, query_string={"account": "1000000001"} if path.endswith("/journal") else None)
+    assert (answer.status_code == 401) == guarded, (path, answer.status_code)
 
 
 @pytest.mark.parametrize("path", ["/ready", "/api/v1/consistency/status", "/metrics", "/api/v1/openapi.json"])

@@ -155,6 +155,7 @@ def test_a_backlog_larger_than_a_batch_matches_one_at_a_time(make_service, world
         "CANCELLED": 0,
         "parked": 0,
         "corrected": 0,
+        "reused": 0,
         "reconciled": 0,
         "swept": 0,
     }

@@ -110,7 +110,7 @@ def test_a_consistent_system_has_no_findings(svc: Service, consistent: dict[str,
     assert report["error"] is None and report["finished_at"] >= report["started_at"]
 
 
-def test_a_check_finds_each_of_the_four_kinds_and_names_them(
+def test_a_check_finds_each_of_the_five_kinds_and_names_them(
     svc: Service, world: World, consistent: dict[str, Request]
 ) -> None:
     unapplied = backdated(world, "withdrawal", ACCOUNT, "FAILED")
@@ -120,16 +120,27 @@ def test_a_check_finds_each_of_the_four_kinds_and_names_them(
     world.p("UPDATE portfolio_transactions SET status = 'PENDING' WHERE id = %s", (consistent["failed"].uuid,))
     stray = world.transaction_for("investment", OTHER)
     world.p("UPDATE portfolio_transactions SET status = 'PROCESSED' WHERE id = %s", (stray,))
+    # A uuid rewritten by hand, its updated_at kept (as a restore keeps it): behind the watermark, the row is another
+    # entry, never applied, and the ledger's record of the one applied under its queue_id no longer matches the row.
+    reused = consistent["cancelled"]
+    rewritten = world.transaction_for("withdrawal", ACCOUNT)
+    world.q("ALTER TABLE withdrawal_queue DISABLE TRIGGER withdrawal_queue_updated_at")
+    world.q("UPDATE withdrawal_queue SET uuid = %s WHERE queue_id = %s", (rewritten, reused.queue_id))
+    world.q("ALTER TABLE withdrawal_queue ENABLE TRIGGER withdrawal_queue_updated_at")
 
     report = check_now(svc.drift)
 
     assert report["counts"] == {
-        "unapplied_entry": 1,
+        "unapplied_entry": 2,
         "changed_entry": 2,
         "changed_transaction": 1,
         "unrecorded_transaction": 1,
+        "reused_entry": 1,
     }
-    assert named(report, "unapplied_entry") == [("withdrawal", unapplied.queue_id, unapplied.uuid)]
+    assert named(report, "unapplied_entry") == sorted(
+        [("withdrawal", unapplied.queue_id, unapplied.uuid), ("withdrawal", reused.queue_id, rewritten)]
+    )
+    assert named(report, "reused_entry") == [("withdrawal", reused.queue_id, reused.uuid)]
     assert named(report, "changed_entry") == sorted(
         [("investment", corrected.queue_id, corrected.uuid), ("withdrawal", gone.queue_id, gone.uuid)]
     )
@@ -152,6 +163,12 @@ def test_a_check_finds_each_of_the_four_kinds_and_names_them(
         "transaction_status": "PENDING",
     }
     assert details[("unrecorded_transaction", None)]["txn_id"] == stray
+    assert details[("reused_entry", reused.queue_id)]["detail"] == {
+        "applied_status": "CANCELLED",
+        "queue_uuid": rewritten,
+        "queue_status": "CANCELLED",
+    }
+    assert details[("reused_entry", reused.queue_id)]["txn_id"] == reused.uuid
 
 
 def test_the_baseline_history_and_resolved_and_parked_entries_are_not_findings(
@@ -459,8 +476,12 @@ def test_each_chunk_reads_along_its_index_however_stale_the_statistics(world: Wo
     queue, portfolio = psycopg2.connect(dbs[0]), psycopg2.connect(dbs[1])
     try:
         chunk = {"next": 100, "limit": 11}
-        entries = world.q("SELECT queue_id, updated_at FROM investment_queue WHERE queue_id BETWEEN 100 AND 110")
-        looked_up = {"queue_ids": pg_array(e[0] for e in entries), "updated": pg_array(e[1] for e in entries)}
+        entries = world.q("SELECT queue_id, updated_at, uuid FROM investment_queue WHERE queue_id BETWEEN 100 AND 110")
+        looked_up = {
+            "queue_ids": pg_array(e[0] for e in entries),
+            "updated": pg_array(e[1] for e in entries),
+            "uuids": pg_array(e[2] for e in entries),
+        }
         touched = {
             "queue": rows_touched(queue, table_query("drift_queue_chunk", "investment_queue"), chunk),
             "unapplied": rows_touched(portfolio, query("drift_unapplied"), {"queue": "investment", **looked_up}),

@@ -4,9 +4,7 @@ exactly once, everything settled after the dump. Checked against the independent
 
 from __future__ import annotations
 
-import glob
 import random
-import re
 import subprocess
 import threading
 import time
@@ -19,6 +17,7 @@ import pytest
 
 from devkit import postgres
 from devkit.net import wait_until
+from devkit.postgres import pg_tool
 from domain import TERMINAL
 from tests.faults.harness import TIERS, check_model, open_portfolios, settled_in_queues, wait_caught_up
 from tests.world import TABLES, World
@@ -29,39 +28,6 @@ AMOUNTS = (
     " tier1_allocation, tier2_allocation, tier3_allocation, total_allocation FROM user_portfolios ORDER BY accountid"
 )
 REQUESTS = 600  # queued, with their portfolio transactions, before the traffic starts
-
-
-def server_major(uri: str) -> int:
-    """The major version of the PostgreSQL server at a URI."""
-    conn = psycopg2.connect(uri)
-    try:
-        return conn.server_version // 10000
-    finally:
-        conn.close()
-
-
-def tool_major(path: Path) -> int:
-    """The major version of a PostgreSQL client program."""
-    shown = subprocess.run([str(path), "--version"], capture_output=True, text=True, check=True).stdout
-    found = re.search(r"\(PostgreSQL\) (\d+)", shown)
-    assert found, shown
-    return int(found.group(1))
-
-
-def pg_tool(uri: str, name: str) -> Path:
-    """Find pg_dump or pg_restore of the server's own major version: Debian's, or those the pgserver package ships."""
-    candidates = [Path(d) / name for d in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)]
-    try:
-        import pgserver
-
-        candidates.append(Path(pgserver.__file__).parent / "pginstall" / "bin" / name)
-    except ImportError:
-        pass
-    major = server_major(uri)
-    for path in candidates:
-        if path.exists() and tool_major(path) == major:
-            return path
-    raise AssertionError(f"no {name} of PostgreSQL {major} among {[str(p) for p in candidates]}")
 
 
 def queue_requests(world: World, count: int) -> list[tuple[str, int]]:
