@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import closing
+from datetime import UTC, datetime
 
 import psycopg2
 import pytest
@@ -152,8 +153,26 @@ def test_a_queue_column_without_time_zone_is_read_in_queue_dbs_time_zone(make_st
     ) in [r.getMessage() for r in caplog.records]
 
 
-def test_an_ambiguous_local_time_reads_as_the_later_instant(own_server: Cluster) -> None:
-    """In the repeated hour of a fall-back, a naive value is placed after the change: read again, never skipped."""
-    with closing(psycopg2.connect(own_server.uri)) as conn, conn.cursor() as cur:
-        cur.execute("SELECT '2026-11-01 01:30'::timestamp::timestamptz = '2026-11-01 06:30+00'::timestamptz")
-        assert cur.fetchone() == (True,)  # 01:30 EST, the second 01:30 of the night
+def test_an_ambiguous_local_time_reads_as_the_later_instant(make_stage) -> None:
+    """In the repeated hour of a fall-back, the service places a naive value after the change: read, never skipped.
+
+    01:30 on 2026-11-01 in New York is 05:30 UTC (EDT) the first time and 06:30 UTC (EST) the second. With the
+    watermark between the two, an entry stamped 01:30 is applied only if the service reads it as the later one.
+    """
+    svc, world = make_stage(naive=True)
+    between = "2026-11-01 05:45+00"
+    world.p("UPDATE consistency.watermarks SET updated_at = %s, queue_id = 0 WHERE queue = 'investment'", (between,))
+    ambiguous = world.enqueue("investment", ACCOUNT)
+    world.q(  # as a writer in the first 01:30 wrote it: the trigger runs on UPDATE only, so the stamp stays
+        "DELETE FROM investment_queue WHERE queue_id = %s;"
+        " INSERT INTO investment_queue (queue_id, account_number, tier_1, tier_2, tier_3, uuid, status, updated_at)"
+        " VALUES (%s, %s, 10, 20, 30, %s, 'COMPLETED', '2026-11-01 01:30')",
+        (ambiguous.queue_id, ambiguous.queue_id, ACCOUNT, ambiguous.uuid),
+    )
+
+    summary = svc.runner.run().to_json()
+
+    assert summary["counts"]["investment"]["read"] == 1
+    assert world.txn_status(ambiguous.uuid) == "PROCESSED"
+    placed = world.p("SELECT updated_at FROM consistency.watermarks WHERE queue = 'investment'")[0][0]
+    assert placed == datetime(2026, 11, 1, 6, 30, tzinfo=UTC)  # the watermark moved to the later instant

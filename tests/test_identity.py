@@ -79,11 +79,14 @@ def test_a_deleted_and_requeued_transaction_moves_no_money_again(svc, rising: Wo
 def test_a_settled_transaction_queued_again_and_failed_keeps_its_status(svc, rising: World) -> None:
     first = rising.request("investment", ACCOUNT)
     svc.runner.run()
-    rising.finish(rising.enqueue("investment", ACCOUNT, first.uuid.upper(), txn=False), "FAILED")
+    second = rising.finish(rising.enqueue("investment", ACCOUNT, first.uuid.upper(), txn=False), "FAILED")
 
-    svc.runner.run()
+    summary = svc.runner.run().to_json()
 
     settled_once(rising, first.uuid)
+    assert summary["counts"]["investment"]["parked"] == 1
+    assert rising.parked() == {second.uuid: settled_by(first)}
+    assert rising.p("SELECT queue_id, txn_id::text FROM consistency.applied_entries") == [(first.queue_id, first.uuid)]
 
 
 def test_two_spellings_in_one_batch_apply_the_first_only(svc, rising: World) -> None:
@@ -110,7 +113,9 @@ def test_a_parked_duplicate_stays_parked_and_moves_no_money_on_every_retry(svc, 
     for _ in range(3):
         svc.runner.run()
     settled_once(rising, first.uuid)
-    assert rising.p("SELECT attempts FROM consistency.parked_entries")[0][0] == 3
+    assert rising.p("SELECT uuid, reason, attempts FROM consistency.parked_entries") == [
+        (first.uuid.upper(), settled_by(first), 3)
+    ]
 
 
 def test_the_database_refuses_a_second_claim_of_one_transaction_from_another_process(

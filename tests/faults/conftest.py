@@ -71,8 +71,8 @@ def record(scenario: str, report: Report, **figures: object) -> None:
     """Keep a scenario's figures for the summary at the end of the run."""
     extra = " ".join(f"{k}={v}" for k, v in figures.items())
     FIGURES.append(
-        f"{scenario}: {extra} entries_checked={report.entries} completed={report.completed} "
-        f"accounts={report.accounts} mismatches={len(report.mismatches)}"
+        f"{scenario}: {extra} entries_checked={report.entries} settled={report.settled} completed={report.completed} "
+        f"accounts={report.accounts} tier_versions={report.tier_versions} mismatches={len(report.mismatches)}"
     )
 
 

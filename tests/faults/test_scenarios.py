@@ -9,6 +9,7 @@ import signal
 import time
 
 import psycopg2
+import psycopg2.errors
 
 from devkit import ROOT, postgres, roles
 from devkit.net import wait_until
@@ -17,6 +18,7 @@ from tests.faults.conftest import Stage, record
 from tests.faults.harness import (
     Operator,
     Replica,
+    TierUpdate,
     Writers,
     bulk_backlog,
     check_model,
@@ -29,21 +31,51 @@ from tests.world import TABLES, World
 ACCOUNTS = [f"40000{n:05d}" for n in range(40)]
 
 
-def assert_model(world: World, scenario: str, **figures: object) -> None:
-    """Run the model check, record its figures and fail on any mismatch."""
-    report = check_model(world)
+def assert_model(
+    world: World,
+    scenario: str,
+    min_settled: int,
+    writers: Writers | None = None,
+    tier_updates: list[TierUpdate] | None = None,
+    **figures: object,
+) -> None:
+    """Run the model check, record its figures, and fail on any mismatch, on any database error of the writers
+    (only the outage scenario expects some, and passes no writers), or on fewer settled entries than the scenario
+    must have checked."""
+    report = check_model(world, tier_updates=tier_updates)
+    if writers is not None:
+        figures["writer_errors"] = writers.errors
     record(scenario, report, **figures)
     assert report.mismatches == [], report.mismatches[:20]
-    assert report.completed > 0
+    assert report.completed > 0 and report.settled >= min_settled, (report.completed, report.settled, min_settled)
+    if writers is not None:
+        assert writers.failures == [], writers.failures[:5]
 
 
-def in_a_transaction(world: World) -> bool:
-    """Tell whether a service session on user-portfolio-db is inside a transaction right now."""
-    rows = world.p(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-        " AND application_name = 'consistency-manager-svc' AND state IN ('active', 'idle in transaction')"
-    )
-    return rows[0][0] > 0
+def lease_held_inside_a_transaction(world: World, replica: Replica) -> bool:
+    """Tell whether a process of this replica holds the cycle lease right now, with its session inside a
+    transaction: the lease's holder is host:master_pid:worker_pid, and backend_pid its session."""
+    try:
+        ((holder, state),) = world.p(
+            "SELECT l.holder, a.state FROM consistency.cycle_lease l"
+            " LEFT JOIN pg_stat_activity a ON a.pid = l.backend_pid"
+        )
+    except psycopg2.errors.UndefinedTable:  # the first replica has not migrated yet
+        return False
+    ours = holder is not None and holder.rsplit(":", 2)[1] == str(replica.process.pid)
+    return ours and state in ("active", "idle in transaction")
+
+
+def kill_inside_if_possible(world: World, replica: Replica, aim: float) -> bool:
+    """SIGKILL a replica, waiting up to `aim` seconds for a moment it holds the lease inside a transaction; tell
+    whether the kill landed at such a moment, as read right before it."""
+    deadline = time.monotonic() + aim
+    inside = lease_held_inside_a_transaction(world, replica)
+    while not inside and time.monotonic() < deadline:
+        time.sleep(0.005)
+        inside = lease_held_inside_a_transaction(world, replica)
+    replica.kill_group()
+    return inside
 
 
 def kill_replicas(
@@ -53,44 +85,58 @@ def kill_replicas(
     kills: int,
     pause: tuple[float, float],
     operator: Operator | None = None,
+    aim: float = 0.0,
     **env: str,
 ) -> int:
-    """SIGKILL replicas one after another while the writers write (and the operator acts), then catch up; count
-    kills inside a cycle."""
+    """SIGKILL replicas one after another while the writers write (and the operator acts), then catch up; count the
+    kills that landed inside a transaction of the killed replica's cycle. Every other kill comes at a random moment;
+    with `aim`, the others come at the first moment of such a transaction, within `aim` seconds."""
     rng = random.Random(kills)
-    mid_transaction = 0
+    inside = 0
     try:
-        for _ in range(kills):
+        for n in range(kills):
             replica = stage.replica(workers=2, **env)
             wait_until(lambda r=replica: r.get("/health")[0] == 200, 30, "the replica to start")
-            time.sleep(rng.uniform(*pause))
-            mid_transaction += in_a_transaction(world)
-            replica.kill_group()
+            aimed = aim if n % 2 else 0.0
+            time.sleep(0.0 if aimed else rng.uniform(*pause))
+            inside += kill_inside_if_possible(world, replica, aimed)
     finally:
         writers.stop()
         if operator is not None:
             operator.stop()
     stage.replica(workers=2).wait_ready()
     wait_caught_up(world)
-    return mid_transaction
+    return inside
 
 
 def test_sigkill_storm_loses_and_doubles_nothing(stage: Stage, world: World) -> None:
     open_portfolios(world, ACCOUNTS)
     bulk_backlog(world, ACCOUNTS, 12000)
-    # A replica that stays, through which an operator pauses, resumes and starts drift checks all along; every
-    # replica also schedules checks, which the kills interrupt and others resume.
+    # A replica that stays, through which an operator changes the tier values, pauses, resumes and starts drift
+    # checks all along; every replica also schedules checks, which the kills interrupt and others resume.
     steady = stage.replica(workers=1, DRIFT_CHECK_INTERVAL="2")
     steady.wait_ready()
     operator = Operator(steady).start()
     writers = Writers(world, ACCOUNTS).start()
-    mid_transaction = kill_replicas(stage, world, writers, 12, (0.05, 0.6), operator, DRIFT_CHECK_INTERVAL="2")
+    inside = kill_replicas(stage, world, writers, 12, (0.05, 0.6), operator, aim=2.0, DRIFT_CHECK_INTERVAL="2")
     report = final_drift_check(steady)
     paused, checks = operator.actions["pause 200"], operator.actions["drift-checks 202"]
-    figures = {"pauses": paused, "drift_checks_started": checks, "final_findings": sum(report["counts"].values())}
-    assert_model(world, "sigkill storm", kills=12, kills_mid_transaction=mid_transaction, **figures)
-    assert mid_transaction >= 3  # the kills really did land inside cycles
-    assert paused >= 3 and operator.actions["resume 200"] >= 3
+    updates = operator.actions["update-tier-values 200"]
+    figures = {"pauses": paused, "tier_changes": updates, "drift_checks_started": checks}
+    assert_model(
+        world,
+        "sigkill storm",
+        12000 + 500,
+        writers,
+        operator.tier_updates,
+        kills=12,
+        kills_inside_the_holders_transaction=inside,
+        **figures,
+        final_findings=sum(report["counts"].values()),
+    )
+    assert inside >= 3  # kills of the lease holder, its session inside a transaction of its cycle
+    assert operator.unexpected() == []  # no 5xx, and no call without an answer
+    assert paused >= 3 and operator.actions["resume 200"] >= 3 and updates >= 3
     assert report["state"] == "done" and not any(report["counts"].values()), report
 
 
@@ -103,8 +149,8 @@ def test_duplicate_and_requeued_rows_under_sigkills_move_money_once_per_transact
         "SELECT count(*) FROM (SELECT txn_id FROM consistency.applied_entries"
         " WHERE txn_id IS NOT NULL GROUP BY txn_id HAVING count(*) > 1) AS d"
     )[0][0]
-    figures = {"writers": 3, "kills": kills, "respelled": writers.respelled, "requeued": writers.requeued}
-    assert_model(world, "duplicates and re-queues", **figures, double_applications=doubled)
+    figures = {"writer_threads": 3, "kills": kills, "respelled": writers.respelled, "requeued": writers.requeued}
+    assert_model(world, "duplicates and re-queues", 500, writers, **figures, double_applications=doubled)
     assert doubled == 0
     assert writers.respelled >= 20 and writers.requeued >= 20  # the writers really did name transactions again
 
@@ -123,7 +169,7 @@ def test_two_replicas_of_three_workers_with_a_master_killed(stage: Stage, world:
         writers.stop()
     wait_caught_up(world)
     assert second.terminate() == 0
-    assert_model(world, "many appliers", replicas=2, workers_each=3, masters_killed=1)
+    assert_model(world, "many appliers", 500, writers, replicas=2, workers_each=3, masters_killed=1)
 
 
 def late_writers(world: World, hold: float, rounds: int, stats: dict) -> None:
@@ -156,7 +202,7 @@ def test_late_and_rolled_back_writers(stage: Stage, world: World) -> None:
         writers.stop()
     wait_caught_up(world)
     assert stats["later_applied_while_open"] == 6
-    assert_model(world, "late and rolled back", hold_s=1.0, **stats)
+    assert_model(world, "late and rolled back", 400, writers, hold_s=1.0, **stats)
 
 
 def test_least_privilege_lookback_loses_nothing(lookback_stage: Stage, world: World) -> None:
@@ -173,7 +219,7 @@ def test_least_privilege_lookback_loses_nothing(lookback_stage: Stage, world: Wo
         writers.stop()
     wait_caught_up(world, timeout=30)
     reconciled = world.p("SELECT count(*) FROM consistency.applied_entries")[0][0]
-    assert_model(world, "least privilege", lookback_s=4, hold_s=2.5, applied=reconciled, **stats)
+    assert_model(world, "least privilege", 600, writers, lookback_s=4, hold_s=2.5, applied=reconciled, **stats)
 
 
 def rows_read(replica: Replica) -> tuple[int, int]:
@@ -212,7 +258,8 @@ def test_least_privilege_lookback_reads_what_changed_not_the_history(lookback_st
     # Every entry is read about once by the drain and once per sweep that its LOOKBACK_WINDOW spans (3 here),
     # however long the history: the sweeps of the whole history would be 30,000 rows each, every second.
     assert drained < 4 * changed and swept < 6 * changed < 30000, (drained, swept, changed)
-    assert_model(world, "look-back at scale", history=30000, changed=changed, drained=drained, swept=swept, **stats)
+    figures = {"history": 30000, "changed": changed, "drained": drained, "swept": swept}
+    assert_model(world, "look-back at scale", 30000 + 100, writers, **figures, **stats)
 
 
 def test_database_outage_recovers_without_restart(exact_role: str, tmp_path) -> None:
@@ -261,7 +308,8 @@ def _outage(stage: Stage, world: World, cluster: Cluster) -> None:
     assert set(ready) == {503}
     assert replica.process.poll() is None  # the same process throughout
     assert stage.log_text().count("Booting worker") == 2  # and the same two workers: none restarted
-    assert_model(world, "database outage", outage_s=3, writer_errors=writers.errors, restarts=0)
+    # The writers meet the outage too: their errors are expected here, and only counted.
+    assert_model(world, "database outage", 400, outage_s=3, writer_errors=writers.errors, restarts=0)
 
 
 def last_error(replica: Replica) -> str:
@@ -295,7 +343,7 @@ def test_stuck_database_fails_cleanly_and_liveness_sees_a_stuck_poller(stage: St
     wait_caught_up(world)
     assert failing_cycles_health == 200
     assert stuck[0] == 503
-    assert_model(world, "stuck database", lock_timeout_s=0.5, liveness_timeout_s=2)
+    assert_model(world, "stuck database", 300, writers, lock_timeout_s=0.5, liveness_timeout_s=2)
 
 
 def settle_to_apply_seconds(world: World, since: float, until: float, left_out: set[str]) -> list[float]:
@@ -347,7 +395,8 @@ def test_a_row_held_for_a_minute_delays_only_its_account(stage: Stage, world: Wo
     assert waits[-1] <= 2 * 2.0, waits[-10:]  # two polling intervals
     assert stage.log_text().count("consistency cycle failed") == 0
     assert world.p("SELECT count(*) FROM consistency.parked_entries") == [(0,)]
-    assert_model(world, "row held 60 s", median_wait_s=round(waits[len(waits) // 2], 2), max_wait_s=round(waits[-1], 2))
+    figures = {"median_wait_s": round(waits[len(waits) // 2], 2), "max_wait_s": round(waits[-1], 2)}
+    assert_model(world, "row held 60 s", 1000, writers, **figures)
 
 
 def lease_row(world: World) -> tuple[str | None, int]:
@@ -393,9 +442,8 @@ def test_a_frozen_lease_holder_is_replaced_within_the_lease_and_its_late_writes_
     refused = ("was lost: another process holds it now", "server closed the connection unexpectedly")
     failed = [line for line in stage.log_text().splitlines() if f'"pid": {pid}' in line and '"result": "error"' in line]
     assert any(text in line for text in refused for line in failed), failed
-    assert_model(
-        world, "frozen holder", lease_s=lease_s, taken_over_s=round(taken_over, 2), flowing_s=round(flowing, 2)
-    )
+    figures = {"lease_s": lease_s, "taken_over_s": round(taken_over, 2), "flowing_s": round(flowing, 2)}
+    assert_model(world, "frozen holder", 30000 + 50, writers, **figures)
 
 
 def cycles_started(world: World) -> int:
@@ -425,7 +473,7 @@ def test_one_cycle_per_interval_with_two_replicas_of_three_workers(stage: Stage,
     assert notified < 0.9  # a notification still gets a cycle at once, not at the next interval
     assert (status, answer["result"]) == (200, "ok")  # and so does a manual trigger
     assert cycles_started(world) > before
-    assert_model(world, "one cycle per interval", replicas=2, workers_each=3, idle_cycles_in_10_s=idle)
+    assert_model(world, "one cycle per interval", 1, replicas=2, workers_each=3, idle_cycles_in_10_s=idle)
 
 
 def test_sigterm_stops_within_ten_seconds_mid_backlog(stage: Stage, world: World) -> None:
@@ -443,7 +491,7 @@ def test_sigterm_stops_within_ten_seconds_mid_backlog(stage: Stage, world: World
     assert applied_at_stop < settled_count(world)  # it stopped mid-backlog
     stage.replica(workers=2).wait_ready()
     wait_caught_up(world)
-    assert_model(world, "graceful stop", stop_s=round(took, 2), applied_at_stop=applied_at_stop)
+    assert_model(world, "graceful stop", 30000, stop_s=round(took, 2), applied_at_stop=applied_at_stop)
 
 
 def settled_count(world: World) -> int:
@@ -479,7 +527,7 @@ def test_parked_entries_apply_once_when_fixed_under_writers(stage: Stage, world:
         writers.stop()
     wait_caught_up(world)
     assert [world.txn_status(r.uuid) for r in waiting] == ["PROCESSED", "PROCESSED", "PROCESSED", "CANCELLED"]
-    assert_model(world, "parked then fixed", parked=len(waiting))
+    assert_model(world, "parked then fixed", 150, writers, parked=len(waiting))
 
 
 def test_no_credential_in_any_answer_or_log_line(stage: Stage, world: World) -> None:
