@@ -19,7 +19,7 @@ from tests.world import World
 
 ACCOUNTS = [f"44000{n:05d}" for n in range(200)]  # ~60 completions each at most: no tier value overflows
 LEASE_S = 6.0
-POLL_S = 0.5
+POLL_S = 1.0  # the bound on a takeover is CYCLE_LEASE plus two intervals: room for the first batch on a loaded machine
 PARTITION_S = 15.0  # longer than the bound on noticing a dead peer (11 s), so that it shows
 
 
