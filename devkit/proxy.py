@@ -30,7 +30,8 @@ class Proxy:
     """A threaded TCP proxy on 127.0.0.1 in front of one server; start() it, close() it."""
 
     def __init__(self, host: str, port: int) -> None:
-        self.target = (host, port)
+        # A host that is a directory names a Unix-domain socket, as libpq reads it (the embedded server has only that).
+        self.target: str | tuple[str, int] = f"{host}/.s.PGSQL.{port}" if host.startswith("/") else (host, port)
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(_TICK)
         self.port: int = self._listener.getsockname()[1]
@@ -48,7 +49,8 @@ class Proxy:
     def before(cls, uri: str) -> Proxy:
         """A proxy in front of the server of a postgresql:// URI, started."""
         parts = urlsplit(uri)
-        return cls(parts.hostname or "127.0.0.1", parts.port or 5432).start()
+        host = dict(parse_qsl(parts.query)).get("host") or parts.hostname or "127.0.0.1"
+        return cls(host, parts.port or 5432).start()
 
     def uri(self, uri: str) -> str:
         """The URI, aimed at this proxy instead of its server, without TLS (which would hide COMMIT)."""
@@ -56,6 +58,7 @@ class Proxy:
         credentials = parts.netloc.rpartition("@")[0]
         netloc = f"{credentials}@127.0.0.1:{self.port}" if credentials else f"127.0.0.1:{self.port}"
         query = dict(parse_qsl(parts.query))
+        query.pop("host", None)  # the proxy's own address, not the server's socket
         query.update(sslmode="disable", gssencmode="disable")
         return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query)))
 
@@ -118,7 +121,7 @@ class Proxy:
     def _serve(self, client: socket.socket) -> None:
         """Connect to the server for one client and pump bytes between them until either side is done."""
         try:
-            server = socket.create_connection(self.target, timeout=5)
+            server = _connect(self.target)
         except OSError:
             client.close()
             return
@@ -224,3 +227,17 @@ class _Frames:
             commit = self._typed and message[:1] == b"Q" and message[5:].rstrip(b"\0").strip().upper() == b"COMMIT"
             messages.append((message, commit))
         return messages
+
+
+def _connect(target: str | tuple[str, int]) -> socket.socket:
+    """Connect to the server: over TCP, or to a Unix-domain socket's path."""
+    if isinstance(target, tuple):
+        return socket.create_connection(target, timeout=5)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.settimeout(5)
+    try:
+        server.connect(target)
+    except OSError:
+        server.close()
+        raise
+    return server
