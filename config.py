@@ -71,7 +71,9 @@ class Settings:
         (Decimal(TIER_DEFAULTS[f"TIER{n}"]), Decimal(TIER_DEFAULTS[f"TIER{n}_MV"])) for n in (1, 2, 3)
     )
     api_token: str | None = field(default=None, repr=False)
-    api_tokens: tuple[Credential, ...] = ()  # from API_TOKENS_FILE
+    api_tokens: tuple[Credential, ...] = ()  # from API_TOKENS_FILE, as read at start
+    # Read again while the service runs (auth.Tokens), so that a token is added or revoked without a restart.
+    api_tokens_file: str | None = None
     batch_size: int = 5000
     lookback_window: float = 300.0
     reconcile_interval: float = 300.0
@@ -93,9 +95,13 @@ class Settings:
 
     @property
     def credentials(self) -> tuple[Credential, ...]:
-        """Every token the API accepts: the named ones, and API_TOKEN, which may operate."""
-        single = () if self.api_token is None else (Credential(API_TOKEN_NAME, OPERATE, self.api_token),)
-        return (*self.api_tokens, *single)
+        """Every token the API accepts at start: the named ones, and API_TOKEN, which may operate."""
+        return (*self.api_tokens, *self.fixed_credentials)
+
+    @property
+    def fixed_credentials(self) -> tuple[Credential, ...]:
+        """The credential of API_TOKEN, if set: the one token that changes only with a restart."""
+        return () if self.api_token is None else (Credential(API_TOKEN_NAME, OPERATE, self.api_token),)
 
 
 def check_tier_value(name: str, value: Decimal) -> str | None:
@@ -163,25 +169,18 @@ class _Reader:
         return self.get(name, default, parse, "a postgresql:// URI")
 
     def tokens_file(self, name: str) -> tuple[Credential, ...]:
-        """Return the named tokens of the file a variable names: one `name token [role]` line each."""
+        """Return the named tokens of the file a variable names, as it is at start (see parse_tokens)."""
         path = self.environ.get(name, "").strip()
         if not path:
             return ()
         try:
-            with open(path, encoding="utf-8") as file:
-                lines = file.read().splitlines()
+            with open(path, "rb") as file:
+                data = file.read()
         except OSError as err:
             self.problems.append(f"{name} must name a readable file (got {path!r}: {err.strerror})")
             return ()
-        found = [_credential(line) for line in lines]
-        for number, (_, problem) in enumerate(found, start=1):
-            if problem:
-                self.problems.append(f"{name} line {number}: {problem}")
-        credentials = tuple(c for c, _ in found if c is not None)
-        if len({c.name for c in credentials}) < len(credentials):
-            self.problems.append(f"{name}: every token needs a name of its own")
-        if len({c.token for c in credentials}) < len(credentials):
-            self.problems.append(f"{name}: two names share one token")
+        credentials, problems = parse_tokens(data, name)
+        self.problems += problems
         return credentials
 
     def tier(self, name: str) -> Decimal:
@@ -193,8 +192,28 @@ class _Reader:
         return value
 
 
+def parse_tokens(data: bytes, where: str) -> tuple[tuple[Credential, ...], list[str]]:
+    """Parse a tokens file, one `name token [role]` line each: its credentials, and its problems named after `where`.
+
+    A problem gives the line's number and never quotes a field: a token written where the name or the role
+    belongs would be shown otherwise. Used at start (config) and again whenever the file changes (auth).
+    """
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        return (), [f"{where} must be UTF-8 text"]
+    found = [_credential(line) for line in lines]
+    problems = [f"{where} line {number}: {problem}" for number, (_, problem) in enumerate(found, start=1) if problem]
+    credentials = tuple(c for c, _ in found if c is not None)
+    if len({c.name for c in credentials}) < len(credentials):
+        problems.append(f"{where}: every token needs a name of its own")
+    if len({c.token for c in credentials}) < len(credentials):
+        problems.append(f"{where}: two names share one token")
+    return credentials, problems
+
+
 def _credential(line: str) -> tuple[Credential | None, str | None]:
-    """Parse one line of a tokens file; blank lines and # comments hold nothing. Never quotes the token."""
+    """Parse one line of a tokens file; blank lines and # comments hold nothing. Never quotes a field."""
     fields = line.split()
     if not fields or fields[0].startswith("#"):
         return None, None
@@ -202,9 +221,9 @@ def _credential(line: str) -> tuple[Credential | None, str | None]:
         return None, "expected `name token` or `name token role`"
     name, token, role = fields[0], fields[1], fields[2] if len(fields) == 3 else READ
     if role not in ROLES:
-        return None, f"role must be one of {', '.join(ROLES)} (got {role[:20]!r})"
+        return None, f"the role must be one of {', '.join(ROLES)}"
     if len(token) < TOKEN_MIN_LENGTH:
-        return None, f"the token of {name[:40]!r} must be at least {TOKEN_MIN_LENGTH} characters"
+        return None, f"the token must be at least {TOKEN_MIN_LENGTH} characters"
     return Credential(name, role, token), None
 
 
@@ -241,6 +260,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         db_lock_timeout=env.number("DB_LOCK_TIMEOUT", 10.0, 0.1, 3600),
         listen_notify=env.get("LISTEN_NOTIFY", True, _boolean, "true or false"),
         api_tokens=env.tokens_file("API_TOKENS_FILE"),
+        api_tokens_file=env.get("API_TOKENS_FILE", None, str, "a path"),
         drift_check_interval=env.number("DRIFT_CHECK_INTERVAL", 3600.0, 0, 30 * 86400),
         initial_watermark=env.get(
             "INITIAL_WATERMARK", None, _initial_watermark, "`now` or an ISO 8601 time with an offset"

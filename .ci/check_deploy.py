@@ -20,6 +20,8 @@ from config import load_settings  # noqa: E402 - the repository root is on the p
 
 SKAFFOLD_API = "skaffold/v4beta14"  # the newest schema the skaffold repository publishes (skaffold v2.19.0)
 SECRET_KEYS = {"QUEUE_DB_URI", "USER_PORTFOLIO_DB_URI", "API_TOKEN"}
+# The Secret whose key holds the named tokens, mounted as the file API_TOKENS_FILE names (production).
+TOKENS_SECRET, TOKENS_KEY = "consistency-manager-svc-tokens", "tokens"
 SKAFFOLD_KEYS = {
     "apiVersion", "kind", "metadata", "requires", "build", "test", "manifests", "deploy",
     "portForward", "resourceSelector", "verify", "customActions", "profiles",
@@ -71,6 +73,7 @@ def check_overlay(name: str, docs: list[dict[str, Any]]) -> list[str]:
     problems += check_config(name, config)
     problems += check_credentials(name, container, kinds.get("Secret", []))
     problems += check_pod(name, pod, container)
+    problems += check_tokens_file(name, pod, container, config)
     if kinds["ServiceAccount"][0].get("automountServiceAccountToken") is not False:
         problems.append(f"{name}: the ServiceAccount must not automount its token")
     problems += check_network(name, kinds["NetworkPolicy"][0], kinds["Service"][0], container)
@@ -113,6 +116,25 @@ def check_credentials(name: str, container: dict[str, Any], secrets: list[dict[s
             return [f"development: the generated Secret must hold exactly {sorted(SECRET_KEYS)}"]
     elif secrets:
         return ["production: the Secret is managed outside the manifests and must not be rendered"]
+    return []
+
+
+def check_tokens_file(name: str, pod: dict[str, Any], container: dict[str, Any], config: dict[str, str]) -> list[str]:
+    """API_TOKENS_FILE (required in production) is a key of the tokens Secret, in a volume kubelet keeps up to date."""
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    path = env.get("API_TOKENS_FILE") or config.get("API_TOKENS_FILE")
+    if path is None:
+        return ["production: API_TOKENS_FILE must be set"] if name == "production" else []
+    folder, _, file = path.rpartition("/")
+    mounts = [m for m in container.get("volumeMounts", []) if m["mountPath"].rstrip("/") == folder]
+    volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
+    secret = volumes.get(mounts[0]["name"], {}).get("secret", {}) if len(mounts) == 1 else {}
+    keys = {item["path"]: item["key"] for item in secret.get("items", [])} or {file: file}
+    # A subPath mount never sees the Secret's updates: the file would not rotate.
+    if len(mounts) != 1 or mounts[0].get("subPath") or not mounts[0].get("readOnly") or not secret:
+        return [f"{name}: API_TOKENS_FILE {path} must be in a read-only Secret volume mounted whole, without subPath"]
+    if (secret["secretName"], keys.get(file)) != (TOKENS_SECRET, TOKENS_KEY):
+        return [f"{name}: API_TOKENS_FILE {path} must be the key {TOKENS_KEY} of the Secret {TOKENS_SECRET}"]
     return []
 
 

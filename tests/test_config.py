@@ -99,6 +99,15 @@ def test_every_problem_is_reported_at_once_and_credentials_are_not_echoed() -> N
     assert "secret" not in " ".join(found)
 
 
+def test_the_tokens_file_is_read_at_start_and_its_path_kept_for_reading_again(tmp_path) -> None:
+    path = tmp_path / "tokens"
+    path.write_text("alice alice-token-0123456789 operate\n")
+    settings = load_settings({"API_TOKENS_FILE": f" {path} "})
+    assert settings.api_tokens_file == str(path)
+    assert [(c.name, c.role) for c in settings.api_tokens] == [("alice", "operate")]
+    assert load_settings({}).api_tokens_file is None
+
+
 def test_blank_values_mean_the_default() -> None:
     assert load_settings({"POLLING_INTERVAL": " ", "PORT": ""}).port == 8080
 
