@@ -61,6 +61,8 @@ class Queue:
     portfolio_columns: str  # "values" or "allocations"
 
 
+# A queue's name, as requests and answers give it: one of QUEUES' names.
+QueueName = Literal["investment", "withdrawal"]
 INVESTMENT = Queue("investment", "investment_queue", "INVEST", "values")
 WITHDRAWAL = Queue("withdrawal", "withdrawal_queue", "WITHDRAWAL", "allocations")
 QUEUES = (INVESTMENT, WITHDRAWAL)
@@ -188,3 +190,60 @@ class Standing:
     parked: int
     corrections: int
     reused: int
+
+
+# Whether the deployment applies: "paused" while an operator's pause is stored, whatever the last cycle's result.
+Applying = Literal["running", "paused"]
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """A process's attempt at a cycle: its result, and the process that held the lease when that made it skip."""
+
+    result: CycleResult
+    lease_holder: str | None = None  # None for a skip when the lease was free but a cycle had started just before
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the result's summary; a skipped one also names the lease holder it found."""
+        summary = self.result.to_json()
+        if self.result.outcome == "skipped":
+            summary["lease_holder"] = self.lease_holder
+        return summary
+
+
+def position_json(position: Position) -> dict[str, Any]:
+    """Show a position in a queue as the status endpoint does."""
+    return {"updated_at": position[0].isoformat(), "queue_id": position[1]}
+
+
+@dataclass(frozen=True)
+class QueueBacklog:
+    """What waits in one queue, as read at one time: how far it has been read, and the oldest settled entry past that
+    with its age in seconds then (None and 0 when nothing waits)."""
+
+    read_to: Position
+    oldest_waiting: Position | None = None
+    lag_s: float = 0.0
+
+    def to_json(self, age: float) -> dict[str, Any]:
+        """Show it as the status endpoint does, `age` seconds after it was read: what waits has waited that longer."""
+        waiting = self.oldest_waiting
+        return {
+            "read_to": position_json(self.read_to),
+            "oldest_waiting": None if waiting is None else position_json(waiting),
+            "lag_s": 0.0 if waiting is None else round(self.lag_s + age, 3),
+        }
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """What waits in each queue, as read from queue-db at one time; or why it could not be read."""
+
+    queues: dict[str, QueueBacklog]
+    error: str | None = None
+
+    def to_json(self, age: float) -> dict[str, Any]:
+        """Show it as the status endpoint does, `age` seconds after it was read, with the largest lag of the queues."""
+        queues = {name: each.to_json(age) for name, each in self.queues.items()}
+        lag = max((each["lag_s"] for each in queues.values()), default=0.0)
+        return {"lag_s": None if self.error is not None else lag, "error": self.error, "queues": queues}

@@ -22,7 +22,17 @@ from psycopg2.extras import Json
 import audit
 import metrics
 from config import Settings
-from db import APPLICATION_NAME, Database, DatabaseError, first_line, in_transaction, json_rows, one_row, pg_array
+from db import (
+    APPLICATION_NAME,
+    Database,
+    DatabaseError,
+    fetch_page,
+    first_line,
+    in_transaction,
+    json_rows,
+    one_row,
+    pg_array,
+)
 from domain import DRIFT_KINDS
 from drift_walk import PHASES, Chunk, Connection, Finding, Key, Phase, read_chunk
 from queries import query
@@ -139,15 +149,24 @@ class DriftChecks:
 
     def latest(self) -> dict[str, Any] | None:
         """Return the newest check's report with the findings it kept, or None when no check is stored."""
+        return self.report(None)
+
+    def page(self, limit: int, before: int | None) -> dict[str, Any]:
+        """List every check, newest first, `limit` at a time below the id `before`, each with its counts by kind."""
         with self.portfolio_db.transaction() as cur:
-            cur.execute(query("drift_latest"))
+            page = fetch_page(cur, "list_drift_checks", {"before": before}, limit)
+        return {**page, "entries": [_counted(check) for check in page["entries"]]}
+
+    def report(self, check_id: int | None) -> dict[str, Any] | None:
+        """Return a check's report with the findings it kept (the newest's when the id is None), or None if none."""
+        with self.portfolio_db.transaction() as cur:
+            cur.execute(query("drift_check"), {"id": check_id})
             rows = json_rows(cur)
             if not rows:
                 return None
             cur.execute(query("drift_findings_of"), {"check_id": rows[0]["id"]})
             findings = json_rows(cur)
-        counts = {**_zeros_dict(), **rows[0]["counts"]}  # a check stored before a kind existed found none of it
-        return {**rows[0], "counts": counts, "findings_kept_per_kind": FINDINGS_KEPT, "findings": findings}
+        return {**_counted(rows[0]), "findings_kept_per_kind": FINDINGS_KEPT, "findings": findings}
 
     def start(self) -> None:
         """Start the daemon thread that runs requested, unfinished and scheduled checks."""
@@ -315,6 +334,11 @@ def _refuse_if_running(cur: psycopg2.extensions.cursor) -> None:
 def _zeros_dict() -> dict[str, int]:
     """Return no findings of any kind."""
     return dict.fromkeys(DRIFT_KINDS, 0)
+
+
+def _counted(check: dict[str, Any]) -> dict[str, Any]:
+    """Return a stored check with a count of every kind: one stored before a kind existed found none of it."""
+    return {**check, "counts": {**_zeros_dict(), **check["counts"]}}
 
 
 def _zeros() -> Json:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict
 from typing import Any
 
 import psycopg2.extensions
 
 import tiers
-from db import Database, fetch_page, json_rows, one_row, plain
+from db import Database, fetch_page, json_rows, one_row, pg_array, plain
 from domain import OPEN, Entry, Queue, transaction_id
 from queries import query, table_query
 
@@ -62,7 +63,8 @@ class Journal:
     def account(self, account: str, limit: int, before: int | None) -> dict[str, Any]:
         """List one account's records, newest first, `limit` at a time, below the id `before` when given."""
         with self.portfolio_db.transaction() as cur:
-            page = fetch_page(cur, "list_account_journal", {"account": account, "before": before}, limit)
+            cur.execute(query("page_plan"))  # the account's records along journal_account, never all of them sorted
+            page = account_page(cur, account, limit, before)
         return {"account": account, **page}
 
     def story(self, queue: Queue, queue_id: int) -> dict[str, Any] | None:
@@ -83,7 +85,7 @@ class Journal:
             accounts = {"accounts": sorted({a for a in named if a is not None}), "no_account": None in named}
             cur.execute(query("entry_journal"), {**key, **accounts, "limit": STORY_RECORDS_MAX})
             records = json_rows(cur)
-            in_force = {v: _tiers_at(cur, queue, v) for v in {r["tier_version"] for r in records} - {None}}
+            in_force = {v: _in_force(queue, t) for v, t in tiers_at(cur, {r["tier_version"] for r in records}).items()}
         if row is None and not records and not ledgers and parked is None and resolved is None:
             return None
         for record in records:
@@ -105,13 +107,28 @@ class Journal:
         }
 
 
-def _tiers_at(cur: psycopg2.extensions.cursor, queue: Queue, version: int) -> dict[str, Any] | None:
-    """Describe the tier values a tier_value_history id names, and the factors a completed entry of `queue` applied."""
-    cur.execute(query("tier_values_at"), {"version": version})
-    rows = cur.fetchall()
-    if len(rows) != 3:
-        return None
-    values = tuple(tiers.Tier(pool, market) for _, pool, market in rows)
+def account_page(
+    cur: psycopg2.extensions.cursor, account: str, limit: int, before: int | None, ids: list[int] | None = None
+) -> dict[str, Any]:
+    """Read a page of one account's records, newest first, below the id `before` (of the given ids, when given)."""
+    params = {"account": account, "before": before, "ids": None if ids is None else pg_array(ids)}
+    return fetch_page(cur, "list_account_journal", params, limit)
+
+
+def tiers_at(cur: psycopg2.extensions.cursor, versions: Iterable[int | None]) -> dict[int, tiers.Tiers]:
+    """Return the tier values each tier_value_history id names, in one statement; an id that names none is left out."""
+    wanted = sorted({v for v in versions if v is not None})
+    if not wanted:
+        return {}
+    cur.execute(query("tier_values_at_versions"), {"versions": pg_array(wanted)})
+    found: dict[int, list[tiers.Tier]] = {}
+    for version, _, pool, market in cur.fetchall():
+        found.setdefault(version, []).append(tiers.Tier(pool, market))
+    return {version: tuple(values) for version, values in found.items() if len(values) == 3}
+
+
+def _in_force(queue: Queue, values: tiers.Tiers) -> dict[str, Any]:
+    """Describe tier values in force, and the factors a completed entry of `queue` applied under them."""
     factors = [tiers.shown_fraction(f) for f in tiers.factors_for(queue, values)]
     return {**tiers.tiers_json(values), "factors": factors}
 

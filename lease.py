@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg2.extensions
 
@@ -98,6 +99,30 @@ class Holder:
         A quarter: sooner than the server ends a frozen holder's open transaction (at half), which frees the lease.
         """
         return self.renewed_s > seconds / 4
+
+
+@dataclass(frozen=True)
+class Stored:
+    """The lease as stored, read at one time: its holder, its epoch, and its times by user-portfolio-db's clock.
+
+    The holder is None when the lease was given back, or when the holder's session is gone, which frees it. The times
+    are the seconds since the last renewal and until the lease expires.
+    """
+
+    holder: str | None
+    epoch: int
+    renewed_s: float = 0.0
+    expires_in_s: float = 0.0  # below 0: expired, free for the next poll of any process
+
+    def to_json(self, age: float) -> dict[str, Any]:
+        """Show the lease as the status endpoint does, `age` seconds after it was read."""
+        held = self.holder is not None
+        return {
+            "holder": self.holder,
+            "epoch": self.epoch,
+            "renewed_s_ago": round(self.renewed_s + age, 3) if held else None,
+            "expires_in_s": round(self.expires_in_s - age, 3) if held else None,
+        }
 
 
 def take(conn: Connection, seconds: float, fresh_for: float, wait: float) -> tuple[Lease | None, Holder | None]:

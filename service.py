@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -26,19 +27,35 @@ from adoption import Adoption, baseline_row
 from config import Settings
 from cycle import CycleRunner
 from db import Database, DatabaseError, fetch_page, json_rows, one_row
-from domain import PORTFOLIO_DB, QUEUE_DB, CycleResult, Pause, Standing
+from domain import (
+    PORTFOLIO_DB,
+    QUEUE_DB,
+    QUEUES,
+    Applying,
+    Attempt,
+    Backlog,
+    CycleResult,
+    Pause,
+    Position,
+    QueueBacklog,
+    Standing,
+)
 from drift import DriftChecks
 from horizon import HorizonWatch
 from journal import Journal
 from listener import Listener
+from parked import ParkedFilter, ParkedPosition, read_parked
 from poller import Poller, Progress
-from queries import query
+from portfolios import explain_portfolio
+from queries import query, table_query
 
 log = logging.getLogger(__name__)
 
 EXTENSION = "consistency"  # the key of the service in app.extensions
 # How old the state served by the status endpoint may be; every cycle this process runs refreshes it.
 STATE_MAX_AGE = 1.0
+# How many entries past a queue's read point the backlog probe looks at, at most, for the oldest settled one.
+BACKLOG_SCAN = 1000
 # What a caller is told of an unexpected error; the traceback goes to the log.
 INTERNAL_ERROR = "internal error; see the service log"
 # How long /ready waits for the databases' answers: well within the readiness probe's timeout (k8s/base: 5 s).
@@ -46,75 +63,175 @@ READY_WAIT = 1.5
 
 
 class StateCache:
-    """The stored state served by the status endpoint, read again when older than STATE_MAX_AGE."""
+    """The deployment's state served by the status endpoint, read again when older than STATE_MAX_AGE.
 
-    def __init__(self, portfolio_db: Database, watch: HorizonWatch) -> None:
+    The stored state and the lease row come from user-portfolio-db in one transaction; what waits in the queues from
+    queue-db right after, or, when a cycle of this process has just read the stored state, for the next request.
+    """
+
+    def __init__(self, portfolio_db: Database, queue_db: Database, watch: HorizonWatch) -> None:
         self._portfolio_db = portfolio_db
+        self._queue_db = queue_db
         self._watch = watch  # this process's mode, which it may know before any cycle is stored
-        self._state: dict[str, Any] | None = None
-        self._read_at = 0.0
+        self._kept: _Kept | None = None
+        self._waiting = (Backlog({}, "not read yet"), -math.inf)  # and when it was read, by time.monotonic()
         self._lock = threading.Lock()
 
     def get(self) -> dict[str, Any]:
-        """Return the stored state as of at most STATE_MAX_AGE seconds ago, reading it again only when older.
+        """Return the deployment's state as of at most STATE_MAX_AGE seconds ago, reading it again only when older.
 
         One request at a time reads it; meanwhile the others get the kept state, if there is one, rather
         than queue behind a read that may wait for a connect timeout.
         """
-        kept = self._state
+        kept = self._kept
         if kept is not None:
-            if time.monotonic() - self._read_at <= STATE_MAX_AGE or not self._lock.acquire(blocking=False):
-                return kept
+            if self._fresh(kept) or not self._lock.acquire(blocking=False):
+                return self._shown(kept)
         else:
             self._lock.acquire()
         try:
-            if self._state is not None and time.monotonic() - self._read_at <= STATE_MAX_AGE:
-                return self._state  # read by the request this one waited for
-            return self.refresh()
+            kept = self._kept  # or as read by the request this one waited for
+            if kept is None or not _young(kept.read_at):
+                return self.refresh()
+            if not self._fresh(kept):  # a cycle moved the read points since the backlog was read
+                self._read_backlog(kept.read_to)
+            return self._shown(kept)
         finally:
             self._lock.release()
 
     def after_cycle(self) -> Standing:
-        """Read the state a cycle left, for every request after it, and return its standing."""
+        """Read the state a cycle left, for every request after it, and return its standing.
+
+        Not what waits in queue-db: that is read for the first request that asks, so that a cycle costs no more.
+        """
         with self._lock:
-            state = self.refresh()
+            state = self._read_state().state
         return Standing(state["watermarks"], state["parked_entries"], state["corrections"], state["reused_entries"])
 
     def forget(self) -> None:
         """Have the next status request read the state again."""
         with self._lock:
-            self._state = None
+            self._kept = None
 
     def refresh(self) -> dict[str, Any]:
-        """Read the stored state in one transaction and keep it."""
+        """Read the stored state in one transaction, then what waits in queue-db; keep both and show them."""
+        kept = self._read_state()
+        self._read_backlog(kept.read_to)
+        return self._shown(kept)
+
+    def _fresh(self, kept: _Kept) -> bool:
+        """Tell whether the kept state is young enough to serve, with the backlog read since."""
+        return _young(kept.read_at) and self._waiting[1] >= kept.read_at
+
+    def _shown(self, kept: _Kept) -> dict[str, Any]:
+        """Show the kept state, its lease and backlog aged by the time since each was read."""
+        (backlog, backlog_at), now = self._waiting, time.monotonic()
+        lease_row = kept.lease.to_json(now - kept.read_at)
+        return {**kept.state, "lease": lease_row, "backlog": backlog.to_json(now - backlog_at)}
+
+    def _read_state(self) -> _Kept:
+        """Read the stored state, the lease row with it, in one transaction on user-portfolio-db, and keep it."""
         with self._portfolio_db.transaction() as cur:
             current = tiers.load(cur)
-            cur.execute(query("select_watermarks_and_baselines"))
+            cur.execute(query("select_watermarks_reads_and_baselines"))
             rows = cur.fetchall()
-            watermarks = {
-                queue: {"updated_at": ts.isoformat(), "queue_id": queue_id, "moved_at": moved.isoformat()}
-                for queue, ts, queue_id, moved, *_ in rows
-            }
-            baselines = {row[0]: baseline_row(row[0], row[4:]).to_json() for row in rows if row[4] is not None}
-            cur.execute(query("select_counts_and_pause"))
-            parked, corrections, reused, *paused = one_row(cur)
+            cur.execute(query("select_counts_pause_and_lease"))
+            parked, corrections, reused, *paused, holder, epoch, renewed_s, expires_in_s = one_row(cur)
             cur.execute(query("select_last_cycle"))
             row = cur.fetchone()
         pause = None if paused[0] is None else Pause(*paused)
         metrics.observe_pause(pause)
-        self._state = {
+        applying: Applying = "running" if pause is None else "paused"
+        last = row[0] if row else None
+        state = {
             "tiers": tiers.tiers_json(current),
-            "watermarks": watermarks,
-            "baseline": baselines,
-            "mode": self._watch.mode or (row[0].get("mode") if row else None),
+            **_watermarks_and_baselines(rows),
+            # The last stored cycle's, the same for every process; this process's own before any is stored.
+            "mode": (last or {}).get("mode") or self._watch.mode,
             "parked_entries": parked,
             "corrections": corrections,
             "reused_entries": reused,
+            "applying": applying,
             "pause": None if pause is None else pause.to_json(),
-            "last_cycle": row[0] if row else None,
+            "last_cycle": last,
         }
-        self._read_at = time.monotonic()
-        return self._state
+        stored = lease.Stored(holder, epoch, renewed_s or 0.0, expires_in_s or 0.0)
+        self._kept = _Kept(state, stored, _read_points(rows, last), time.monotonic())
+        return self._kept
+
+    def _read_backlog(self, read_to: dict[str, Position]) -> None:
+        """Read what waits in queue-db past each queue's read point, and keep it."""
+        self._waiting = (read_backlog(self._queue_db, read_to), time.monotonic())
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """The stored state as read at one time: shown as it is, but for the lease; and each queue's read point."""
+
+    state: dict[str, Any]
+    lease: lease.Stored
+    read_to: dict[str, Position]
+    read_at: float  # by time.monotonic()
+
+
+def _young(read_at: float) -> bool:
+    """Tell whether something read at `read_at` (time.monotonic()) is at most STATE_MAX_AGE seconds old."""
+    return time.monotonic() - read_at <= STATE_MAX_AGE
+
+
+def _watermarks_and_baselines(rows: list[tuple[Any, ...]]) -> dict[str, Any]:
+    """Show select_watermarks_reads_and_baselines rows: each queue's watermark, and its baseline if it has one."""
+    watermarks = {
+        queue: {"updated_at": ts.isoformat(), "queue_id": queue_id, "moved_at": moved.isoformat()}
+        for queue, ts, queue_id, moved, *_ in rows
+    }
+    baselines = {row[0]: baseline_row(row[0], row[6:]).to_json() for row in rows if row[6] is not None}
+    return {"watermarks": watermarks, "baseline": baselines}
+
+
+def _read_points(rows: list[tuple[Any, ...]], last: dict[str, Any] | None) -> dict[str, Position]:
+    """Return how far each queue is known to have been read.
+
+    That is the furthest of its watermark, its read position (look-back mode) and the start of the last cycle, if that
+    cycle drained every queue.
+    """
+    points = {}
+    for queue, ts, queue_id, _, read_ts, read_id, *_ in rows:
+        known = [(ts, queue_id), *([] if read_ts is None else [(read_ts, read_id)]), *_drained_before(last)]
+        points[queue] = max(known)
+    return points
+
+
+def _drained_before(last: dict[str, Any] | None) -> list[Position]:
+    """Return the start of the last cycle as a position if it was ok and read every queue to the end; else nothing.
+
+    What settled before such a cycle, it applied or parked, as the lag metric has it; the stored watermark may trail
+    (exact mode's margin, an open queue-db transaction), and what is between is not waiting.
+    """
+    if last is None or last.get("result") != "ok" or last.get("stopped_early") is not False:
+        return []
+    return [(datetime.fromisoformat(last["started_at"]), 0)]
+
+
+def read_backlog(queue_db: Database, read_to: dict[str, Position]) -> Backlog:
+    """Find the oldest settled entry past each queue's read point in queue-db, or why queue-db could not tell.
+
+    One index probe per queue, over BACKLOG_SCAN entries at most, whatever the size of the history behind it.
+    """
+    queues = {}
+    try:
+        with queue_db.connection(autocommit=True) as conn, conn.cursor() as cur:
+            for queue in QUEUES:
+                after = read_to.get(queue.name)
+                if after is None:
+                    continue
+                params = {"after_ts": after[0], "after_id": after[1], "scan": BACKLOG_SCAN}
+                cur.execute(table_query("queue_backlog", queue.table), params)
+                row = cur.fetchone()
+                queues[queue.name] = QueueBacklog(after, (row[0], row[1]), row[2]) if row else QueueBacklog(after)
+    except DatabaseError as err:
+        return Backlog({}, str(err))
+    return Backlog(queues)
 
 
 class BoundedChecks:
@@ -166,12 +283,29 @@ class _Check:
             self.done.set()
 
 
-def run_and_report(
-    runner: CycleRunner, cache: StateCache, lock_wait: float, progress: Progress, fresh_for: float
-) -> CycleResult:
-    """Run one cycle, read the state it left, and write its summary line and metrics: whatever happens.
+class LastAttempt:
+    """This process's last attempt at a cycle, as run_and_report noted it: what /status shows of this process."""
 
-    The one place that owns unexpected errors of a cycle: they are logged with their traceback and
+    def __init__(self) -> None:
+        self.attempt: Attempt | None = None
+
+    def note(self, result: CycleResult, holder: lease.Holder | None) -> None:
+        """Keep a cycle's result, with the lease holder it found if that made it skip."""
+        self.attempt = Attempt(result, holder.name if result.outcome == "skipped" and holder is not None else None)
+
+
+def run_and_report(
+    runner: CycleRunner,
+    cache: StateCache,
+    attempts: LastAttempt,
+    lock_wait: float,
+    progress: Progress,
+    fresh_for: float,
+) -> CycleResult:
+    """Run one cycle and report it, whatever happens.
+
+    It notes the cycle as this process's last attempt, reads the state it left, and writes its summary line and
+    metrics. The one place that owns unexpected errors of a cycle: they are logged with their traceback and
     reported as a failed cycle, and the poller goes on.
     """
     started, clock = datetime.now(UTC), time.monotonic()
@@ -180,8 +314,10 @@ def run_and_report(
     except Exception:
         log.exception("unexpected error in the consistency cycle")
         result = CycleResult.finish(started, clock, "error", error=INTERNAL_ERROR)
+        attempts.note(result, None)
         report(result)
         return result
+    attempts.note(result, runner.holder)
     standing = None
     try:
         standing = cache.after_cycle()
@@ -209,6 +345,7 @@ class Service:
     drift: DriftChecks
     adoption: Adoption
     checks: BoundedChecks = field(default_factory=BoundedChecks)  # what /ready runs, each within READY_WAIT
+    attempts: LastAttempt = field(default_factory=LastAttempt)  # noted by the poller's cycle (run_and_report)
 
     def start(self) -> None:
         """Start the poller (and the listener), the first cycle at once, and the drift checks' thread."""
@@ -264,12 +401,13 @@ class Service:
         return "ok"
 
     def status(self) -> dict[str, Any]:
-        """Describe tier values, watermarks, mode, parked count and the last cycle, from the kept snapshot."""
-        listener, last = self.poller.listener, self.poller.last_result
+        """Describe the deployment from the kept snapshot of its stored state, and apart, the process that answers."""
+        listener, last = self.poller.listener, self.attempts.attempt
         return {
             **self.cache.get(),
             "polling_interval": self.settings.polling_interval,
             "this_process": {
+                "name": lease.this_process(),
                 "poller_alive": self.poller.is_alive(),
                 # None when LISTEN_NOTIFY is off.
                 "listening": None if listener is None else listener.listening.is_set(),
@@ -298,9 +436,13 @@ class Service:
             page = fetch_page(cur, "list_reused_entries", {"before": before}, limit)
         return {"count": total, **page}
 
-    def parked(self, limit: int) -> dict[str, Any]:
-        """List parked entries, oldest first."""
-        return self._listing("count_parked", "list_parked", limit)
+    def parked_page(self, where: ParkedFilter, limit: int, after: ParkedPosition | None = None) -> dict[str, Any]:
+        """List the parked entries a filter matches, oldest first, a bounded page after a position (see read_parked)."""
+        return read_parked(self.portfolio_db, where, limit, after)
+
+    def portfolio(self, account: str, limit: int, before: int | None = None) -> dict[str, Any] | None:
+        """Tell why an account's portfolio shows what it does (see explain_portfolio); None for an unknown account."""
+        return explain_portfolio(self.portfolio_db, account, limit, before)
 
     def _listing(self, count: str, rows: str, limit: int) -> dict[str, Any]:
         """Run a listing's two named queries: how many rows it has, and the first `limit` as JSON objects."""
@@ -347,10 +489,11 @@ def build_service(settings: Settings) -> Service:
     portfolio_db = Database(PORTFOLIO_DB, settings.portfolio_db_uri, settings, metrics.pool_tracker(PORTFOLIO_DB))
     adoption = Adoption(settings, queue_db, portfolio_db)
     runner = CycleRunner(settings, queue_db, portfolio_db, adoption.prepare)
-    cache = StateCache(portfolio_db, runner.watch)
+    cache = StateCache(portfolio_db, queue_db, runner.watch)
+    attempts = LastAttempt()
     wake = threading.Event()
     listener = Listener(queue_db, wake.set) if settings.listen_notify else None
-    cycle = functools.partial(run_and_report, runner, cache)
+    cycle = functools.partial(run_and_report, runner, cache, attempts)
     poller = Poller(cycle, settings.polling_interval, settings.trigger_wait, wake, listener)
     return Service(
         settings,
@@ -364,4 +507,5 @@ def build_service(settings: Settings) -> Service:
         Actions(portfolio_db, poller.trigger, poller.wake, cache.forget),
         DriftChecks(settings, queue_db, portfolio_db),
         adoption,
+        attempts=attempts,
     )

@@ -51,6 +51,17 @@ COPY (SELECT q.queue_id, q.account_number, q.uuid, q.uuid, q.status, q.updated_a
        ORDER BY q.updated_at, q.queue_id
        LIMIT %(limit)s) TO STDOUT;
 
+-- queue_backlog: the oldest entry of a queue after a position that is not open (settled, or an unknown status), among the first %(scan)s entries after it (none when they are all open), with its age by queue-db's clock: what waits, for /status
+SELECT s.updated_at, s.queue_id, extract(epoch FROM clock_timestamp() - s.updated_at)::float8
+  FROM (SELECT q.updated_at::timestamptz AS updated_at, q.queue_id, q.status
+          FROM {table} q
+         WHERE (q.updated_at, q.queue_id) > (%(after_ts)s, %(after_id)s)
+         ORDER BY q.updated_at, q.queue_id
+         LIMIT %(scan)s) AS s
+ WHERE s.status IS DISTINCT FROM 'PENDING' AND s.status IS DISTINCT FROM 'PROCESSING'
+ ORDER BY s.updated_at, s.queue_id
+ LIMIT 1;
+
 -- queue_read_range: the entries of a queue after one position and up to another, in order
 SELECT q.queue_id, q.account_number, q.uuid, q.status, q.updated_at::timestamptz
   FROM {table} q
@@ -320,14 +331,47 @@ SELECT queue_id, account_number, uuid, status, updated_at
  ORDER BY updated_at, queue_id
  LIMIT %(limit)s;
 
--- list_parked: parked entries for the API, oldest first
-SELECT queue, uuid, queue_id, account_number, status, reason, attempts, parked_at, last_attempt_at
-  FROM consistency.parked_entries
- ORDER BY parked_at, queue, queue_id
- LIMIT %(limit)s;
+-- page_plan: in this transaction, read each page along its index in key order whatever the statistics say (a table loaded since its last ANALYZE looks small, and a sort of every row of the range would look cheaper), by ruling sorts out
+SET LOCAL enable_sort = off;
 
--- count_parked: how many entries are parked
-SELECT count(*) FROM consistency.parked_entries;
+-- list_parked_page: the parked entries a filter matches (a NULL field matches every entry; the reason as a substring, case-sensitive) after a position, oldest first by (parked_at, queue, queue_id); each of the given queues is read along an index from the position on, at most %(scan)s entries (see sql/migrations/0014_operator_reads.sql), and the first row names where the reading stopped short (NULLs when every queue was read to its end), with no entry after that place
+WITH read AS MATERIALIZED (
+    SELECT p.*
+      FROM unnest(%(queues)s::text[]) AS q(queue)
+     CROSS JOIN LATERAL (
+           SELECT e.queue, e.queue_id, e.uuid, e.account_number, e.status, e.reason, e.attempts, e.parked_at,
+                  e.last_attempt_at, row_number() OVER (ORDER BY e.parked_at, e.queue_id) AS n
+             FROM (SELECT *
+                     FROM consistency.parked_entries e
+                    WHERE e.queue = q.queue
+                      AND (%(account)s::text IS NULL OR e.account_number = %(account)s::text)
+                      -- Within one queue, (parked_at, queue_id) after the position: all of the position's
+                      -- parked_at in a queue that sorts after the position's, none in one that sorts before.
+                      AND (%(after_at)s::timestamptz IS NULL
+                           OR (e.parked_at, e.queue_id) > (%(after_at)s::timestamptz,
+                               CASE WHEN q.queue > %(after_queue)s::text THEN -1
+                                    WHEN q.queue = %(after_queue)s::text THEN %(after_id)s::integer
+                                    ELSE 2147483647 END))
+                    ORDER BY e.parked_at, e.queue_id
+                    LIMIT %(scan)s) AS e) AS p
+), stop AS (
+    SELECT parked_at, queue, queue_id
+      FROM read
+     WHERE n = %(scan)s
+     ORDER BY parked_at, queue, queue_id
+     LIMIT 1
+)
+SELECT s.parked_at, s.queue, s.queue_id, m.*
+  FROM (SELECT) AS one
+  LEFT JOIN stop s ON TRUE
+  LEFT JOIN LATERAL (SELECT r.queue, r.queue_id, r.uuid, r.account_number, r.status, r.reason, r.attempts,
+                            r.parked_at, r.last_attempt_at
+                       FROM read r
+                      WHERE (s.queue IS NULL OR (r.parked_at, r.queue, r.queue_id) <= (s.parked_at, s.queue, s.queue_id))
+                        AND (%(reason)s::text IS NULL OR strpos(r.reason, %(reason)s::text) > 0)
+                      ORDER BY r.parked_at, r.queue, r.queue_id
+                      LIMIT %(limit)s) AS m ON TRUE
+ ORDER BY m.parked_at, m.queue, m.queue_id;
 
 -- count_corrections: how many applied entries the queue has changed since
 SELECT count(*) FROM consistency.corrections;
@@ -397,7 +441,7 @@ SELECT id, at, actor, action, target, reason, detail
 
 -- The journal ---------------------------------------------------------------------------------------------
 
--- list_account_journal: one account's journal records, newest first, below an id when given, with the portfolio transaction each record is about: the one its queue row carried then, by the reuses found of that row (each noticed in the transaction of the new entry's records), else the one the ledger recorded for it
+-- list_account_journal: one account's journal records, newest first, below an id when given (only those of the given ids, when given), with the portfolio transaction each record is about: the one its queue row carried then, by the reuses found of that row (each noticed in the transaction of the new entry's records), else the one the ledger recorded for it
 SELECT j.id, j.at, j.queue, j.queue_id,
        CASE WHEN u.found THEN u.txn_id ELSE a.txn_id END AS portfolio_transaction, j.kind, j.status, j.reason, j.attempts,
        CASE WHEN j.tier1_after IS NOT NULL THEN ARRAY[j.tier1_before, j.tier2_before, j.tier3_before] END AS before,
@@ -416,6 +460,7 @@ SELECT j.id, j.at, j.queue, j.queue_id,
                       LIMIT 1) AS a ON TRUE
  WHERE j.account_number = %(account)s
    AND (%(before)s::bigint IS NULL OR j.id < %(before)s::bigint)
+   AND (%(ids)s::bigint[] IS NULL OR j.id = ANY(%(ids)s::bigint[]))
  ORDER BY j.id DESC
  LIMIT %(limit)s;
 
@@ -453,11 +498,33 @@ SELECT (SELECT jsonb_agg(jsonb_build_object('status', a.status, 'portfolio_trans
                          ORDER BY noticed_at, id)
           FROM consistency.reused_entries WHERE queue = %(queue)s AND queue_id = %(queue_id)s);
 
--- tier_values_at: the tier values in force as of a tier_value_history id: each tier's newest row up to it
-SELECT DISTINCT ON (tier) tier, new_pool, new_market
-  FROM consistency.tier_value_history
- WHERE id <= %(version)s
- ORDER BY tier, id DESC;
+-- tier_values_at_versions: the tier values in force as of each of the given tier_value_history ids: each tier's newest row up to it, one probe of tier_value_history_tier each (see sql/migrations/0014_operator_reads.sql)
+SELECT v.version, t.tier, h.new_pool, h.new_market
+  FROM unnest(%(versions)s::bigint[]) AS v(version)
+ CROSS JOIN generate_series(1, 3) AS t(tier)
+ CROSS JOIN LATERAL (SELECT new_pool, new_market
+                       FROM consistency.tier_value_history
+                      WHERE tier = t.tier AND id <= v.version
+                      ORDER BY id DESC
+                      LIMIT 1) AS h
+ ORDER BY v.version, t.tier;
+
+-- read_snapshot: the first statement of a read made of several statements: all of them see one snapshot, so that a cycle committing meanwhile cannot set one against another
+SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY;
+
+-- portfolio_standing: one account's portfolio amounts now (NULLs when it has none) and, of its newest journal records (at most %(scan)s, along journal_account), how many were read and the newest completed record of each queue: the one whose amounts after it the portfolio should still show
+SELECT p.tier1_value, p.tier2_value, p.tier3_value, p.total_value,
+       p.tier1_allocation, p.tier2_allocation, p.tier3_allocation, p.total_allocation, p.updated_at,
+       j.records_read, j.last_investment, j.last_withdrawal
+  FROM (SELECT count(*) AS records_read,
+               max(id) FILTER (WHERE queue = %(investment)s AND tier1_after IS NOT NULL) AS last_investment,
+               max(id) FILTER (WHERE queue = %(withdrawal)s AND tier1_after IS NOT NULL) AS last_withdrawal
+          FROM (SELECT id, queue, tier1_after
+                  FROM consistency.journal
+                 WHERE account_number = %(account)s
+                 ORDER BY id DESC
+                 LIMIT %(scan)s) AS recent) AS j
+  LEFT JOIN user_portfolios p ON p.accountid = %(account)s;
 
 -- insert_journal_record: write one record against an entry, such as an operator's action on it
 INSERT INTO consistency.journal (queue, queue_id, account_number, kind, status, reason, attempts, actor, cycle)
@@ -536,12 +603,19 @@ RETURNING paused_by, reason, paused_at;
 -- delete_pause: end the pause in force, if any; returns it
 DELETE FROM consistency.pause RETURNING paused_by, reason, paused_at;
 
--- select_counts_and_pause: how many entries are parked, how many applied ones the queue has changed since, how many queue rows were found reused, and the pause in force (NULLs when none)
+-- select_counts_pause_and_lease: how many entries are parked, how many applied ones the queue has changed since, how many queue rows were found reused, the pause in force (NULLs when none), and the cycle lease: its holder (NULL when given back or when its holder's session is gone: free at once), epoch, and seconds since it was renewed and until it expires (below 0: expired), by this database's clock
 SELECT (SELECT count(*) FROM consistency.parked_entries),
        (SELECT count(*) FROM consistency.corrections),
        (SELECT count(*) FROM consistency.reused_entries),
-       p.paused_by, p.reason, p.paused_at
+       p.paused_by, p.reason, p.paused_at,
+       h.holder, coalesce(l.epoch, 0), h.renewed_s, h.expires_in_s
   FROM (SELECT) AS one
+  LEFT JOIN consistency.cycle_lease l ON TRUE
+  LEFT JOIN LATERAL (SELECT l.holder,
+                            extract(epoch FROM clock_timestamp() - l.renewed_at)::float8 AS renewed_s,
+                            extract(epoch FROM l.expires_at - clock_timestamp())::float8 AS expires_in_s
+                      WHERE l.holder IS NOT NULL
+                        AND EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = l.backend_pid)) AS h ON TRUE
   LEFT JOIN consistency.pause p ON TRUE;
 
 -- Drift checks --------------------------------------------------------------------------------------------
@@ -591,11 +665,17 @@ SELECT %(check_id)s, f.kind, f.queue, f.queue_id, f.uuid, f.txn_id, f.account_nu
               %(txn_ids)s::uuid[], %(accounts)s::text[], %(details)s::text[])
        AS f(kind, queue, queue_id, uuid, txn_id, account_number, detail);
 
--- drift_latest: the newest check, for its report
+-- drift_check: one check for its report: the one with the given id, or the newest when the id is NULL
 SELECT id, started_by, reason, state, started_at, finished_at, rows_read, counts, positions, error
   FROM consistency.drift_checks
+ WHERE id = coalesce(%(id)s::bigint, (SELECT max(id) FROM consistency.drift_checks));
+
+-- list_drift_checks: every check, newest first, below an id when given, with its counts by kind (not its findings)
+SELECT id, started_by, reason, state, started_at, finished_at, rows_read, error, counts
+  FROM consistency.drift_checks
+ WHERE %(before)s::bigint IS NULL OR id < %(before)s::bigint
  ORDER BY id DESC
- LIMIT 1;
+ LIMIT %(limit)s;
 
 -- drift_findings_of: the findings kept of a check, in the order they were found
 SELECT kind, queue, queue_id, uuid, txn_id, account_number, detail
@@ -745,8 +825,9 @@ SELECT queue, updated_at, queue_id, source, set_by, set_at FROM consistency.base
 -- select_baseline: one queue's baseline, for the reconciliation sweep
 SELECT updated_at, queue_id FROM consistency.baseline WHERE queue = %(queue)s;
 
--- select_watermarks_and_baselines: how far each queue has been read, and the baseline in force, if any
-SELECT w.queue, w.updated_at, w.queue_id, w.moved_at, b.updated_at, b.queue_id, b.source, b.set_by, b.set_at
+-- select_watermarks_reads_and_baselines: how far each queue has been read (its watermark, and its read position in look-back mode, NULLs before the first), and the baseline in force, if any
+SELECT w.queue, w.updated_at, w.queue_id, w.moved_at, w.read_updated_at, w.read_queue_id,
+       b.updated_at, b.queue_id, b.source, b.set_by, b.set_at
   FROM consistency.watermarks w
   LEFT JOIN consistency.baseline b ON b.queue = w.queue
  ORDER BY w.queue;

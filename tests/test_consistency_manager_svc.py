@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import socket
 import time
 from decimal import Decimal
 
 import pytest
 
+import lease
 import migrations
+from queries import table_query
 from service import service_of
 from tests.conftest import API_TOKEN
+from tests.test_plans import plan_nodes
 from tests.world import World
 
 ACCOUNT = "1000000001"
@@ -72,17 +78,125 @@ def test_status_shows_tiers_deltas_watermarks_mode_and_the_last_cycle(app, clien
     assert last["counts"]["withdrawal"]["FAILED"] == 1
     assert last["duration_ms"] > 0
     assert "started_at" in last
+    assert body["applying"] == "running"
+    assert body["lease"]["holder"] is None  # given back at the end of the cycle
+    assert body["backlog"]["lag_s"] == 0.0 and body["backlog"]["error"] is None
+    assert {queue: shown["oldest_waiting"] for queue, shown in body["backlog"]["queues"].items()} == {
+        "investment": None,
+        "withdrawal": None,
+    }
 
 
 def test_status_is_served_from_the_kept_state_without_a_query_per_request(app, client, world: World, mocker) -> None:
+    import service
+
     svc = service_of(app)
     svc.poller.run_once()  # a cycle, as the poller runs it, leaves the state read
+    mocker.patch.object(service, "STATE_MAX_AGE", 60.0)  # however slow this machine, the kept state is young
     reads = mocker.spy(svc.portfolio_db, "transaction")
+    probes = mocker.spy(svc.queue_db, "connection")
 
     answers = [client.get("/api/v1/consistency/status") for _ in range(50)]
 
     assert {a.status_code for a in answers} == {200}
     assert reads.call_count == 0
+    assert probes.call_count == 1  # what waits in the queues, read for the first request after the cycle
+
+
+def status_of(svc) -> dict:
+    """The status a service answers, its kept state read again: as another process's request would find it."""
+    svc.cache.forget()
+    return svc.status()
+
+
+def deployment(status: dict) -> dict:
+    """The deployment's part of a status, the ages (which move on between two answers) left out."""
+    shown = {key: value for key, value in status.items() if key != "this_process"}
+    shown["lease"] = {key: value for key, value in shown["lease"].items() if key in ("holder", "epoch")}
+    shown["backlog"] = {queue: each["oldest_waiting"] for queue, each in shown["backlog"]["queues"].items()}
+    return shown
+
+
+def test_every_process_answers_the_same_deployment_and_names_itself_apart(make_service, world: World) -> None:
+    first, second = make_service(), make_service()  # two processes of the deployment
+    world.portfolio_for(ACCOUNT)
+    world.request("investment", ACCOUNT)
+    assert first.poller.run_once().outcome == "ok"
+    assert second.poller.run_once(0.0, fresh_for=60.0).outcome == "skipped"  # a cycle has just run: not its turn
+    world.request("withdrawal", ACCOUNT)  # settled since: it waits
+
+    answers = [status_of(first), status_of(second)]
+
+    assert deployment(answers[0]) == deployment(answers[1])
+    assert answers[0]["last_cycle"]["result"] == "ok"
+    assert answers[0]["backlog"]["queues"]["withdrawal"]["oldest_waiting"] is not None
+    for answer in answers:
+        assert (
+            answer["this_process"]["name"]
+            == lease.this_process()
+            == f"{socket.gethostname()}:{os.getppid()}:{os.getpid()}"
+        )
+    assert answers[0]["this_process"]["last_attempt"]["result"] == "ok"
+    skipped = answers[1]["this_process"]["last_attempt"]
+    assert skipped["result"] == "skipped" and skipped["lease_holder"] is None  # free, but a cycle had just started
+
+    with world.cycle_lease_held():
+        assert second.poller.run_once(0.3).outcome == "skipped"
+        held = [status_of(first), status_of(second)]
+    assert deployment(held[0]) == deployment(held[1])
+    assert held[0]["lease"]["holder"] == "elsewhere:1:2" and held[0]["lease"]["expires_in_s"] > 3000
+    assert held[1]["this_process"]["last_attempt"]["lease_holder"] == "elsewhere:1:2"
+    assert held[0]["this_process"]["last_attempt"]["result"] == "ok"  # its own last attempt, not the other's
+
+
+def test_the_backlog_grows_while_settled_entries_wait_and_is_nothing_once_they_are_applied(app, world: World) -> None:
+    svc = service_of(app)
+    world.portfolio_for(ACCOUNT)
+    assert svc.poller.run_once().outcome == "ok"
+    world.enqueue("investment", ACCOUNT)  # open: not this service's to apply yet
+    assert status_of(svc)["backlog"]["lag_s"] == 0.0
+
+    waiting = world.request("investment", ACCOUNT)
+    first = status_of(svc)["backlog"]
+    time.sleep(0.3)
+    later = status_of(svc)["backlog"]
+
+    assert first["queues"]["investment"]["oldest_waiting"]["queue_id"] == waiting.queue_id
+    assert first["queues"]["withdrawal"]["oldest_waiting"] is None
+    assert later["lag_s"] >= first["lag_s"] + 0.3 >= 0.3
+    assert svc.poller.run_once().outcome == "ok"
+    drained = status_of(svc)["backlog"]
+    assert drained["lag_s"] == 0.0
+    assert all(each["oldest_waiting"] is None for each in drained["queues"].values())
+
+
+def test_the_backlog_probe_is_an_index_range_scan_however_long_the_history(world: World) -> None:
+    world.q(
+        "INSERT INTO investment_queue (account_number, uuid, status, updated_at)"
+        " SELECT '1000000001', md5(n::text), 'COMPLETED', now() - (200000 - n) * interval '1 second'"
+        " FROM generate_series(1, 200000) AS n"
+    )
+    world.q("ANALYZE investment_queue")
+    read_to = world.q("SELECT updated_at, queue_id FROM investment_queue ORDER BY updated_at DESC LIMIT 1 OFFSET 10")[0]
+    with world.queue.cursor() as cur:
+        statement = table_query("queue_backlog", "investment_queue").as_string(cur)
+        params = {"after_ts": read_to[0], "after_id": read_to[1], "scan": 1000}
+        cur.execute("EXPLAIN (FORMAT JSON) " + statement, params)
+        raw = cur.fetchone()[0]
+        cur.execute(statement, params)
+        found = cur.fetchone()
+    plan = raw if isinstance(raw, list) else json.loads(raw)
+    scans = [node for node in plan_nodes(plan[0]["Plan"]) if "Relation Name" in node]
+    assert [(n["Node Type"], n.get("Index Name")) for n in scans] == [
+        ("Index Scan", "investment_queue_updated_at_queue_id")
+    ]
+    assert "Index Cond" in scans[0]  # from the read point on, not a walk of the history
+    assert (
+        found[:2]
+        == world.q(
+            "SELECT updated_at, queue_id FROM investment_queue ORDER BY updated_at DESC, queue_id DESC LIMIT 1 OFFSET 9"
+        )[0]
+    )
 
 
 def test_status_shows_this_process_s_changes_at_once_and_others_within_the_max_age(

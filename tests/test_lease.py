@@ -202,3 +202,49 @@ def test_liveness_fails_by_its_own_clock_while_its_cycle_holds_the_lease_without
     assert failing["poller"] == "lease-stalled"
     assert failing["lease_holder"] == lease.this_process()
     assert failing["seconds_without_progress"] >= 0.5  # a quarter of the lease, to a tenth
+
+
+def test_the_status_names_the_lease_holder_while_its_cycle_holds_it_and_no_one_once_given_back(
+    make_service, world: World, mocker
+) -> None:
+    holder, other = make_service(), make_service()
+    holder.runner.prepare()
+    holding, release, cycle = threading.Event(), threading.Event(), holder.runner._cycle
+
+    def held_up(*args: object) -> object:
+        holding.set()
+        release.wait(10)
+        return cycle(*args)
+
+    mocker.patch.object(holder.runner, "_cycle", side_effect=held_up)
+    running = threading.Thread(target=holder.poller.run_once)
+    running.start()
+    try:
+        assert holding.wait(10)
+        time.sleep(0.2)
+        other.cache.forget()
+        during = other.status()["lease"]
+    finally:
+        release.set()
+        running.join(10)
+    other.cache.forget()
+    after = other.status()["lease"]
+
+    assert during["holder"] == lease.this_process()
+    assert 0.2 <= during["renewed_s_ago"] < 5 and 0 < during["expires_in_s"] <= holder.settings.cycle_lease
+    assert after == {"holder": None, "epoch": during["epoch"], "renewed_s_ago": None, "expires_in_s": None}
+
+
+def test_the_status_names_no_holder_once_the_holder_s_session_is_gone(svc, world: World) -> None:
+    crashed = psycopg2.connect(world.portfolio_uri)
+    held, _ = lease.take(crashed, 3600.0, 0.0, 0.0)
+    assert held is not None
+    svc.cache.forget()
+    assert svc.status()["lease"]["holder"] == lease.this_process()
+    crashed.close()  # as a SIGKILL of its process would: the lease is free at once
+
+    def shown_holder() -> object:
+        svc.cache.forget()
+        return svc.status()["lease"]["holder"]
+
+    wait_until(lambda: shown_holder() is None, 5, "the lease to show free", interval=0.05)

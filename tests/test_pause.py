@@ -4,6 +4,7 @@ shown by /status and the metrics, audited under the token used, and nothing lost
 from __future__ import annotations
 
 import json
+import socket
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -125,6 +126,27 @@ def test_a_pause_stops_applying_until_resumed_and_every_step_is_shown_and_audite
     assert trail[1][4]["pause"] == shown and trail[1][4]["paused_for_s"] >= 0
 
 
+def test_while_paused_the_status_says_so_though_the_last_cycle_that_ran_was_ok(app, client, world: World) -> None:
+    svc = service_of(app)
+    world.portfolio_for(ACCOUNT)
+    assert svc.poller.run_once().outcome == "ok"
+    post(client, PAUSE, {"reason": "database maintenance"})
+    waiting = world.request("investment", ACCOUNT)
+
+    assert svc.poller.run_once().outcome == "paused"
+    svc.cache.forget()  # as another process would read it
+    status = client.get(STATUS).get_json()
+
+    assert status["applying"] == "paused"
+    assert status["pause"]["reason"] == "database maintenance"
+    assert status["last_cycle"]["result"] == "ok"  # the last cycle that ran, as it was
+    assert status["this_process"]["last_attempt"]["result"] == "paused"
+    assert status["backlog"]["queues"]["investment"]["oldest_waiting"]["queue_id"] == waiting.queue_id
+    assert status["backlog"]["lag_s"] > 0
+    post(client, RESUME, {"reason": "done"})
+    assert client.get(STATUS).get_json()["applying"] == "running"
+
+
 def test_a_long_drain_stops_at_the_next_batch_when_paused(svc, world: World, mocker) -> None:
     world.portfolio_for(ACCOUNT)
     world.set_tiers(TIER1_MV="1100000")
@@ -203,11 +225,19 @@ def test_two_replicas_of_three_workers_obey_a_pause_and_then_apply_everything_on
         overrun = (last - datetime.fromisoformat(pause["paused_at"])).total_seconds()
         print(f"pause obeyed: last entry applied {overrun:+.3f}s after the pause; {waiting} entries waiting")
         assert overrun < 0.2
-        for replica in replicas:
-            assert json.loads(call(replica, STATUS)[1])["pause"] == pause
+        answers = [json.loads(call(replica, STATUS)[1]) for replica in replicas]
+        for replica, answer in zip(replicas, answers, strict=True):
+            assert (answer["pause"], answer["applying"]) == (pause, "paused")
+            assert answer["this_process"]["name"].startswith(f"{socket.gethostname()}:{replica.process.pid}:")
+            assert answer["backlog"]["lag_s"] > 0  # the writers' entries wait
             assert replica.get("/ready")[0] == 200
             metrics_text = call(replica, "/metrics")[1]
             assert "\nconsistency_paused 1.0\n" in metrics_text
+        # The deployment's state is the same whichever replica answers; the lease and the ages move on meanwhile.
+        stable = ("applying", "pause", "last_cycle", "watermarks", "mode", "parked_entries", "tiers", "baseline")
+        assert [{key: answer[key] for key in stable} for answer in answers[1:]] == [
+            {key: answers[0][key] for key in stable}
+        ]
     finally:
         writers.stop()
     assert world.applied() == frozen

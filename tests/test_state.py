@@ -90,3 +90,20 @@ def test_deltas_follow_the_seed_formula() -> None:
     assert tier.invest_factor == Decimal("0.95")
     assert tier.withdraw_factor == Decimal("1.05")
     assert tiers.shown_delta(tiers.Tier(Decimal("3"), Decimal("4"))) == "0.333333333333"
+
+
+def test_the_status_answers_from_the_stored_state_when_queue_db_does_not(make_service, mocker) -> None:
+    import service
+
+    svc = make_service(queue_db_uri="postgresql://svc:pw-in-the-uri@127.0.0.1:1/queue-db")
+    probes = mocker.spy(svc.queue_db, "connection")
+    mocker.patch.object(service, "STATE_MAX_AGE", 60.0)  # however slow this machine, the kept state is young
+
+    status = svc.status()
+    again = svc.status()
+
+    assert status["tiers"]["TIER1"] == "1000000" and status["applying"] == "running"
+    assert status["backlog"]["lag_s"] is None and status["backlog"]["queues"] == {}
+    assert status["backlog"]["error"].startswith("queue-db: ") and "pw-in-the-uri" not in status["backlog"]["error"]
+    assert again["backlog"] == status["backlog"]
+    assert probes.call_count == 1  # asked again only once the kept state is older than STATE_MAX_AGE, as it is
