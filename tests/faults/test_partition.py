@@ -235,9 +235,11 @@ def test_a_partitioned_lease_holder_fails_its_probes_fast_and_recovers_without_r
 
 
 def stop(*replicas: Proxied) -> None:
-    """Stop replicas, then their proxies (the other way round, they would log the proxies' going)."""
+    """Stop replicas, then their proxies (the other way round, they would log the proxies' going): each within
+    gunicorn's graceful_timeout (20 s), which the partition's after-effects may take part of."""
     for each in replicas:
-        assert each.replica.terminate() == 0
+        code = each.replica.terminate(timeout=25)
+        assert code == 0, each.replica.log.read_text()[-4000:]
     for each in replicas:
         each.close()
 
