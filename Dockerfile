@@ -20,10 +20,11 @@ RUN useradd --uid 10001 --user-group --no-create-home --no-log-init --shell /usr
 
 WORKDIR /app
 COPY --from=builder /opt/venv /opt/venv
-# What the service reads at run time: its modules, gunicorn.conf.py, sql/queries.sql and sql/migrations/.
-# Owned by root: the service cannot change its own code.
+# What the service reads at run time: its modules, gunicorn.conf.py, sql/queries.sql and sql/migrations/, and the
+# script of its pages. Owned by root: the service cannot change its own code.
 COPY *.py ./
 COPY sql/ ./sql/
+COPY static/ ./static/
 
 USER 10001
 EXPOSE 8080

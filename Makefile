@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: demo test lint run clean check-deploy
+.PHONY: demo test lint browser run clean check-deploy
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -12,8 +12,15 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 demo: $(VENV)/.installed  ## sample databases, the service, and curl commands to try
 	$(PYTHON) demo.py
 
-test: $(VENV)/.installed lint  ## lint, then every test against real PostgreSQL
+test: $(VENV)/.installed lint browser  ## lint, then every test against real PostgreSQL, pages in a real browser
 	$(PYTHON) -m pytest tests/ -v
+
+# Headless Chromium for tests/browser/: Debian's package where apt-get works, else Playwright's own download.
+browser: $(VENV)/.installed
+	@$(PYTHON) -c "from devkit.browser import chromium; raise SystemExit(chromium() is None)" || \
+	    (apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+	     (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1)) || \
+	    $(PYTHON) -m playwright install chromium
 
 # The service modules, which mypy checks: every top-level module but the demo and the gunicorn settings.
 SERVICE_MODULES := $(filter-out demo.py gunicorn.conf.py,$(wildcard *.py))

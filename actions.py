@@ -7,11 +7,9 @@ of its effect. The actor always comes from the caller's credential.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any
 
 import psycopg2.extensions
@@ -19,7 +17,7 @@ import psycopg2.extensions
 import audit
 import journal
 from db import Database, pg_array, plain
-from domain import QUEUES, CycleResult, InputError, Pause
+from domain import QUEUES, CycleResult, Pause
 from queries import query
 
 log = logging.getLogger(__name__)
@@ -27,10 +25,7 @@ log = logging.getLogger(__name__)
 Cursor = psycopg2.extensions.cursor
 QUEUE_NAMES = tuple(queue.name for queue in QUEUES)
 QUEUE_ID_MAX = 2**31 - 1  # queue_id is an INTEGER
-BULK_LIMIT_DEFAULT, BULK_LIMIT_MAX = 100, 1000  # entries one bulk action touches at most
-FILTER_FIELDS = ("queue", "parked_reason", "account")
-FILTER_TEXT_MAX = 500
-BULK_FIELDS = ("filter", "reason", "dry_run", "limit")
+FILTER_TEXT_MAX = 500  # characters of a filter's text
 
 
 class Refused(Exception):
@@ -50,15 +45,6 @@ class EntryKey:
     queue: str
     queue_id: int
 
-    @classmethod
-    def parse(cls, queue: str, queue_id: str) -> EntryKey:
-        """Read an entry's identity from a request path; raise InputError when it names no possible entry."""
-        if queue not in QUEUE_NAMES:
-            raise InputError("queue", f"must be one of {', '.join(QUEUE_NAMES)}")
-        if not re.fullmatch(r"[0-9]{1,10}", queue_id) or int(queue_id) > QUEUE_ID_MAX:
-            raise InputError("queue_id", f"must be a whole number from 0 to {QUEUE_ID_MAX}")
-        return cls(queue, int(queue_id))
-
     def to_json(self) -> dict[str, Any]:
         """Return the identity as the audit trail and the answers show it."""
         return {"queue": self.queue, "queue_id": self.queue_id}
@@ -74,50 +60,10 @@ class Selection:
     limit: int
     dry_run: bool
 
-    @classmethod
-    def parse(cls, body: dict[str, Any]) -> Selection:
-        """Read a bulk action's filter, limit and dry_run from its JSON body; raise InputError on bad input."""
-        only_fields(body, BULK_FIELDS)
-        given = _filter_of(body.get("filter"))
-        dry_run = body.get("dry_run", False)
-        if not isinstance(dry_run, bool):
-            raise InputError("dry_run", "must be true or false")
-        limit = _limit_of(body.get("limit", BULK_LIMIT_DEFAULT))
-        return cls(given.get("queue"), given.get("parked_reason"), given.get("account"), limit, dry_run)
-
     def shown(self) -> dict[str, str]:
         """Return the filter as given, for the audit trail and the answer."""
         fields = {"queue": self.queue, "parked_reason": self.parked_reason, "account": self.account}
         return {name: value for name, value in fields.items() if value is not None}
-
-
-def _filter_of(given: Any) -> dict[str, str]:
-    """Check a bulk action's filter: at least one known field, each a non-empty string, the queue a known one."""
-    if not isinstance(given, dict) or not given:
-        raise InputError("filter", f"give an object with at least one of {', '.join(FILTER_FIELDS)}")
-    only_fields(given, FILTER_FIELDS, "filter.")
-    for name, value in given.items():
-        if not isinstance(value, str) or not value.strip() or len(value) > FILTER_TEXT_MAX:
-            raise InputError(f"filter.{name}", f"must be a non-empty string of at most {FILTER_TEXT_MAX} characters")
-    if given.get("queue", QUEUE_NAMES[0]) not in QUEUE_NAMES:
-        raise InputError("filter.queue", f"must be one of {', '.join(QUEUE_NAMES)}")
-    return given
-
-
-def _limit_of(given: Any) -> int:
-    """Check a bulk action's limit: a whole number in range (a JSON number arrives as Decimal)."""
-    whole = isinstance(given, int | Decimal) and not isinstance(given, bool)
-    # The range first: int() of a number such as 1e999999999 would take the process's memory.
-    if not whole or not 1 <= given <= BULK_LIMIT_MAX or given != int(given):
-        raise InputError("limit", f"must be a whole number from 1 to {BULK_LIMIT_MAX}")
-    return int(given)
-
-
-def only_fields(body: dict[str, Any], allowed: Sequence[str], prefix: str = "") -> None:
-    """Raise InputError naming the first field of a JSON object that is not one of `allowed`."""
-    for name in body:
-        if name not in allowed:
-            raise InputError(f"{prefix}{name}", f"unknown field; expected {', '.join(allowed)}")
 
 
 @dataclass(frozen=True)

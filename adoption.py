@@ -43,8 +43,6 @@ Connection = psycopg2.extensions.connection
 SETTLED_BEFORE_START = "settled before INITIAL_WATERMARK, committed when the service started the queue there"
 # A baseline stands before the first entry of its time: entries updated at it or later are applied.
 FIRST_ID = 0
-BODY_FIELDS = ("before", "reason", "dry_run")
-BEFORE_MAX = 64  # characters of the baseline action's `before`
 
 
 @dataclass(frozen=True)
@@ -87,19 +85,6 @@ class BaselineRequest:
     reason: str
     dry_run: bool
 
-    @classmethod
-    def parse(cls, body: dict[str, Any], reason: str | None) -> BaselineRequest:
-        """Read `before` and `dry_run` from a JSON body, its reason read already; raise InputError naming the field."""
-        if reason is None:
-            raise InputError("reason", "give a reason: a non-empty string")
-        unknown = sorted(set(body) - set(BODY_FIELDS))
-        if unknown:
-            raise InputError(unknown[0][:40], "unknown field; the fields are " + ", ".join(BODY_FIELDS))
-        dry_run = body.get("dry_run")
-        if not isinstance(dry_run, bool):
-            raise InputError("dry_run", "give true to count the entries only, or false to record them")
-        return cls(_aware_time(body.get("before")), reason, dry_run)
-
 
 @dataclass(frozen=True)
 class BaselineReport:
@@ -120,20 +105,6 @@ class BaselineReport:
             "audit_id": self.audit_id,
             "baseline": self.baseline,
         }
-
-
-def _aware_time(raw: object) -> datetime:
-    """Parse an ISO 8601 time that names its offset, in UTC."""
-    problem = "give an ISO 8601 time with an offset, such as 2026-12-01T00:00:00Z"
-    if not isinstance(raw, str) or len(raw) > BEFORE_MAX:
-        raise InputError("before", problem)
-    try:
-        value = datetime.fromisoformat(raw.strip())
-        if value.tzinfo is None:
-            raise InputError("before", problem)
-        return value.astimezone(UTC)
-    except (ValueError, OverflowError):
-        raise InputError("before", problem) from None
 
 
 def _no_later_than(wanted: datetime | str | None, now: datetime) -> datetime:

@@ -1,40 +1,42 @@
-"""The HTTP API: probes, status, parked entries, the manual trigger, tier value updates and the operators' tools."""
+"""The HTTP API: each endpoint takes and answers the models of models.py; flask-openapi3 validates the request
+from them and writes the OpenAPI document. The gate (gate.py) runs first, for every request."""
 
 from __future__ import annotations
 
-import json
 import logging
-import re
-from collections.abc import Callable, Iterator
-from decimal import Decimal
-from functools import wraps
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Response, current_app, jsonify
+from flask_openapi3.blueprint import APIBlueprint
+from flask_openapi3.models.tag import Tag
+from flask_openapi3.types import ResponseDict
+from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException
 
+import gate
 import metrics
+import models as m
 import tiers
-from actions import BULK_FIELDS, EntryKey, Refused, Retried, Selection, only_fields
+from actions import EntryKey, Refused, Retried, Selection
 from adoption import BaselineRequest
-from auth import OPERATE, READ, actor, require
+from auth import OPERATE, READ, actor
 from db import DatabaseError
-from domain import QUEUES, InputError, Queue
+from domain import QUEUES, InputError
 from drift import CheckRunning
-from openapi import SPEC
+from gate import error, needs
 from service import INTERNAL_ERROR, Service, service_of
 
 log = logging.getLogger(__name__)
 
-bp = Blueprint("consistency", __name__)
-PARKED_LIMIT_MAX = 1000
-REASON_MAX = 500  # characters of an operator's reason
-ACCOUNT_MAX = 64  # characters of an account number in a query
-QUEUE_ID_MAX = 2**31 - 1  # queue_id is an INTEGER
-# PostgreSQL text holds no NUL, and UTF-8 has no lone surrogate, which json.loads lets into a str (as "\ud800" or
-# as its raw bytes): psycopg2 could not send it.
-UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
-UNSTORABLE_TEXT = "no NUL character or lone surrogate (U+D800 to U+DFFF): PostgreSQL cannot store them"
+BEARER: list[dict[str, list[str]]] = [{"bearer": []}]  # the security of an endpoint that needs a token
+PROBES, STATE, ENTRIES, ACTIONS, CHECKS = (
+    Tag(name="probes", description="Liveness, readiness and metrics: no token"),
+    Tag(name="state", description="Tier values, watermarks, the last cycle; tier updates and the manual trigger"),
+    Tag(name="entries", description="Parked entries, corrections, reused queue rows, the journal and the audit trail"),
+    Tag(name="actions", description="Retry and resolve parked entries; pause and resume applying"),
+    Tag(name="checks", description="Drift checks and the adoption baseline"),
+)
+bp = APIBlueprint("consistency", __name__)
 
 
 def service() -> Service:
@@ -42,311 +44,182 @@ def service() -> Service:
     return service_of(current_app)
 
 
-def error(status: int, message: str, **extra: Any) -> tuple[Response, int]:
-    """Build a JSON error answer."""
-    return jsonify({"error": message, **extra}), status
+def answer(model: type[BaseModel], data: Any, status: int = 200) -> Response:
+    """Answer with `data` as `model` says it: checked against the model, in JSON."""
+    response = jsonify(model.model_validate(data).model_dump(mode="json", exclude_unset=True))
+    response.status_code = status
+    return response
+
+
+def errors(*codes: int) -> ResponseDict:
+    """The error answers an endpoint may give, for its document: 400 always (the gate refuses a bad parameter of
+    any endpoint), and the codes given."""
+    return dict.fromkeys((400, *codes), m.Error)
+
+
+def on_invalid(err: ValidationError) -> Response:
+    """Answer a request the models refuse: 400 naming the first field at fault."""
+    first = err.errors(include_url=False)[0]
+    field = ".".join(str(part) for part in first["loc"]) or "body"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] in ("model_type", "dict_type"):
+        message = "send a JSON object"
+    return error(400, f"{field}: {message}", field=field)
 
 
 @bp.before_request
-def refuse_unstorable_text() -> Any:
-    """Refuse text PostgreSQL cannot store, anywhere in a request, with 400 naming its field, before any view runs."""
-    for field, text in request_text():
-        if UNSTORABLE.search(text):
-            err = InputError(shown(field), UNSTORABLE_TEXT)
-            return error(400, str(err), field=err.field)
-    return None
+def gate_every_request() -> Response | None:
+    """Let a request through the gate, or answer its refusal."""
+    return gate.check()
 
 
-def request_text() -> Iterator[tuple[str, str]]:
-    """Yield every string a request carries with its field: query parameters (names too), path parameters, JSON body."""
-    for name, values in request.args.lists():
-        yield name, name
-        yield from ((name, value) for value in values)
-    for name, value in (request.view_args or {}).items():
-        if isinstance(value, str):
-            yield name, value
-    yield from json_text(parsed_body())
+# Probes and metrics. -------------------------------------------------------------------------------------------
 
 
-def parsed_body() -> Any:
-    """Return the JSON body as the views read it, or None: a body that is not JSON is the view's to refuse or ignore."""
-    if not request.is_json:
-        return None
-    try:
-        return parse_json(request.get_data(cache=True))
-    except (ValueError, RecursionError):  # not JSON, not UTF-8 (UnicodeDecodeError), NaN, too deep
-        return None
-
-
-def json_text(body: Any) -> Iterator[tuple[str, str]]:
-    """Yield every string of a parsed JSON body, keys too, with its field: `filter.account`, `items[0]`, or `body`."""
-    pending: list[tuple[str, Any]] = [("", body)]
-    while pending:  # a loop, not recursion: a body nested hundreds deep must not overflow the stack here
-        field, value = pending.pop()
-        if isinstance(value, str):
-            yield field or "body", value
-        elif isinstance(value, dict):
-            for key, item in reversed(value.items()):
-                inner = f"{field}.{key}" if field else key
-                pending += [(inner, item), (inner, key)]
-        elif isinstance(value, list):
-            pending += reversed([(f"{field or 'body'}[{i}]", item) for i, item in enumerate(value)])
-
-
-def shown(field: str) -> str:
-    """Name a field in an answer, with any character that cannot be stored in its name escaped."""
-    return UNSTORABLE.sub(lambda bad: f"\\u{ord(bad.group()):04x}", field)
-
-
-@bp.get("/health")
-def health() -> Any:
-    """Liveness: the poller thread runs and is not stuck inside a cycle; never touches a database."""
+@bp.get("/health", tags=[PROBES], responses={200: m.Liveness, 503: m.Liveness, **errors()})
+def health(query: m.NoQuery) -> Response:
+    """Liveness: the poller thread runs and progresses, and no process of this replica stalls the lease."""
     state = service().liveness()
-    return jsonify(state), 200 if state["status"] == "ok" else 503
+    return answer(m.Liveness, state, 200 if state["status"] == "ok" else 503)
 
 
-@bp.get("/ready")
-def ready() -> Any:
-    """Readiness: both databases answer and the state schema is migrated."""
+@bp.get("/ready", tags=[PROBES], responses={200: m.Readiness, 503: m.Readiness, **errors()})
+def ready(query: m.NoQuery) -> Response:
+    """Readiness: both databases answer, within 1.5 s, and the state schema is migrated."""
     checks = service().readiness()
     ok = all(result == "ok" for result in checks.values())
-    return jsonify({"status": "ready" if ok else "not ready", "checks": checks}), 200 if ok else 503
+    return answer(m.Readiness, {"status": "ready" if ok else "not ready", "checks": checks}, 200 if ok else 503)
 
 
-@bp.get("/metrics")
-def prometheus_metrics() -> Any:
-    """Prometheus metrics of every process of this service instance, in the text format."""
+@bp.get("/metrics", tags=[PROBES], responses={200: {"description": "Prometheus text format 0.0.4",
+         "content": {"text/plain": {"schema": {"type": "string"}}}}, **errors()})  # fmt: skip
+def prometheus_metrics(query: m.NoQuery) -> Response:
+    """Prometheus metrics of every process of this instance, in the text format 0.0.4."""
     return Response(service().metrics(), mimetype=None, content_type=metrics.CONTENT_TYPE)
 
 
-@bp.get("/api/v1/openapi.json")
-def openapi_document() -> Any:
-    """The OpenAPI 3 document of this API."""
-    return jsonify(SPEC)
+@bp.get("/api/v1/openapi.json", tags=[PROBES], responses={200: {"description": "OpenAPI 3.1",
+         "content": {"application/json": {"schema": {"type": "object"}}}}, **errors()})  # fmt: skip
+def openapi_document(query: m.NoQuery) -> Response:
+    """This document."""
+    return jsonify(current_app.api_doc)  # type: ignore[attr-defined]  # flask_openapi3.OpenAPI builds it
 
 
-@bp.get("/api/v1/consistency/status")
-def status() -> Any:
-    """The tier values and deltas, watermarks, mode, parked count and the last cycle."""
-    return jsonify(service().status())
+# State, tier values and the trigger. ---------------------------------------------------------------------------
 
 
-@bp.get("/api/v1/consistency/parked")
-@require(READ)
-def parked() -> Any:
-    """The parked entries, oldest first, with their reasons."""
-    limit = listing_limit()
-    return bad_limit() if limit is None else jsonify(service().parked(limit))
+@bp.get("/api/v1/consistency/status", tags=[STATE], responses={200: m.Status, **errors(503)})
+def status(query: m.NoQuery) -> Response:
+    """The deployment: tier values, watermarks, counts, the pause, the lease, the backlog, the last cycle; and this
+    process."""
+    return answer(m.Status, service().status())
 
 
-@bp.get("/api/v1/consistency/corrections")
-@require(READ)
-def corrections() -> Any:
-    """The applied entries whose queue status changed afterwards, newest first."""
-    limit = listing_limit()
-    return bad_limit() if limit is None else jsonify(service().corrections(limit))
-
-
-def listing_limit() -> int | None:
-    """Read a listing's one `limit` parameter; None when it is repeated or not a whole number in range."""
-    raw = one_argument("limit", "100")
-    if raw is None or not re.fullmatch(r"[0-9]{1,4}", raw) or not 1 <= int(raw) <= PARKED_LIMIT_MAX:
-        return None
-    return int(raw)
-
-
-def one_argument(name: str, default: str) -> str | None:
-    """Read a query parameter given at most once; None when it is repeated."""
-    given = request.args.getlist(name) or [default]
-    return given[0] if len(given) == 1 else None
-
-
-def page_arguments() -> tuple[int, int | None] | tuple[Response, int]:
-    """Read a paged listing's `limit` and `before` (the `next_before` of the page before), or answer 400."""
-    limit = listing_limit()
-    if limit is None:
-        return bad_limit()
-    raw = one_argument("before", "")
-    # ASCII digits only: str.isdigit() also takes '¹', which int() refuses (found by schemathesis).
-    if raw is None or not re.fullmatch(r"[0-9]{0,18}", raw):
-        return error(400, "before: must be one whole number, the next_before of the page before", field="before")
-    return limit, int(raw) if raw else None
-
-
-def reason_of(body: Any, required: bool) -> str | None:
-    """Read an action's `reason` from its JSON body; raise InputError when it is missing or not text."""
-    reason = body.get("reason") if isinstance(body, dict) else None
-    if reason is None and not required:
-        return None
-    if not isinstance(reason, str) or not reason.strip():
-        raise InputError("reason", "give a reason: a non-empty string")
-    if len(reason) > REASON_MAX:
-        raise InputError("reason", f"at most {REASON_MAX} characters")
-    return reason.strip()
-
-
-def bad_limit() -> tuple[Response, int]:
-    """Answer a listing whose limit is out of range."""
-    return error(400, f"limit: must be one whole number from 1 to {PARKED_LIMIT_MAX}", field="limit")
-
-
-@bp.get("/api/v1/consistency/reused-entries")
-@require(READ)
-def reused_entries() -> Any:
-    """Queue rows found carrying another transaction than the one applied under their queue_id, newest first, paged."""
-    paging = page_arguments()
-    if isinstance(paging[0], Response):
-        return paging
-    limit, before = paging
-    return jsonify(service().reused(limit, before))
-
-
-@bp.get("/api/v1/consistency/audit")
-@require(READ)
-def audit_trail() -> Any:
-    """Every operator action, newest first, paged."""
-    paging = page_arguments()
-    if isinstance(paging[0], Response):
-        return paging
-    limit, before = paging
-    return jsonify(service().audit.page(limit, before))
-
-
-@bp.post("/api/v1/consistency/trigger")
-@require(OPERATE)
-def trigger() -> Any:
-    """Run a cycle now and return its summary."""
+@bp.post("/api/v1/consistency/trigger", tags=[STATE], security=BEARER,
+         responses={200: m.CycleSummary, 202: m.Running, **errors(401, 403, 409, 503)})  # fmt: skip
+@needs(OPERATE)
+def trigger(query: m.NoQuery) -> Response:
+    """Run a cycle now and return its summary; 202 while it still runs after TRIGGER_WAIT."""
     result = service().trigger()
     if result is None:
         message = "the cycle is still running; follow it at GET /api/v1/consistency/status"
-        return jsonify({"result": "running", "message": message}), 202
+        return answer(m.Running, {"result": "running", "message": message}, 202)
     if result.outcome == "skipped":
         wait = service().settings.trigger_wait
         message = f"another process held the cycle turn for more than {wait:g}s (TRIGGER_WAIT); try again shortly"
         return error(409, message, result="skipped")
-    return jsonify(result.to_json()), 503 if result.outcome == "error" else 200
+    return answer(m.CycleSummary, result.to_json(), 503 if result.outcome == "error" else 200)
 
 
-@bp.post("/api/v1/consistency/update-tier-values")
-@require(OPERATE)
-def update_tier_values() -> Any:
-    """Change any of the six tier values, all or nothing, with an optional reason; return the new values."""
-    body = json_body()
-    if isinstance(body, tuple):
-        return body
-    try:
-        reason = reason_of(body, required=False)
-        values = {k: v for k, v in body.items() if k != "reason"} if isinstance(body, dict) else body
-        changes = tiers.parse_update(values)
-    except InputError as err:
-        return error(400, str(err), field=err.field)
-    return jsonify({"tiers": service().update_tiers(changes, actor(), reason)})
+@bp.post("/api/v1/consistency/update-tier-values", tags=[STATE], security=BEARER,
+         responses={200: m.TiersAnswer, **errors(400, 401, 403, 413, 415, 503)})  # fmt: skip
+@needs(OPERATE)
+def update_tier_values(query: m.NoQuery, body: m.TierUpdate) -> Response:
+    """Change any of the six tier values, all or nothing, with an optional reason; return the values in force."""
+    return answer(m.TiersAnswer, {"tiers": service().update_tiers(body.changes(), actor(), body.reason)})
 
 
-def json_body(optional: bool = False) -> Any:
-    """Read the request's JSON body, or answer 415 or 400; an optional body may be empty, read as {}."""
-    if optional and not request.get_data(cache=True):
-        return {}
-    if not request.is_json:
-        return error(415, "body: send JSON with Content-Type: application/json", field="body")
-    try:
-        return parse_json(request.get_data(cache=False))
-    except InputError as err:
-        return error(400, str(err), field=err.field)
-    except (ValueError, RecursionError):
-        return error(400, "body: not valid JSON", field="body")
+# Parked entries, corrections, reused queue rows, the journal and the audit trail. ------------------------------
 
 
-def parse_json(data: bytes) -> Any:
-    """Parse a JSON body with numbers kept exact as Decimal, refusing NaN and Infinity."""
-
-    def refuse(constant: str) -> Any:
-        raise InputError("body", f"{constant} is not a number")
-
-    return json.loads(data, parse_float=Decimal, parse_int=Decimal, parse_constant=refuse)
-
-
-# The journal: one account's records and one entry's story.
+@bp.get("/api/v1/consistency/parked", tags=[ENTRIES], security=BEARER,
+        responses={200: m.ParkedPage, **errors(400, 401, 503)})  # fmt: skip
+@needs(READ)
+def parked(query: m.ParkedQuery) -> Response:
+    """The parked entries a filter matches (queue, account, a substring of the reason), oldest first, paged."""
+    return answer(m.ParkedPage, service().parked_page(query.where(), query.limit, query.after))
 
 
-@bp.get("/api/v1/consistency/journal")
-@require(READ)
-def account_journal() -> Any:
-    """One account's journal records, newest first, paged."""
-    account = one_argument("account", "")
-    if account is None or not account.strip() or len(account) > ACCOUNT_MAX:
-        return error(400, f"account: give one account number of at most {ACCOUNT_MAX} characters", field="account")
-    paging = page_arguments()
-    if isinstance(paging[0], Response):
-        return paging
-    limit, before = paging
-    return jsonify(service().journal.account(account, limit, before))
+@bp.get("/api/v1/consistency/corrections", tags=[ENTRIES], security=BEARER,
+        responses={200: m.CorrectionListing, **errors(400, 401, 503)})  # fmt: skip
+@needs(READ)
+def corrections(query: m.Listing) -> Response:
+    """The applied entries whose queue status changed afterwards, newest first."""
+    return answer(m.CorrectionListing, service().corrections(query.limit))
 
 
-@bp.get("/api/v1/consistency/entries/<queue>/<int:queue_id>")
-@require(READ)
-def entry_story(queue: str, queue_id: int) -> Any:
-    """The whole story of one queue entry: read, parked, applied, corrected, resolved."""
-    known = queue_named(queue)
-    story = None if known is None or queue_id > QUEUE_ID_MAX else service().journal.story(known, queue_id)
+@bp.get("/api/v1/consistency/reused-entries", tags=[ENTRIES], security=BEARER,
+        responses={200: m.ReusePage, **errors(400, 401, 503)})  # fmt: skip
+@needs(READ)
+def reused_entries(query: m.Page) -> Response:
+    """Queue rows found carrying another transaction than the one applied under their queue_id, newest first."""
+    return answer(m.ReusePage, service().reused(query.limit, query.before))
+
+
+@bp.get("/api/v1/consistency/audit", tags=[ENTRIES], security=BEARER,
+        responses={200: m.AuditPage, **errors(400, 401, 503)})  # fmt: skip
+@needs(READ)
+def audit_trail(query: m.Page) -> Response:
+    """Every operator action, newest first: who, when, what it touched and why."""
+    return answer(m.AuditPage, service().audit.page(query.limit, query.before))
+
+
+@bp.get("/api/v1/consistency/journal", tags=[ENTRIES], security=BEARER,
+        responses={200: m.JournalPage, **errors(400, 401, 503)})  # fmt: skip
+@needs(READ)
+def account_journal(query: m.AccountPage) -> Response:
+    """One account's journal records, newest first: why its balances are what they are."""
+    return answer(m.JournalPage, service().journal.account(query.account, query.limit, query.before))
+
+
+@bp.get("/api/v1/consistency/entries/<queue>/<queue_id>", tags=[ENTRIES], security=BEARER,
+        responses={200: m.EntryStory, **errors(400, 401, 404, 503)})  # fmt: skip
+@needs(READ)
+def entry_story(path: m.EntryPath, query: m.NoQuery) -> Response:
+    """One entry's whole story: read, parked, applied (before, after, factors), corrected, resolved, reused."""
+    known = next(queue for queue in QUEUES if queue.name == path.queue)
+    story = service().journal.story(known, path.queue_id)
     if story is None:
-        return error(404, f"no {queue} entry {queue_id} is known to the queue or to the journal")
-    return jsonify(story)
+        return error(404, f"no {path.queue} entry {path.queue_id} is known to the queue or to the journal")
+    return answer(m.EntryStory, story)
 
 
-def queue_named(name: str) -> Queue | None:
-    """Return the queue a path names, or None."""
-    return next((queue for queue in QUEUES if queue.name == name), None)
+@bp.get("/api/v1/consistency/portfolios/<account>", tags=[ENTRIES], security=BEARER,
+        responses={200: m.PortfolioAnswer, **errors(400, 401, 404, 503)})  # fmt: skip
+@needs(READ)
+def portfolio(path: m.AccountPath, query: m.Page) -> Response:
+    """Why an account's balances are what they are: the portfolio now, whether it is what the newest completed
+    entries left, and its journal records with labelled amounts before and after, newest first."""
+    told = service().portfolio(path.account, query.limit, query.before)
+    if told is None:
+        return error(404, f"account {path.account} has neither a portfolio nor a journal record")
+    return answer(m.PortfolioAnswer, told)
 
 
-# Operator actions on entries: retry and resolve, one or in bulk.
+# Actions on parked entries; the pause. -------------------------------------------------------------------------
 
 
-def refusals(view: Callable[..., Any]) -> Callable[..., Any]:
-    """Answer an action's bad input with 400 naming the field, and an action refused with its own status."""
-
-    @wraps(view)
-    def answered(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return view(*args, **kwargs)
-        except InputError as err:
-            return error(400, str(err), field=err.field)
-        except Refused as err:
-            return error(err.status, err.message, **err.extra)
-
-    return answered
+def refused(err: Refused) -> Response:
+    """Answer an action that cannot be done as asked, with its own status."""
+    return error(err.status, err.message, **err.extra)
 
 
-def action_body(allowed: tuple[str, ...], optional: bool) -> Any:
-    """Read an action's JSON body, an object with only the `allowed` fields; or answer 4xx (a tuple)."""
-    body = json_body(optional)
-    if isinstance(body, tuple):
-        return body
-    if not isinstance(body, dict):
-        return error(400, "body: send a JSON object", field="body")
-    only_fields(body, allowed)
-    return body
-
-
-def optional_reason(body: dict[str, Any]) -> str | None:
-    """Read an action's optional `reason`, or raise InputError."""
-    return reason_of(body, required=False)
-
-
-def required_reason(body: dict[str, Any]) -> str:
-    """Read an action's required `reason`, or raise InputError."""
-    reason = reason_of(body, required=True)
-    if reason is None:  # reason_of has raised already
-        raise InputError("reason", "give a reason: a non-empty string")
-    return reason
-
-
-def retry_answer(retried: Retried, shown: dict[str, Any]) -> Any:
+def retry_answer(retried: Retried, shown: dict[str, Any]) -> Response:
     """Answer a recorded retry by what its cycle did: 200 when it ran, else 202, 409 or 503 as the trigger does."""
     cycle = retried.cycle
     if cycle is None:
         message = "the retry is recorded; the cycle is still running: follow it at GET /api/v1/consistency/status"
-        return jsonify({"result": "running", "message": message, **shown}), 202
+        return answer(m.Running, {"result": "running", "message": message, **shown}, 202)
     if cycle.outcome == "skipped":
         wait = service().settings.trigger_wait
         message = f"the retry is recorded, but another process held the cycle turn for more than {wait:g}s "
@@ -359,170 +232,178 @@ def retry_answer(retried: Retried, shown: dict[str, Any]) -> Any:
     return jsonify({**shown, "cycle": cycle.to_json()})
 
 
-@bp.post("/api/v1/consistency/parked/<queue>/<queue_id>/retry")
-@require(OPERATE)
-@refusals
-def retry_entry(queue: str, queue_id: str) -> Any:
+ACTION_ERRORS = errors(400, 401, 403, 404, 409, 413, 415, 503)
+
+
+@bp.post("/api/v1/consistency/parked/<queue>/<queue_id>/retry", tags=[ACTIONS], security=BEARER,
+         responses={200: m.Retried, 202: m.Running, **ACTION_ERRORS})  # fmt: skip
+@needs(OPERATE)
+def retry_entry(path: m.EntryPath, query: m.NoQuery, body: m.OptionalReason) -> Response:
     """Try one parked entry now: record the retry, run a cycle, and tell what became of the entry."""
-    body = action_body(("reason",), optional=True)
-    if isinstance(body, tuple):
-        return body
-    key = EntryKey.parse(queue, queue_id)
-    retried = service().actions.retry(key, actor(), optional_reason(body))
+    try:
+        retried = service().actions.retry(EntryKey(path.queue, path.queue_id), actor(), body.reason)
+    except Refused as err:
+        return refused(err)
     return retry_answer(retried, {"entry": retried.entries[0]})
 
 
-@bp.post("/api/v1/consistency/parked/<queue>/<queue_id>/resolve")
-@require(OPERATE)
-@refusals
-def resolve_entry(queue: str, queue_id: str) -> Any:
+@bp.post("/api/v1/consistency/parked/<queue>/<queue_id>/resolve", tags=[ACTIONS], security=BEARER,
+         responses={200: m.Resolved, **ACTION_ERRORS})  # fmt: skip
+@needs(OPERATE)
+def resolve_entry(path: m.EntryPath, query: m.NoQuery, body: m.RequiredReason) -> Response:
     """Dismiss one parked entry for good, with a reason: it leaves the parked list and is never applied."""
-    body = action_body(("reason",), optional=False)
-    if isinstance(body, tuple):
-        return body
-    key = EntryKey.parse(queue, queue_id)
-    return jsonify({"resolved": service().actions.resolve(key, actor(), required_reason(body))})
+    try:
+        resolved = service().actions.resolve(EntryKey(path.queue, path.queue_id), actor(), body.reason)
+    except Refused as err:
+        return refused(err)
+    return answer(m.Resolved, {"resolved": resolved})
 
 
-@bp.post("/api/v1/consistency/parked/retry")
-@require(OPERATE)
-@refusals
-def retry_matching() -> Any:
-    """Try the parked entries a filter matches now, up to a limit; a dry run only lists them."""
-    body = action_body(BULK_FIELDS, optional=False)
-    if isinstance(body, tuple):
-        return body
-    selection, reason = Selection.parse(body), optional_reason(body)
-    listing, retried = service().actions.retry_matching(selection, actor(), reason)
-    return jsonify(listing) if retried is None else retry_answer(retried, listing)
+def selection(body: m.Bulk) -> Selection:
+    """The parked entries a bulk action takes."""
+    given = body.filter
+    return Selection(given.queue, given.parked_reason, given.account, body.limit, body.dry_run)
 
 
-@bp.post("/api/v1/consistency/parked/resolve")
-@require(OPERATE)
-@refusals
-def resolve_matching() -> Any:
-    """Dismiss the parked entries a filter matches, up to a limit, with a reason; a dry run only lists them."""
-    body = action_body(BULK_FIELDS, optional=False)
-    if isinstance(body, tuple):
-        return body
-    selection, reason = Selection.parse(body), required_reason(body)
-    return jsonify(service().actions.resolve_matching(selection, actor(), reason))
+@bp.post("/api/v1/consistency/parked/retry", tags=[ACTIONS], security=BEARER,
+         responses={200: m.BulkAnswer, 202: m.Running, **ACTION_ERRORS})  # fmt: skip
+@needs(OPERATE)
+def retry_matching(query: m.NoQuery, body: m.Bulk) -> Response:
+    """Try the parked entries a filter matches now, up to `limit`; a dry run only lists them."""
+    try:
+        listing, retried = service().actions.retry_matching(selection(body), actor(), body.reason)
+    except Refused as err:
+        return refused(err)
+    return answer(m.BulkAnswer, listing) if retried is None else retry_answer(retried, listing)
 
 
-# The pause.
+@bp.post("/api/v1/consistency/parked/resolve", tags=[ACTIONS], security=BEARER,
+         responses={200: m.BulkAnswer, **ACTION_ERRORS})  # fmt: skip
+@needs(OPERATE)
+def resolve_matching(query: m.NoQuery, body: m.BulkResolve) -> Response:
+    """Dismiss the parked entries a filter matches, up to `limit`, with a reason; a dry run only lists them."""
+    try:
+        return answer(m.BulkAnswer, service().actions.resolve_matching(selection(body), actor(), body.reason))
+    except Refused as err:
+        return refused(err)
 
 
-@bp.post("/api/v1/consistency/pause")
-@require(OPERATE)
-@refusals
-def pause() -> Any:
+@bp.post("/api/v1/consistency/pause", tags=[ACTIONS], security=BEARER,
+         responses={200: m.Paused, **errors(400, 401, 403, 409, 413, 415, 503)})  # fmt: skip
+@needs(OPERATE)
+def pause(query: m.NoQuery, body: m.RequiredReason) -> Response:
     """Pause applying in every process and replica, with a reason; 409 when it is paused already."""
-    body = action_body(("reason",), optional=False)
-    if isinstance(body, tuple):
-        return body
-    return jsonify({"paused": service().actions.pause(actor(), required_reason(body)).to_json()})
+    try:
+        return answer(m.Paused, {"paused": service().actions.pause(actor(), body.reason).to_json()})
+    except Refused as err:
+        return refused(err)
 
 
-@bp.post("/api/v1/consistency/resume")
-@require(OPERATE)
-@refusals
-def resume() -> Any:
-    """End the pause, with an optional reason; 409 when applying is not paused."""
-    body = action_body(("reason",), optional=True)
-    if isinstance(body, tuple):
-        return body
-    return jsonify(service().actions.resume(actor(), optional_reason(body)))
+@bp.post("/api/v1/consistency/resume", tags=[ACTIONS], security=BEARER,
+         responses={200: m.Resumed, **errors(400, 401, 403, 409, 413, 415, 503)})  # fmt: skip
+@needs(OPERATE)
+def resume(query: m.NoQuery, body: m.OptionalReason) -> Response:
+    """End the pause, with an optional reason: every process applies again, this one at once."""
+    try:
+        return answer(m.Resumed, service().actions.resume(actor(), body.reason))
+    except Refused as err:
+        return refused(err)
 
 
-# Drift checks.
+# Drift checks and the baseline. --------------------------------------------------------------------------------
 
 LATEST_DRIFT_CHECK = "/api/v1/consistency/drift-checks/latest"
 
 
-@bp.post("/api/v1/consistency/drift-checks")
-@require(OPERATE)
-def start_drift_check() -> Any:
-    """Start a drift check, audited, with an optional reason; it runs in the background."""
-    body = json_body(optional=True)
-    if isinstance(body, tuple):
-        return body
+@bp.post("/api/v1/consistency/drift-checks", tags=[CHECKS], security=BEARER,
+         responses={202: m.DriftStarted, **errors(400, 401, 403, 409, 413, 415, 503)})  # fmt: skip
+@needs(OPERATE)
+def start_drift_check(query: m.NoQuery, body: m.DriftCheckRequest) -> Response:
+    """Start a drift check, audited with the token's name and an optional reason; it runs in the background."""
     try:
-        reason = drift_check_reason(body)
-        check = service().drift.request(actor(), reason)
-    except InputError as err:
-        return error(400, str(err), field=err.field)
+        check = service().drift.request(actor(), body.reason)
     except CheckRunning as running:
-        message = f"{running}; its report: GET {LATEST_DRIFT_CHECK}"
-        return error(409, message, id=running.check_id)
-    response = jsonify(check)
+        return error(409, f"{running}; its report: GET {LATEST_DRIFT_CHECK}", id=running.check_id)
+    response = answer(m.DriftStarted, check, 202)
     response.headers["Location"] = LATEST_DRIFT_CHECK
-    return response, 202
+    return response
 
 
-def drift_check_reason(body: Any) -> str | None:
-    """Read a drift check request's body: a JSON object with an optional `reason` and nothing else."""
-    if not isinstance(body, dict):
-        raise InputError("body", 'send a JSON object, such as {"reason": "..."}')
-    unknown = sorted(set(body) - {"reason"})
-    if unknown:
-        raise InputError(unknown[0], "unknown key; only `reason` is taken")
-    return reason_of(body, required=False)
+@bp.get("/api/v1/consistency/drift-checks", tags=[CHECKS], security=BEARER,
+        responses={200: m.DriftCheckPage, **errors(400, 401, 503)})  # fmt: skip
+@needs(READ)
+def drift_checks(query: m.Page) -> Response:
+    """Every drift check, newest first, each with its findings by kind, paged."""
+    return answer(m.DriftCheckPage, service().drift.page(query.limit, query.before))
 
 
-@bp.get(LATEST_DRIFT_CHECK)
-@require(READ)
-def latest_drift_check() -> Any:
+@bp.get(LATEST_DRIFT_CHECK, tags=[CHECKS], security=BEARER,
+        responses={200: m.DriftReport, **errors(400, 401, 404, 503)})  # fmt: skip
+@needs(READ)
+def latest_drift_check(query: m.NoQuery) -> Response:
     """The newest drift check's report: state, times, rows read, findings by kind and the findings kept."""
-    report = service().drift.latest()
+    return drift_report(None)
+
+
+@bp.get("/api/v1/consistency/drift-checks/<check_id>", tags=[CHECKS], security=BEARER,
+        responses={200: m.DriftReport, **errors(400, 401, 404, 503)})  # fmt: skip
+@needs(READ)
+def drift_check(path: m.DriftCheckPath, query: m.NoQuery) -> Response:
+    """One drift check's report, by its id."""
+    return drift_report(path.check_id)
+
+
+def drift_report(check_id: int | None) -> Response:
+    """Answer a drift check's report (the newest's for None), or 404."""
+    report = service().drift.report(check_id)
     if report is None:
-        return error(404, "no drift check is stored yet; start one with POST /api/v1/consistency/drift-checks")
-    return jsonify(report)
+        told = "no drift check is stored yet" if check_id is None else f"no drift check {check_id}"
+        return error(404, f"{told}; start one with POST /api/v1/consistency/drift-checks")
+    return answer(m.DriftReport, report)
 
 
-# Adoption: the baseline.
+@bp.post("/api/v1/consistency/baseline", tags=[CHECKS], security=BEARER,
+         responses={200: m.BaselineReport, **errors(400, 401, 403, 413, 415, 503)})  # fmt: skip
+@needs(OPERATE)
+def baseline(query: m.NoQuery, body: m.BaselineRequest) -> Response:
+    """Record the settled entries before a time as applied, moving no money; or count them first (dry run)."""
+    wanted = BaselineRequest(body.before, body.reason, body.dry_run)
+    return answer(m.BaselineReport, service().adoption.record_baseline(wanted, actor()).to_json())
 
 
-@bp.post("/api/v1/consistency/baseline")
-@require(OPERATE)
-def baseline() -> Any:
-    """Count (dry run) or record as applied, without moving money, the settled entries before a time, per queue."""
-    body = json_body()
-    if isinstance(body, tuple):
-        return body
-    if not isinstance(body, dict):
-        return error(400, "body: send a JSON object with before, reason and dry_run", field="body")
-    try:
-        wanted = BaselineRequest.parse(body, reason_of(body, required=True))
-        report = service().adoption.record_baseline(wanted, actor())
-    except InputError as err:
-        return error(400, str(err), field=err.field)
-    return jsonify(report.to_json())
+# Errors the views do not answer themselves. --------------------------------------------------------------------
 
 
 @bp.app_errorhandler(HTTPException)
-def http_error(err: HTTPException) -> Any:
+def http_error(err: HTTPException) -> Response:
     """Answer HTTP errors (404, 405, 413, ...) in JSON, keeping headers such as Allow."""
-    response, status = error(err.code or 500, err.description or err.name)
+    response = error(err.code or 500, err.description or err.name)
     for name, value in err.get_headers():
         if name.lower() != "content-type":
             response.headers[name] = value
-    return response, status
+    return response
+
+
+@bp.app_errorhandler(InputError)
+def input_error(err: InputError) -> Response:
+    """Answer 400 naming the field, for input the service itself finds wrong (a time after queue-db's clock, say)."""
+    return error(400, str(err), field=err.field)
 
 
 @bp.app_errorhandler(DatabaseError)
-def database_error(err: DatabaseError) -> Any:
+def database_error(err: DatabaseError) -> Response:
     """Answer 503 when a database cannot serve the request."""
     return error(503, f"{err.database} is unavailable: {err.detail}")
 
 
 @bp.app_errorhandler(tiers.TiersNotStored)
-def state_missing(err: tiers.TiersNotStored) -> Any:
+def state_missing(err: tiers.TiersNotStored) -> Response:
     """Answer 503 while the state schema has not been set up yet."""
     return error(503, f"the service state is not initialised yet: {err}")
 
 
 @bp.app_errorhandler(Exception)
-def internal_error(err: Exception) -> Any:
+def internal_error(err: Exception) -> Response:
     """Answer unexpected failures in JSON, with the details in the log only."""
     log.exception("unhandled error")
     return error(500, INTERNAL_ERROR)

@@ -6,33 +6,41 @@ import signal
 from types import FrameType
 
 from flask import Flask
-from flask.json.provider import DefaultJSONProvider
+from flask_openapi3.models.info import Info
+from flask_openapi3.openapi import OpenAPI
 
 import auth
+import docs
 import logs
-from api import bp
+from api import bp, on_invalid
 from config import Settings, load_settings, load_settings_or_exit
+from gate import ApiRequest, OrderedJSON
+from models import Error
 from service import EXTENSION, build_service, service_of
 
 MAX_BODY_BYTES = 4096
-
-
-class OrderedJSON(DefaultJSONProvider):
-    """JSON answers with their keys in the order the service writes them."""
-
-    sort_keys = False
 
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the Flask app around a service; the poller is started by the server, not here."""
     settings = settings or load_settings()
     logs.configure(settings.log_level, settings.log_format)
-    app = Flask(__name__)
+    app = OpenAPI(
+        __name__,
+        info=Info(title="Consistency Manager Service", version="1.0.0"),
+        security_schemes={"bearer": {"type": "http", "scheme": "bearer"}},
+        doc_prefix=docs.PREFIX,
+        validation_error_status=400,
+        validation_error_model=Error,
+        validation_error_callback=on_invalid,
+    )
+    app.request_class = ApiRequest
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json = OrderedJSON(app)
     app.extensions[EXTENSION] = build_service(settings)
-    app.extensions[auth.EXTENSION] = settings.credentials
-    app.register_blueprint(bp)
+    app.extensions[auth.EXTENSION] = auth.Tokens.from_settings(settings)
+    app.register_api(bp)
+    docs.serve(app)
     return app
 
 

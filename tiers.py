@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation, localcontext
+from decimal import Decimal, localcontext
 from fractions import Fraction
 from typing import Any
 
 import psycopg2.extensions
 
-from config import check_tier_value
-from domain import TIER_KEYS, InputError, Queue
+from domain import Queue
 from queries import query
 
 # Deltas are shown to this many places; the cycle itself uses exact fractions.
@@ -18,10 +17,6 @@ DELTA_PLACES = Decimal("1e-12")
 # Enough digits for any delta the limits allow: below 10^20 (a market under 10^12 over a pool of 10^-8),
 # shown to 12 places.
 DELTA_DIGITS = 40
-
-
-class TierInputError(InputError):
-    """A tier value update names an unknown key or carries a bad value."""
 
 
 class TiersNotStored(RuntimeError):
@@ -116,37 +111,6 @@ def load_in_force(cur: psycopg2.extensions.cursor) -> tuple[Tiers, int]:
     if len(rows) != 3:
         raise TiersNotStored("tier values are not stored yet")
     return tuple(Tier(pool, market) for _, pool, market, _ in rows), rows[0][3]
-
-
-def parse_update(body: Any) -> dict[str, Decimal]:
-    """Validate a tier value update: a JSON object of known keys with finite decimal values."""
-    if not isinstance(body, dict):
-        raise TierInputError("body", "must be a JSON object")
-    if not body:
-        raise TierInputError("body", f"give at least one of {', '.join(TIER_KEYS)}")
-    changes = {}
-    for key, raw in body.items():
-        if key not in TIER_KEYS:
-            raise TierInputError(str(key)[:40], f"unknown key; expected one of {', '.join(TIER_KEYS)}")
-        value = _decimal(key, raw)
-        problem = check_tier_value(key, value)
-        if problem:
-            raise TierInputError(key, problem.removeprefix(f"{key} "))
-        changes[key] = value
-    return changes
-
-
-def _decimal(key: str, raw: Any) -> Decimal:
-    """Turn a JSON number or numeric string into a finite Decimal."""
-    if isinstance(raw, bool) or not isinstance(raw, (int, Decimal, str)):
-        raise TierInputError(key, "must be a number or a numeric string")
-    try:
-        value = Decimal(raw.strip() if isinstance(raw, str) else raw)
-    except InvalidOperation as err:
-        raise TierInputError(key, "must be a number or a numeric string") from err
-    if not value.is_finite():
-        raise TierInputError(key, "must be a finite number")
-    return value
 
 
 def update(cur: psycopg2.extensions.cursor, changes: dict[str, Decimal]) -> Tiers:

@@ -1,14 +1,24 @@
 """Who may call what: named tokens with roles, 401 for account data without a token, 403 for a read token's
-action, and the actor of every audited action taken from the token used."""
+action, the actor of every audited action taken from the token used, and tokens that rotate without a restart."""
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
 import pytest
 
-from auth import authenticate
+import auth
+from auth import Tokens, authenticate
 from config import API_TOKEN_NAME, ConfigError, Credential, load_settings
 from tests.conftest import API_TOKEN
 from tests.tokens import OPERATOR, READER, bearer
+
+# A token added by a rotation: its line is as long as READER's, so that a file holding it instead has the same size.
+CAROL = Credential("carol", "operate", "carol-token-0123456789ab")
 
 ACCOUNT_ENDPOINTS = [
     "/api/v1/consistency/parked",
@@ -39,8 +49,11 @@ def test_a_tokens_file_gives_names_and_roles(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
-        ("bob short-token\n", "API_TOKENS_FILE line 1: the token of 'bob' must be at least 16 characters"),
-        ("bob bob-token-0123456789 admin\n", "API_TOKENS_FILE line 1: role must be one of read, operate (got 'admin')"),
+        ("bob short-token\n", "API_TOKENS_FILE line 1: the token must be at least 16 characters"),
+        ("bob bob-token-0123456789 admin\n", "API_TOKENS_FILE line 1: the role must be one of read, operate"),
+        # A token in the name's or the role's place: never quoted either.
+        ("bob-token-0123456789 bob\n", "API_TOKENS_FILE line 1: the token must be at least 16 characters"),
+        ("bob read bob-token-0123456789\n", "API_TOKENS_FILE line 1: the role must be one of read, operate"),
         ("\nbob\n", "API_TOKENS_FILE line 2: expected `name token` or `name token role`"),
         ("bob t-0123456789abcdef\nbob u-0123456789abcdef\n", "API_TOKENS_FILE: every token needs a name of its own"),
         ("bob t-0123456789abcdef\neve t-0123456789abcdef\n", "API_TOKENS_FILE: two names share one token"),
@@ -58,6 +71,14 @@ def test_a_bad_tokens_file_is_refused_without_showing_a_token(tmp_path, text: st
 def test_a_missing_tokens_file_is_refused(tmp_path) -> None:
     with pytest.raises(ConfigError, match="API_TOKENS_FILE must name a readable file"):
         load_settings({"API_TOKENS_FILE": str(tmp_path / "absent")})
+
+
+def test_a_tokens_file_that_is_not_utf8_is_refused_at_start(tmp_path) -> None:
+    path = tmp_path / "tokens"
+    path.write_bytes(b"bob bob-token-0123456789\xff\n")
+    with pytest.raises(ConfigError) as raised:
+        load_settings({"API_TOKENS_FILE": str(path)})
+    assert raised.value.problems == ["API_TOKENS_FILE must be UTF-8 text"]
 
 
 def test_a_credential_never_shows_its_token() -> None:
@@ -85,11 +106,11 @@ def test_account_data_needs_a_token(named, path: str) -> None:
 
 def documented_gets() -> list[tuple[str, bool]]:
     """Every GET of the OpenAPI document, its path filled in, and whether the document says it needs a token."""
-    from openapi import SPEC
+    from tests.document import openapi_document
 
     filled = {"{queue}": "investment", "{queue_id}": "1"}
     found = []
-    for path, methods in SPEC["paths"].items():
+    for path, methods in openapi_document()["paths"].items():
         if "get" in methods:
             for name, value in filled.items():
                 path = path.replace(name, value)
@@ -150,3 +171,176 @@ def test_a_tier_update_is_audited_under_the_name_of_the_token_used(named) -> Non
 def test_the_audit_trail_refuses_a_bad_page_position(named, before: str) -> None:
     answer = named.get(f"/api/v1/consistency/audit?before={before}", headers=bearer(READER))
     assert (answer.status_code, answer.get_json()["field"]) == (400, "before")
+
+
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def lines(*credentials: Credential) -> str:
+    """The text of a tokens file that holds these credentials."""
+    return "".join(f"{c.name} {c.token} {c.role}\n" for c in credentials)
+
+
+def write_tokens(path: Path, *credentials: Credential) -> None:
+    """Replace a tokens file at once, as an editor's save or `mv` does."""
+    new = path.with_name(path.name + ".new")
+    new.write_text(lines(*credentials))
+    os.replace(new, path)
+
+
+def test_the_production_bound_is_fifteen_seconds_at_most() -> None:
+    assert 0 < auth.CHECK_INTERVAL <= 15
+
+
+def test_a_change_counts_within_the_check_interval_and_requests_meanwhile_read_nothing(tmp_path, monkeypatch) -> None:
+    clock, path = Clock(), tmp_path / "tokens"
+    write_tokens(path, READER)
+    tokens = Tokens(path=str(path), fixed=(Credential(API_TOKEN_NAME, "operate", API_TOKEN),), clock=clock)
+    assert [c.name for c in tokens.current()] == ["dashboard", API_TOKEN_NAME]
+
+    write_tokens(path, CAROL)
+    reads = []
+
+    def counted(*args):
+        reads.append(args)
+        return open(*args)  # auth's own `with` closes it
+
+    monkeypatch.setattr(auth, "open", counted, raising=False)
+    clock.advance(auth.CHECK_INTERVAL - 0.001)
+    for _ in range(1000):
+        assert tokens.current()[0] == READER
+    assert reads == []
+    clock.advance(0.001)
+    assert [c.name for c in tokens.current()] == ["carol", API_TOKEN_NAME]  # API_TOKEN stays
+    assert len(reads) == 1
+
+
+def test_the_swap_of_a_kubernetes_secret_volume_is_picked_up(tmp_path) -> None:
+    """kubelet writes a new timestamped folder and swaps the `..data` link to it; `tokens` links through `..data`."""
+    first = tmp_path / "..2026_12_07_10_00_00.000000001"
+    first.mkdir()
+    (first / "tokens").write_text(lines(READER))
+    (tmp_path / "..data").symlink_to(first.name)
+    (tmp_path / "tokens").symlink_to("..data/tokens")
+    clock, link = Clock(), tmp_path / "tokens"
+    tokens = Tokens(path=str(link), clock=clock)
+    assert tokens.current() == (READER,)
+    before = os.lstat(link)
+
+    second = tmp_path / "..2026_12_07_10_05_00.000000002"
+    second.mkdir()
+    (second / "tokens").write_text(lines(CAROL))
+    old = (first / "tokens").stat()
+    os.utime(second / "tokens", ns=(old.st_atime_ns, old.st_mtime_ns))
+    assert (second / "tokens").stat().st_size == old.st_size  # the same size and time: only the contents tell
+    (tmp_path / "..data_tmp").symlink_to(second.name)
+    os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
+    shutil.rmtree(first)
+    assert os.lstat(link).st_ino == before.st_ino and os.lstat(link).st_mtime_ns == before.st_mtime_ns
+
+    clock.advance(auth.CHECK_INTERVAL)
+    assert tokens.current() == (CAROL,)
+
+
+def test_an_edit_in_place_that_keeps_the_size_and_the_time_counts(tmp_path) -> None:
+    clock, path = Clock(), tmp_path / "tokens"
+    path.write_text(lines(READER))
+    old = path.stat()
+    tokens = Tokens(path=str(path), clock=clock)
+    with open(path, "r+") as file:
+        file.write(lines(CAROL))
+    os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))
+    assert path.read_text() == lines(CAROL)
+    new = path.stat()
+    assert (new.st_size, new.st_ino, new.st_mtime_ns) == (old.st_size, old.st_ino, old.st_mtime_ns)
+    clock.advance(auth.CHECK_INTERVAL)
+    assert tokens.current() == (CAROL,)
+
+
+def test_a_bad_file_keeps_the_last_good_tokens_and_is_logged_once_per_version_without_its_contents(
+    tmp_path, caplog
+) -> None:
+    clock, path = Clock(), tmp_path / "tokens"
+    write_tokens(path, READER)
+    tokens = Tokens(path=str(path), clock=clock)
+
+    def becomes(bad) -> list[str]:
+        """Make the file bad in one way, let requests come for a minute; return the ERROR lines logged."""
+        caplog.clear()
+        bad()
+        for _ in range(20):
+            clock.advance(auth.CHECK_INTERVAL)
+            assert tokens.current() == (READER,)
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+    tokens_seen = (READER.token, OPERATOR.token, CAROL.token, "0123456789")
+    with caplog.at_level(logging.INFO, logger="auth"):
+        # a role unknown, and tokens where the role and the name go
+        text = f"{OPERATOR.name} {OPERATOR.token} admin\n{CAROL.name} read {CAROL.token}\n{OPERATOR.token} x\n"
+        versions = {
+            "invalid": lambda: path.write_text(text),
+            "not UTF-8": lambda: path.write_bytes(lines(CAROL).encode() + b"\xff"),
+            "gone": path.unlink,
+            "a folder": path.mkdir,
+        }
+        said = {}
+        for kind, bad in versions.items():
+            (said[kind],) = becomes(bad)
+            assert not any(token in said[kind] for token in tokens_seen), kind
+        kept = "; the 1 named tokens (0 operate, 1 read) read before stay in force"
+        assert said == {
+            "invalid": f"API_TOKENS_FILE {path} line 1: the role must be one of read, operate; "
+            f"API_TOKENS_FILE {path} line 2: the role must be one of read, operate; "
+            f"API_TOKENS_FILE {path} line 3: the token must be at least 16 characters" + kept,
+            "not UTF-8": f"API_TOKENS_FILE {path} must be UTF-8 text" + kept,
+            "gone": f"API_TOKENS_FILE {path} cannot be read (No such file or directory)" + kept,
+            "a folder": f"API_TOKENS_FILE {path} cannot be read (Is a directory)" + kept,
+        }
+
+        caplog.clear()
+        path.rmdir()
+        write_tokens(path, OPERATOR)
+        clock.advance(auth.CHECK_INTERVAL)
+        assert tokens.current() == (OPERATOR,)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("INFO", f"API_TOKENS_FILE {path} is good again: 1 named tokens (1 operate, 0 read) in force")
+    ]
+
+
+def test_a_token_added_to_the_file_is_let_in_and_one_removed_refused_without_a_restart(
+    make_app, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setattr(auth, "CHECK_INTERVAL", 0.2)  # the mechanism of production, its interval shortened
+    path = tmp_path / "tokens"
+    write_tokens(path, READER, OPERATOR)
+    app = make_app(api_tokens_file=str(path))
+    from service import service_of
+
+    service_of(app).runner.prepare()
+    client = app.test_client()
+    parked = "/api/v1/consistency/parked"
+    assert [client.get(parked, headers=bearer(c)).status_code for c in (READER, OPERATOR, CAROL)] == [200, 200, 401]
+
+    write_tokens(path, READER, CAROL)  # carol added, alice removed
+    changed = time.monotonic()
+    while [client.get(parked, headers=bearer(c)).status_code for c in (OPERATOR, CAROL)] != [401, 200]:
+        assert time.monotonic() - changed < auth.CHECK_INTERVAL + 1.0, "the change was not picked up in time"
+        time.sleep(0.01)
+    assert client.get(parked, headers=bearer(READER)).status_code == 200
+    assert client.get(parked, headers={"Authorization": f"Bearer {API_TOKEN}"}).status_code == 200
+
+    body = {"TIER2_MV": "1999999", "reason": "rotation check"}
+    assert client.post("/api/v1/consistency/update-tier-values", headers=bearer(OPERATOR), json=body).status_code == 401
+    assert client.post("/api/v1/consistency/update-tier-values", headers=bearer(CAROL), json=body).status_code == 200
+    (newest,) = client.get("/api/v1/consistency/audit?limit=1", headers=bearer(READER)).get_json()["entries"]
+    assert (newest["actor"], newest["reason"]) == ("carol", "rotation check")

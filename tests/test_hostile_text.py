@@ -17,12 +17,13 @@ from flask import Flask, request
 from flask.testing import FlaskClient
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
 
 from config import Settings
 from devkit import postgres
-from openapi import SPEC
 from service import service_of
 from tests.conftest import API_TOKEN
+from tests.document import openapi_document
 from tests.world import World
 
 UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # PostgreSQL text takes no NUL, and UTF-8 has no lone surrogate
@@ -48,7 +49,7 @@ HOSTILE = st.text(
 def resolved(schema: dict[str, Any]) -> dict[str, Any]:
     """Follow a schema's $ref within the OpenAPI document."""
     while "$ref" in schema:
-        node: Any = SPEC
+        node: Any = openapi_document()
         for part in schema["$ref"].removeprefix("#/").split("/"):
             node = node[part]
         schema = node
@@ -112,14 +113,14 @@ class Target:
     @property
     def operation(self) -> dict[str, Any]:
         """The operation in the OpenAPI document."""
-        operation: dict[str, Any] = SPEC["paths"][self.path][self.method]
+        operation: dict[str, Any] = openapi_document()["paths"][self.path][self.method]
         return operation
 
 
 def targets() -> list[Target]:
     """Every parameter and body field of every operation of the OpenAPI document, and an undeclared parameter."""
     found = []
-    for path, item in SPEC["paths"].items():
+    for path, item in openapi_document()["paths"].items():
         for method, operation in item.items():
             for parameter in operation.get("parameters", []):
                 found.append(Target(method, path, parameter["in"], parameter["name"], parameter["schema"]))
@@ -258,7 +259,9 @@ def send(stage: Stage, target: Target, text: str, raw: bool) -> None:
     assert answer.status_code < 500, told
     if not routed:  # no route takes it (a '/', or letters for a number): it reached no view
         assert answer.status_code in (308, 404), told  # 308: to the path with '//' merged
-    elif isinstance(received, str) and UNSTORABLE.search(received):
+        return
+    documented(target, answer.status_code, shown, told)
+    if isinstance(received, str) and UNSTORABLE.search(received):
         assert answer.status_code == 400, told
         assert shown["field"] == target.name, told
         assert stage.last_audit_id() == before, told
@@ -273,6 +276,17 @@ def send(stage: Stage, target: Target, text: str, raw: bool) -> None:
                 assert stage.call("GET", STATUS).get_json()["pause"]["reason"] in kept, told
             if target.path.endswith("/drift-checks"):
                 assert stage.call("GET", LATEST_DRIFT_CHECK).get_json()["reason"] in kept, told
+
+
+def documented(target: Target, status: int, shown: Any, told: str) -> None:
+    """Check that the operation's document names the answer's status, and that the answer fits its schema."""
+    responses = target.operation["responses"]
+    assert str(status) in responses, f"{told}: status not in the document"
+    content = responses[str(status)].get("content", {}).get("application/json")
+    if content is not None:
+        schema = {**content["schema"], "components": openapi_document()["components"]}
+        errors = [e.message for e in Draft202012Validator(schema).iter_errors(shown)]
+        assert errors == [], f"{told}: {errors[:3]}"
 
 
 TARGETS = targets()
@@ -298,7 +312,7 @@ def test_any_text_anywhere_gets_no_5xx_and_unstorable_text_400_naming_the_field(
 
 def test_every_endpoint_and_field_of_the_document_is_a_target() -> None:
     operations = {(t.method, t.path) for t in TARGETS}
-    assert operations == {(method, path) for path, item in SPEC["paths"].items() for method in item}
+    assert operations == {(method, path) for path, item in openapi_document()["paths"].items() for method in item}
     named = {str(t) for t in TARGETS}
     assert "POST /api/v1/consistency/parked/retry body:filter.account" in named
     assert "GET /api/v1/consistency/journal query:account" in named

@@ -72,7 +72,8 @@ def test_a_broken_command_is_caught(fresh_dbs, tmp_path) -> None:
 def test_the_image_holds_what_the_service_reads_and_nothing_of_the_tests(tmp_path) -> None:
     workdir = assemble_workdir(STAGE, tmp_path / "image")
     shipped = {str(p.relative_to(workdir)) for p in workdir.rglob("*") if p.is_file()}
-    needed = {"consistency_manager_svc.py", "gunicorn.conf.py", "sql/queries.sql", "sql/migrations/0001_state.sql"}
+    needed = {"consistency_manager_svc.py", "gunicorn.conf.py", "sql/queries.sql", "sql/migrations/0001_state.sql",
+              "static/swagger-init.js"}  # fmt: skip
     assert needed <= shipped
     assert not any(name.startswith(("tests/", "bench/", "devkit/", ".venv/", ".git")) for name in shipped)
     assert not any(path.parts[0] in {"tests", "bench", "devkit", "demo.py"} for path in context_files())

@@ -182,11 +182,21 @@ def test_an_entry_the_service_has_not_applied_yet_has_a_story_too(client, auth, 
     assert (told["state"], told["records"], told["queue_row"]["uuid"]) == ("open", [], waiting.uuid)
 
 
-@pytest.mark.parametrize("path", ["investment/999", "savings/1", "investment/2147483648"])
-def test_an_unknown_entry_is_404(client, auth, path: str) -> None:
-    answer = client.get(f"/api/v1/consistency/entries/{path}", headers=auth)
+def test_an_unknown_entry_is_404(client, auth) -> None:
+    answer = client.get("/api/v1/consistency/entries/investment/999", headers=auth)
     assert answer.status_code == 404
     assert "error" in answer.get_json()
+
+
+@pytest.mark.parametrize(
+    ("path", "field"),
+    [("savings/1", "queue"), ("investment/2147483648", "queue_id"), ("investment/-1", "queue_id"),
+     ("investment/abc", "queue_id"), ("investment/1.5", "queue_id")],
+)  # fmt: skip
+def test_a_path_that_names_no_possible_entry_is_400_naming_the_parameter(client, auth, path: str, field: str) -> None:
+    answer = client.get(f"/api/v1/consistency/entries/{path}", headers=auth)
+    assert answer.status_code == 400
+    assert answer.get_json()["field"] == field and answer.is_json
 
 
 @pytest.mark.parametrize("query", ["", "account=", "account=1&account=2", "account=" + "9" * 65])

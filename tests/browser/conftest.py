@@ -1,0 +1,68 @@
+"""Fixtures of the browser tests: the service on a real port, and headless Chromium driven by Playwright, which
+records every request a page makes and every message its console writes."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from werkzeug.serving import make_server
+
+from devkit.browser import FLAGS, chromium
+from service import service_of
+
+
+@dataclass
+class Served:
+    """The app on 127.0.0.1 in a thread of this process: its address and the app."""
+
+    base: str
+    app: Any
+
+
+@pytest.fixture
+def served(app) -> Iterator[Served]:
+    """Serve the test's app over HTTP, as a browser needs it."""
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield Served(f"http://127.0.0.1:{server.server_port}", app)
+    server.shutdown()
+    service_of(app).close()
+
+
+@dataclass
+class Watched:
+    """What the pages of one browser context did: the URLs they asked for and what their consoles said."""
+
+    requests: list[str] = field(default_factory=list)
+    console: list[str] = field(default_factory=list)
+    dialogs: list[str] = field(default_factory=list)
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    """Headless Chromium, for the session."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=chromium(), args=FLAGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def page(browser) -> Iterator[tuple[Any, Watched]]:
+    """A fresh page whose requests, console messages, page errors and dialogs are recorded."""
+    context = browser.new_context()
+    watched = Watched()
+    page = context.new_page()
+    page.on("request", lambda request: watched.requests.append(request.url))
+    page.on("console", lambda message: watched.console.append(f"{message.type}: {message.text}"))
+    page.on("pageerror", lambda error: watched.console.append(f"pageerror: {error}"))
+    page.on("dialog", lambda dialog: (watched.dialogs.append(dialog.message), dialog.dismiss()))
+    yield page, watched
+    context.close()
