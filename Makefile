@@ -12,7 +12,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 demo: $(VENV)/.installed  ## sample databases, the service, and curl commands to try
 	$(PYTHON) demo.py
 
-test: $(VENV)/.installed lint browser  ## lint, then every test against real PostgreSQL, pages in a real browser
+test: $(VENV)/.installed lint browser promtool  ## lint, then every test against real PostgreSQL, pages in a real browser
 	$(PYTHON) -m pytest tests/ -v
 
 # Headless Chromium for tests/browser/: Debian's package where apt-get works, else Playwright's own download.
@@ -21,6 +21,13 @@ browser: $(VENV)/.installed
 	    (apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
 	     (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1)) || \
 	    $(PYTHON) -m playwright install chromium
+
+# promtool for tests/test_dashboard.py (and .ci/deploy-checks): Debian's prometheus package ships it; its server is
+# never started here.
+promtool:
+	@command -v promtool >/dev/null || \
+	    apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || \
+	    (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
 
 # The service modules, which mypy checks: every top-level module but the demo and the gunicorn settings.
 SERVICE_MODULES := $(filter-out demo.py gunicorn.conf.py,$(wildcard *.py))

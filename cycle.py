@@ -13,6 +13,7 @@ import psycopg2.extensions
 from psycopg2.extras import Json
 
 import lease
+import metrics
 import migrations
 import tiers
 from actions import read_pause
@@ -85,6 +86,7 @@ class CycleRunner:
                 held, self.holder = lease.take(pconn, self.settings.cycle_lease, fresh_for, lock_wait)
                 if held is None:
                     return CycleResult.finish(started, clock, "skipped")
+                metrics.observe_lease_taken()
                 try:
                     work = self._cycle(held, qconn, progress)
                     if work is None:  # paused: nothing read, nothing applied

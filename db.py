@@ -15,6 +15,7 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.pool
 
+import metrics
 from config import Settings
 from logs import mask_uri
 from queries import query
@@ -158,6 +159,7 @@ class Database:
         except psycopg2.Error as err:
             if conn is not None and not raised_by(err, conn):
                 raise  # another database's connection failed: the block that holds it says which
+            metrics.observe_db_error(self.name)
             raise DatabaseError(self.name, self.redact(first_line(err))) from err
         finally:
             if conn is not None:

@@ -90,6 +90,16 @@ DRIFT_LAST_CHECK = Gauge(
     "Unix time the last finished drift check ended; 0 before the first.",
     multiprocess_mode="max",
 )
+DB_ERRORS = Counter(
+    "consistency_db_errors",
+    "Driver errors that ended a block holding a pooled connection, by database: a connection that could not be"
+    " opened or broke, or a statement that failed and was not handled.",
+    ["database"],
+)
+LEASE_TAKEN = Counter(
+    "consistency_lease_taken",
+    "Cycle leases this process took: each starts a new epoch, so the processes that take them show who ran cycles.",
+)
 POOL_IN_USE = Gauge(
     "consistency_db_pool_connections_in_use",
     "Pooled connections lent out, per database, summed over live processes.",
@@ -106,6 +116,7 @@ for _queue in QUEUES:
     REUSED.labels(queue=_queue.name)
 for _database in DATABASES:
     POOL_IN_USE.labels(database=_database)
+    DB_ERRORS.labels(database=_database)
 for _way in WAYS:
     BATCHES.labels(way=_way)
 for _kind in DRIFT_KINDS:
@@ -160,6 +171,16 @@ def observe_drift(counts: dict[str, int], finished_at: datetime) -> None:
     for kind in DRIFT_KINDS:
         DRIFT_FINDINGS.labels(kind=kind).set(counts.get(kind, 0))
     DRIFT_LAST_CHECK.set(finished_at.timestamp())
+
+
+def observe_db_error(database: str) -> None:
+    """Count a driver error that ended a block holding one of the database's pooled connections."""
+    DB_ERRORS.labels(database=database).inc()
+
+
+def observe_lease_taken() -> None:
+    """Count a cycle lease this process took."""
+    LEASE_TAKEN.inc()
 
 
 def pool_tracker(database: str) -> Callable[[int], None]:

@@ -9,6 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import metrics
+from db import DatabaseError
 from service import service_of
 from tests.world import World
 
@@ -27,6 +28,8 @@ FAMILIES = {
     "consistency_db_pool_connections_in_use": "gauge",
     "consistency_paused": "gauge",
     "consistency_pause_started_timestamp_seconds": "gauge",
+    "consistency_db_errors": "counter",
+    "consistency_lease_taken": "counter",
 }
 
 Samples = dict[tuple[str, frozenset], float]
@@ -65,6 +68,7 @@ def test_every_family_is_served_with_its_type(client) -> None:
     assert {name: types.get(name) for name in FAMILIES} == FAMILIES
     for database in ("queue-db", "user-portfolio-db"):
         assert ("consistency_db_pool_connections_in_use", frozenset({("database", database)})) in samples
+        assert ("consistency_db_errors_total", frozenset({("database", database)})) in samples
 
 
 def test_a_real_cycle_is_counted_by_result_queue_and_outcome(app, client, world: World) -> None:
@@ -206,3 +210,42 @@ def test_corrections_are_a_gauge_set_by_each_ok_cycle(app, client, world: World)
     world.finish(request, "COMPLETED")
     poller.run_once()
     assert value(scrape(client)[1], "consistency_corrections") == 0
+
+
+def test_a_database_error_is_counted_once_with_its_database(app, client, make_app) -> None:
+    svc = service_of(app)
+    _, before = scrape(client)
+    failing = pytest.raises(DatabaseError, match="user-portfolio-db: division by zero")
+    with failing, svc.portfolio_db.connection() as conn, conn.cursor() as cur:
+        cur.execute("SELECT 1/0")
+    # A queue-db error inside a block that holds a user-portfolio-db connection too: counted for queue-db alone.
+    failing = pytest.raises(DatabaseError, match="queue-db: division by zero")
+    with failing, svc.portfolio_db.connection(), svc.queue_db.connection() as conn, conn.cursor() as cur:
+        cur.execute("SELECT 1/0")
+    # A connection that cannot be opened fails the cycle once: prepare() reaches queue-db and stops there.
+    broken = make_app(queue_db_uri="postgresql://svc@127.0.0.1:1/queue-db", db_connect_timeout=1)
+    assert service_of(broken).poller.run_once().to_json()["result"] == "error"
+    with svc.portfolio_db.connection() as conn, conn.cursor() as cur:
+        cur.execute("SELECT 1")  # no error, nothing counted
+    _, after = scrape(client)
+
+    errors = "consistency_db_errors_total"
+    for database, grew in (("queue-db", 2), ("user-portfolio-db", 1)):
+        assert value(after, errors, database=database) - value(before, errors, database=database) == grew, database
+
+
+def test_a_lease_taken_is_counted_by_each_cycle_that_ran_and_by_no_other(app, client, make_app, world: World) -> None:
+    poller = service_of(app).poller
+    taken = "consistency_lease_taken_total"
+    _, before = scrape(client)
+    assert poller.run_once().to_json()["result"] == "ok"
+    _, ran = scrape(client)
+    with world.cycle_lease_held():
+        assert poller.run_once().to_json()["result"] == "skipped"
+    # A cycle that fails before it has the lease (queue-db cannot be reached) takes none.
+    broken = make_app(queue_db_uri="postgresql://svc@127.0.0.1:1/queue-db", db_connect_timeout=1)
+    assert service_of(broken).poller.run_once().to_json()["result"] == "error"
+    _, after = scrape(client)
+
+    assert value(ran, taken) - value(before, taken) == 1
+    assert value(after, taken) == value(ran, taken)
