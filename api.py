@@ -169,9 +169,9 @@ def reused_entries(query: m.Page) -> Response:
 @bp.get("/api/v1/consistency/audit", tags=[ENTRIES], security=BEARER,
         responses={200: m.AuditPage, **errors(400, 401, 503)})  # fmt: skip
 @needs(READ)
-def audit_trail(query: m.Page) -> Response:
-    """Every operator action, newest first: who, when, what it touched and why."""
-    return answer(m.AuditPage, service().audit.page(query.limit, query.before))
+def audit_trail(query: m.AuditQuery) -> Response:
+    """Every operator action, newest first: who, when, what it touched and why; of one action and actor if given."""
+    return answer(m.AuditPage, service().audit.page(query.limit, query.before, query.action, query.actor))
 
 
 @bp.get("/api/v1/consistency/journal", tags=[ENTRIES], security=BEARER,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 import psycopg2.extensions
 from psycopg2.extras import Json
@@ -18,7 +18,8 @@ PAUSE = "pause"
 RESUME = "resume"
 START_DRIFT_CHECK = "start_drift_check"
 BASELINE = "baseline"
-ACTIONS = (UPDATE_TIER_VALUES, RETRY, RESOLVE, PAUSE, RESUME, START_DRIFT_CHECK, BASELINE)
+Action = Literal["update_tier_values", "retry", "resolve", "pause", "resume", "start_drift_check", "baseline"]
+ACTIONS: tuple[str, ...] = get_args(Action)
 
 
 def record(
@@ -39,12 +40,19 @@ def record(
 
 
 class AuditTrail:
-    """Reads the audit trail for the API."""
+    """Reads the audit trail for the API and the console."""
 
     def __init__(self, portfolio_db: Database) -> None:
         self._portfolio_db = portfolio_db
 
-    def page(self, limit: int, before: int | None) -> dict[str, Any]:
-        """List operator actions, newest first, `limit` at a time, below the id `before` when given."""
+    def page(
+        self, limit: int, before: int | None, action: str | None = None, actor: str | None = None
+    ) -> dict[str, Any]:
+        """List operator actions of an action and of an actor (None: any), newest first, `limit` at a time, below the
+        id `before` when given.
+
+        Each filter walks its index (sql/migrations/0015_audit_filters.sql) down from `before`, however long the trail.
+        """
         with self._portfolio_db.transaction() as cur:
-            return fetch_page(cur, "list_audit", {"before": before}, limit)
+            cur.execute(query("page_plan"))  # along the index even where the statistics are stale
+            return fetch_page(cur, "list_audit_matching", {"before": before, "action": action, "actor": actor}, limit)

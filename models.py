@@ -29,6 +29,7 @@ from pydantic import (
     model_validator,
 )
 
+from audit import Action
 from config import check_tier_value
 from domain import BASELINE_SOURCES, COUNT_KEYS, DRIFT_KINDS, TIER_KEYS, InputError, Mode, Outcome, QueueName
 from parked import ParkedFilter, ParkedPosition
@@ -89,6 +90,15 @@ class Page(Model):
 
     limit: Limit = 100
     before: Before = None
+
+
+class AuditQuery(Page):
+    """A page of the audit trail, of one action and one actor when given."""
+
+    action: Action | None = Field(None, description="only actions of this kind")
+    actor: Annotated[str, StringConstraints(min_length=1, max_length=REASON_MAX)] | None = Field(
+        None, description="only actions of this token's name"
+    )
 
 
 class Listing(Model):

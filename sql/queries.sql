@@ -432,10 +432,12 @@ INSERT INTO consistency.audit_log (actor, action, target, reason, detail)
 VALUES (%(actor)s, %(action)s, %(target)s, %(reason)s, %(detail)s)
 RETURNING id, at;
 
--- list_audit: operator actions, newest first, below an id when given
+-- list_audit_matching: operator actions of an action and of an actor (a NULL filter matches every one), newest first, below an id when given; each filter walks its index, by the statement's constants (see sql/migrations/0015_audit_filters.sql)
 SELECT id, at, actor, action, target, reason, detail
   FROM consistency.audit_log
- WHERE %(before)s::bigint IS NULL OR id < %(before)s::bigint
+ WHERE (%(action)s::text IS NULL OR action = %(action)s::text)
+   AND (%(actor)s::text IS NULL OR actor = %(actor)s::text)
+   AND (%(before)s::bigint IS NULL OR id < %(before)s::bigint)
  ORDER BY id DESC
  LIMIT %(limit)s;
 

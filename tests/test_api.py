@@ -44,7 +44,7 @@ def test_tier_values_are_exact_decimals_from_json_never_floats(client, auth, wor
 @pytest.mark.parametrize(
     ("method", "url", "field"),
     [
-        ("GET", "/api/v1/consistency/audit?action=resolve", "action"),
+        ("GET", "/api/v1/consistency/audit?kind=resolve", "kind"),
         ("GET", "/api/v1/consistency/parked?acount=1000000001", "acount"),
         ("GET", "/health?verbose=1", "verbose"),
         ("GET", "/metrics?name=x", "name"),
@@ -141,3 +141,22 @@ def test_a_portfolio_tells_why_its_balance_is_what_it_is(client, auth, app, worl
     assert changed["agreement"]["values"]["agreement"] == "differs"
     assert changed["agreement"]["values"]["differences"]["tier1_value"] == {"now": "1101.00", "after": "1100.00"}
     assert unknown.status_code == 404
+
+
+def test_the_audit_trail_filters_by_action_and_by_actor(client, auth, world: World) -> None:
+    world.p(
+        "INSERT INTO consistency.audit_log (actor, action, target) VALUES "
+        "('alice', 'pause', '{}'), ('bob', 'pause', '{}'), ('alice', 'resume', '{}')"
+    )
+    url = "/api/v1/consistency/audit"
+
+    def shown(query: str) -> list[tuple[str, str]]:
+        answer = client.get(f"{url}?{query}", headers=auth)
+        assert answer.status_code == 200, answer.get_json()
+        return [(record["actor"], record["action"]) for record in answer.get_json()["entries"]]
+
+    assert shown("action=pause") == [("bob", "pause"), ("alice", "pause")]
+    assert shown("actor=alice") == [("alice", "resume"), ("alice", "pause")]
+    assert shown("action=pause&actor=alice") == [("alice", "pause")]
+    refused = client.get(f"{url}?action=delete", headers=auth)
+    assert refused.status_code == 400 and refused.get_json()["field"] == "action"
