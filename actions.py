@@ -211,6 +211,11 @@ def _bulk_target(selection: Selection, entries: Sequence[Parked]) -> dict[str, A
     return {"filter": selection.shown(), "limit": selection.limit, "count": len(entries), "entries": keys}
 
 
+def _selected_target(asked: Sequence[EntryKey], entries: Sequence[Parked]) -> dict[str, Any]:
+    """What an action on entries named one by one touched, for the audit trail: how many asked, how many, which."""
+    return {"selected": len(asked), "count": len(entries), "entries": [e.key.to_json() for e in entries]}
+
+
 class Actions:
     """Operator actions on parked entries and on applying itself, each audited in the transaction of its effect."""
 
@@ -252,6 +257,30 @@ class Actions:
             audit.record(cur, actor, audit.RETRY, _bulk_target(selection, entries), reason)
         retried = self._run([e.key for e in entries])
         return _listing(selection, retried.entries, more), retried
+
+    def retry_entries(self, keys: Sequence[EntryKey], actor: str, reason: str | None) -> Retried | None:
+        """Record a retry of those of the named entries still parked, in one audit record, and run one cycle for all;
+        None when none of them is parked."""
+        with self._portfolio_db.transaction() as cur:
+            entries = _lock(cur, keys)
+            if not entries:
+                return None
+            _refuse_if_paused(cur)
+            _note_retries(cur, entries, actor, reason)
+            audit.record(cur, actor, audit.RETRY, _selected_target(keys, entries), reason)
+        return self._run([e.key for e in entries])
+
+    def resolve_entries(self, keys: Sequence[EntryKey], actor: str, reason: str) -> list[dict[str, Any]]:
+        """Dismiss those of the named entries still parked, in one transaction and one audit record; return them."""
+        with self._portfolio_db.transaction() as cur:
+            entries = _lock(cur, keys)
+            if not entries:
+                return []
+            _refuse_if_applied(cur, entries)
+            resolved = _resolve(cur, entries, actor, reason)
+            audit.record(cur, actor, audit.RESOLVE, _selected_target(keys, entries), reason)
+        self._changed()
+        return resolved
 
     def resolve(self, key: EntryKey, actor: str, reason: str) -> dict[str, Any]:
         """Dismiss one parked entry for good, without applying it; return it as resolved."""

@@ -90,6 +90,7 @@ class Settings:
     db_lock_timeout: float = 10.0
     listen_notify: bool = True
     drift_check_interval: float = 3600.0  # 0: no scheduled drift checks
+    console_idle_timeout: float = 1800.0  # seconds a console session lasts without a request
     # Where a queue's first watermark starts when none is stored: "now", a time, or None for the start of time.
     initial_watermark: datetime | str | None = None
 
@@ -262,6 +263,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         api_tokens=env.tokens_file("API_TOKENS_FILE"),
         api_tokens_file=env.get("API_TOKENS_FILE", None, str, "a path"),
         drift_check_interval=env.number("DRIFT_CHECK_INTERVAL", 3600.0, 0, 30 * 86400),
+        console_idle_timeout=env.number("CONSOLE_IDLE_TIMEOUT", 1800.0, 60, 86400),
         initial_watermark=env.get(
             "INITIAL_WATERMARK", None, _initial_watermark, "`now` or an ISO 8601 time with an offset"
         ),

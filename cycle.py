@@ -94,7 +94,8 @@ class CycleRunner:
                     result = CycleResult.finish(started, clock, "paused" if progress.paused else "ok", work)
                     # Where every process can read it, under the lease: a holder that lost it saves nothing.
                     with held.transaction() as cur:
-                        cur.execute(query("save_last_cycle"), {"summary": Json(result.to_json())})
+                        params = {"summary": Json(result.to_json()), "cycle": work.cycle}
+                        cur.execute(query("save_last_cycle"), params)
                     return result
                 finally:
                     lease.give(held)

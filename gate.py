@@ -84,11 +84,13 @@ def check() -> Response | None:
 
 def _unstorable_text() -> Response | None:
     """Refuse text PostgreSQL cannot store, anywhere in the request, naming its field."""
-    for field, text in _request_text():
-        if UNSTORABLE.search(text):
-            name = _shown(field)
-            return error(400, f"{name}: {UNSTORABLE_TEXT}", field=name)
-    return None
+    name = unstorable_field()
+    return None if name is None else error(400, f"{name}: {UNSTORABLE_TEXT}", field=name)
+
+
+def unstorable_field() -> str | None:
+    """Name the first field of the request that holds text PostgreSQL cannot store; None when all of it can be."""
+    return next((_shown(field) for field, text in _request_text() if UNSTORABLE.search(text)), None)
 
 
 def _repeated_parameter() -> Response | None:
@@ -142,6 +144,9 @@ def _request_text() -> Iterator[tuple[str, str]]:
     for name, value in (request.view_args or {}).items():
         if isinstance(value, str):
             yield name, value
+    for name, values in request.form.lists():  # the console's forms
+        yield name, name
+        yield from ((name, value) for value in values)
     yield from _json_text(request.get_json(silent=True) if request.method == "POST" and request.is_json else None)
 
 

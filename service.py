@@ -23,6 +23,7 @@ import metrics
 import migrations
 import tiers
 from actions import Actions
+from activity import Activity, read_activity
 from adoption import Adoption, baseline_row
 from config import Settings
 from cycle import CycleRunner
@@ -48,6 +49,7 @@ from parked import ParkedFilter, ParkedPosition, read_parked
 from poller import Poller, Progress
 from portfolios import explain_portfolio
 from queries import query, table_query
+from sessions import ConsoleSessions
 
 log = logging.getLogger(__name__)
 
@@ -344,6 +346,7 @@ class Service:
     actions: Actions
     drift: DriftChecks
     adoption: Adoption
+    sessions: ConsoleSessions
     checks: BoundedChecks = field(default_factory=BoundedChecks)  # what /ready runs, each within READY_WAIT
     attempts: LastAttempt = field(default_factory=LastAttempt)  # noted by the poller's cycle (run_and_report)
 
@@ -427,6 +430,10 @@ class Service:
         """List the applied entries the queue has changed since, newest first."""
         return self._listing("count_corrections", "list_corrections", limit)
 
+    def activity(self) -> Activity:
+        """Tell what the deployment applied minute by minute over the last hour, and its last cycles."""
+        return read_activity(self.portfolio_db)
+
     def reused(self, limit: int, before: int | None) -> dict[str, Any]:
         """List the queue rows found carrying another transaction than the one applied under their queue_id, newest
         first, with where each new entry stands."""
@@ -453,10 +460,17 @@ class Service:
             entries = json_rows(cur)
         return {"count": total, "entries": entries}
 
-    def update_tiers(self, changes: dict[str, Decimal], actor: str, reason: str | None) -> dict[str, Any]:
-        """Store new tier values, all or nothing, with the action in the audit trail; describe the result."""
+    def tier_history(self, limit: int, before: int | None) -> dict[str, Any]:
+        """List the changes of the tier values, newest first, a page at a time (tiers.history)."""
+        return tiers.history(self.portfolio_db, limit, before)
+
+    def update_tiers(
+        self, changes: dict[str, Decimal], actor: str, reason: str | None, expected_version: int | None = None
+    ) -> dict[str, Any]:
+        """Store new tier values, all or nothing, with the action in the audit trail; describe the result. With
+        `expected_version`, raise tiers.TiersChanged instead when the values in force are no longer that version."""
         with self.portfolio_db.transaction() as cur:
-            updated = tiers.update(cur, changes)
+            updated = tiers.update(cur, changes, expected_version)
             shown = {key: tiers.plain_decimal(value) for key, value in changes.items()}
             audit.record(cur, actor, audit.UPDATE_TIER_VALUES, {"tiers": sorted(changes)}, reason, {"values": shown})
         self.cache.forget()  # the next status request reads the new values
@@ -507,5 +521,6 @@ def build_service(settings: Settings) -> Service:
         Actions(portfolio_db, poller.trigger, poller.wake, cache.forget),
         DriftChecks(settings, queue_db, portfolio_db),
         adoption,
+        ConsoleSessions(portfolio_db, settings.console_idle_timeout),
         attempts=attempts,
     )

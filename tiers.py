@@ -9,6 +9,7 @@ from typing import Any
 
 import psycopg2.extensions
 
+from db import Database, fetch_page
 from domain import Queue
 from queries import query
 
@@ -21,6 +22,10 @@ DELTA_DIGITS = 40
 
 class TiersNotStored(RuntimeError):
     """The state schema holds no tier values yet: the service has not finished starting."""
+
+
+class TiersChanged(RuntimeError):
+    """The tier values changed since the version an update was reviewed against: nothing was stored."""
 
 
 @dataclass(frozen=True)
@@ -113,9 +118,12 @@ def load_in_force(cur: psycopg2.extensions.cursor) -> tuple[Tiers, int]:
     return tuple(Tier(pool, market) for _, pool, market, _ in rows), rows[0][3]
 
 
-def update(cur: psycopg2.extensions.cursor, changes: dict[str, Decimal]) -> Tiers:
-    """Apply a validated update to the stored values, all or nothing, keeping a history."""
+def update(cur: psycopg2.extensions.cursor, changes: dict[str, Decimal], expected_version: int | None = None) -> Tiers:
+    """Apply a validated update to the stored values, all or nothing, keeping a history; with `expected_version`,
+    only if the values in force are still that version (the newest history id), checked under the rows' lock."""
     current = load(cur, lock=True)
+    if expected_version is not None and load_in_force(cur)[1] != expected_version:
+        raise TiersChanged(f"the tier values are no longer version {expected_version}")
     result = []
     for n, tier in enumerate(current, start=1):
         pool = changes.get(f"TIER{n}", tier.pool)
@@ -124,3 +132,18 @@ def update(cur: psycopg2.extensions.cursor, changes: dict[str, Decimal]) -> Tier
             cur.execute(query("update_tier_value"), {"tier": n, "pool": pool, "market": market})
         result.append(Tier(pool, market))
     return tuple(result)
+
+
+def history(portfolio_db: Database, limit: int, before: int | None) -> dict[str, Any]:
+    """List the changes of the tier values, newest first, `limit` at a time below the id `before`: each tier's pool
+    and market values before (None for the seed) and after, and when; one walk of the primary key, however long."""
+    with portfolio_db.transaction() as cur:
+        page = fetch_page(cur, "list_tier_history", {"before": before}, limit)
+    amounts = ("old_pool", "new_pool", "old_market", "new_market")
+    shown = [{**change, **{key: _plain_text(change[key]) for key in amounts}} for change in page["entries"]]
+    return {**page, "entries": shown}
+
+
+def _plain_text(value: str | None) -> str | None:
+    """Show a stored amount (as json_rows gives it) without trailing zeros."""
+    return None if value is None else plain_decimal(Decimal(value))

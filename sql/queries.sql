@@ -144,6 +144,13 @@ WITH old AS (
 INSERT INTO consistency.tier_value_history (tier, old_pool, new_pool, old_market, new_market)
 SELECT tier, old_pool, pool, old_market, market FROM changed;
 
+-- list_tier_history: the changes of the tier values, newest first, below an id when given: the tier, its pool and market values before (NULL for the seed) and after, and when
+SELECT id, changed_at, tier, old_pool, new_pool, old_market, new_market
+  FROM consistency.tier_value_history
+ WHERE %(before)s::bigint IS NULL OR id < %(before)s::bigint
+ ORDER BY id DESC
+ LIMIT %(limit)s;
+
 -- take_cycle_lease: take the cycle lease for a new epoch if it is free (given back, expired, or its holder's session gone) and no cycle started within fresh_for seconds; the epoch taken (or NULL), and who holds it and since how many seconds it was renewed (see sql/migrations/0008_cycle_lease.sql)
 WITH free AS (
     SELECT id
@@ -418,9 +425,53 @@ SELECT queue_id, earlier_txn_id, coalesce(txn_id::text, uuid), status
    AND (%(queue_ids)s::integer[] IS NULL OR queue_id = ANY(%(queue_ids)s::integer[]))
  ORDER BY queue_id;
 
--- save_last_cycle: keep the summary of the cycle that just finished
-INSERT INTO consistency.last_cycle (id, summary) VALUES (TRUE, %(summary)s)
-    ON CONFLICT (id) DO UPDATE SET summary = EXCLUDED.summary;
+-- save_last_cycle: keep the summary of the cycle that just finished, as the last one and among the 100 newest
+WITH last AS (
+    INSERT INTO consistency.last_cycle (id, summary) VALUES (TRUE, %(summary)s)
+        ON CONFLICT (id) DO UPDATE SET summary = EXCLUDED.summary
+), recent AS (
+    INSERT INTO consistency.recent_cycles (cycle, summary) VALUES (%(cycle)s, %(summary)s)
+        ON CONFLICT (cycle) DO UPDATE SET summary = EXCLUDED.summary
+)
+DELETE FROM consistency.recent_cycles WHERE cycle <= %(cycle)s - 100;
+
+-- recent_cycles: the summaries of the newest cycles that ran, newest first
+SELECT summary FROM consistency.recent_cycles ORDER BY cycle DESC LIMIT %(limit)s;
+
+-- note_applied: add a batch's applied entries to this minute's count of its queue, and forget minutes a day old
+WITH added AS (
+    INSERT INTO consistency.applied_per_minute AS a (minute, queue, entries)
+    VALUES (date_trunc('minute', CURRENT_TIMESTAMP), %(queue)s, %(entries)s)
+        ON CONFLICT (minute, queue) DO UPDATE SET entries = a.entries + EXCLUDED.entries
+)
+DELETE FROM consistency.applied_per_minute WHERE minute < date_trunc('minute', CURRENT_TIMESTAMP) - interval '1 day';
+
+-- applied_per_minute: the entries applied per minute and queue since a time, oldest first
+SELECT minute, queue, entries
+  FROM consistency.applied_per_minute
+ WHERE minute >= %(since)s
+ ORDER BY minute, queue;
+
+-- The console's sessions ------------------------------------------------------------------------------------
+
+-- open_console_session: keep a new signed-in session, and delete those idle longer than the expiry
+WITH expired AS (
+    DELETE FROM consistency.console_sessions
+     WHERE last_seen_at < clock_timestamp() - make_interval(secs => %(idle)s)
+)
+INSERT INTO consistency.console_sessions (id_digest, name, token_digest, csrf)
+VALUES (%(id_digest)s, %(name)s, %(token_digest)s, %(csrf)s);
+
+-- find_console_session: a session, by the digest of its id, with the seconds since it was last seen
+SELECT name, token_digest, csrf, extract(epoch FROM clock_timestamp() - last_seen_at)::float8
+  FROM consistency.console_sessions
+ WHERE id_digest = %(id_digest)s;
+
+-- touch_console_session: note that a session was seen now
+UPDATE consistency.console_sessions SET last_seen_at = clock_timestamp() WHERE id_digest = %(id_digest)s;
+
+-- close_console_session: end a session
+DELETE FROM consistency.console_sessions WHERE id_digest = %(id_digest)s;
 
 -- select_last_cycle: the summary of the last finished cycle
 SELECT summary FROM consistency.last_cycle;

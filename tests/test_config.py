@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -139,3 +142,20 @@ def test_metrics_are_per_process_unless_a_shared_directory_is_named(tmp_path) ->
 )
 def test_listening_for_notifications_is_on_unless_turned_off(value: str, listen: bool) -> None:
     assert load_settings({"LISTEN_NOTIFY": value}).listen_notify is listen
+
+
+def test_every_variable_read_is_in_the_readme_configuration_table() -> None:
+    read: set[str] = set()
+
+    class Watched(dict[str, str]):
+        """An empty environment that notes every name read from it."""
+
+        def get(self, name: str, default: Any = None) -> Any:
+            read.add(name)
+            return super().get(name, default)
+
+    load_settings(Watched())
+    table = (Path(__file__).parent.parent / "README.md").read_text().split("| variable | default | meaning |")[1]
+    rows = [row.split("|")[1] for row in table.split("\n\n")[0].splitlines() if row.startswith("| `")]
+    documented = {name for first_cell in rows for name in re.findall(r"`([A-Z_0-9]+)`", first_cell)}
+    assert read and read <= documented, sorted(read - documented)
