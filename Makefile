@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: demo test lint browser run clean check-deploy
+.PHONY: demo test lint browser promtool run clean check-deploy screenshots
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -36,6 +36,9 @@ lint: $(VENV)/.installed  ## ruff, and mypy --strict on the service modules
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m mypy $(SERVICE_MODULES)
+
+screenshots: $(VENV)/.installed browser  ## the README's pictures of the console, taken by its browser tests
+	SCREENSHOTS=docs/images $(PYTHON) -m pytest tests/browser/test_console_pictures.py -q
 
 check-deploy: $(VENV)/.installed  ## hadolint, kustomize + kubernetes-validate, skaffold.yaml, promtool
 	bash .ci/deploy-checks

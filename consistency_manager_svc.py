@@ -10,6 +10,7 @@ from flask_openapi3.models.info import Info
 from flask_openapi3.openapi import OpenAPI
 
 import auth
+import console
 import docs
 import logs
 from api import bp, on_invalid
@@ -40,6 +41,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions[EXTENSION] = build_service(settings)
     app.extensions[auth.EXTENSION] = auth.Tokens.from_settings(settings)
     app.register_api(bp)
+    console.register(app)
     docs.serve(app)
     return app
 

@@ -66,3 +66,24 @@ def page(browser) -> Iterator[tuple[Any, Watched]]:
     page.on("dialog", lambda dialog: (watched.dialogs.append(dialog.message), dialog.dismiss()))
     yield page, watched
     context.close()
+
+
+def screenshot(tab: Any, name: str, where: Any) -> None:
+    """Take a screenshot of a page: into `where` (the test's tmp_path), and into $SCREENSHOTS when set, as
+    `make screenshots` sets it to refresh the README's pictures."""
+    import os
+    from pathlib import Path
+
+    tab.screenshot(path=str(where / f"{name}.png"), full_page=True)
+    folder = os.environ.get("SCREENSHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        tab.screenshot(path=str(Path(folder) / f"{name}.png"), full_page=True)
+
+
+def sign_in(tab: Any, base: str, token: str) -> None:
+    """Sign in to the console through its form, as a person would."""
+    tab.goto(f"{base}/console/signin")
+    tab.get_by_label("Bearer token").fill(token)
+    tab.get_by_role("button", name="Sign in").click()
+    tab.wait_for_url(f"{base}/console/**")
