@@ -17,6 +17,7 @@ import psycopg2
 from config import demo_server_uri, load_settings
 from devkit import ROOT, gunicorn, postgres
 from devkit.net import wait_until
+from logs import mask_uri
 
 QUEUE_DB, PORTFOLIO_DB = "consistency_demo_queue", "consistency_demo_portfolio"
 # Where the demo's server listens unless DEMO_HOST says otherwise: this machine only, since its token is public.
@@ -42,7 +43,19 @@ SAMPLE_REQUESTS = [
     ("investment", "1077441377", "PENDING"),
     ("withdrawal", "1033623433", "PENDING"),
 ]
+SHOWN_ACCOUNT = "1011226111"  # the account the printed commands look at
 ORPHAN_ACCOUNT = "1099999999"  # a request for an account with no portfolio yet: it will be parked
+NEW_REQUEST_EVERY = 5.0  # seconds between the requests the demo keeps queueing and completing
+
+
+def which_server(server: str, embedded: object | None) -> str:
+    """Say which PostgreSQL the demo uses, and why."""
+    if demo_server_uri() and demo_server_uri() != postgres.EMBEDDED:
+        return f"{mask_uri(server)}, as DEMO_PG_URI says"
+    if embedded is None:
+        return f"at {postgres.LOCAL_SERVER.split('@')[-1].split('/')[0]}, which answered"
+    why = "as DEMO_PG_URI says" if demo_server_uri() else "since nothing answered at 127.0.0.1:5432"
+    return f"embedded (from the pgserver package, its files in .demo/pgdata), {why}"
 
 
 def recreate(server: str, dbname: str, schema: str) -> str:
@@ -103,6 +116,57 @@ def settle_one(queue_uri: str) -> str | None:
     return None
 
 
+def new_request(queue_uri: str, portfolio_uri: str, turn: int) -> str:
+    """Act as the request and portfolio services: queue a new request for one of the portfolios, in turn, and
+    complete it at once; describe it."""
+    queue = ("investment", "withdrawal")[turn % 2]
+    account = list(PORTFOLIOS)[turn % len(PORTFOLIOS)]
+    qconn, pconn = psycopg2.connect(queue_uri), psycopg2.connect(portfolio_uri)
+    with pconn, pconn.cursor() as pcur, qconn, qconn.cursor() as qcur:
+        add_request(pcur, qcur, queue, account, "COMPLETED")
+    qconn.close()
+    pconn.close()
+    return f"a new {queue} request for account {account} is COMPLETED"
+
+
+def stage_the_console(base: str, queue_uri: str, portfolio_uri: str) -> None:
+    """Give every page of the console something to show: a correction, a drift finding, a pause and its end in
+    the audit trail (the parked entry is in the sample already)."""
+    applied = request_json(base, "POST", "/api/v1/consistency/trigger")
+    conn = psycopg2.connect(queue_uri)
+    with conn, conn.cursor() as cur:  # the queue changes an entry after it was applied: a correction
+        cur.execute("UPDATE investment_queue SET status = 'FAILED' WHERE queue_id = 1")
+    conn.close()
+    conn = psycopg2.connect(portfolio_uri)
+    with conn, conn.cursor() as cur:  # a transaction settled out of band: what a drift check finds
+        cur.execute(
+            "INSERT INTO portfolio_transactions (id, accountid, transaction_type, total_amount, status)"
+            " VALUES (%s, %s, 'INVEST', 50, 'PROCESSED')",
+            (str(uuidlib.uuid4()), list(PORTFOLIOS)[2]),
+        )
+    conn.close()
+    request_json(base, "POST", "/api/v1/consistency/pause", {"reason": "demo: a pause for the audit trail"})
+    request_json(base, "POST", "/api/v1/consistency/resume", {"reason": "demo: back to work"})
+    request_json(base, "POST", "/api/v1/consistency/trigger")
+    request_json(base, "POST", "/api/v1/consistency/drift-checks", {"reason": "demo: the first check"})
+    if applied[0] != 200:
+        raise SystemExit(f"the demo's first cycle did not run: {applied}")
+
+
+def request_json(base: str, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    """Call the API with the demo token, with a JSON body if given."""
+    data = None if body is None else json.dumps(body).encode()
+    call = urllib.request.Request(f"{base}{path}", data=data, method=method)  # noqa: S310 - the http:// base_url
+    call.add_header("Authorization", f"Bearer {DEMO_TOKEN}")
+    if data is not None:
+        call.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(call, timeout=30) as answer:  # noqa: S310 - the http:// base_url
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
 def demo_host() -> str:
     """Return DEMO_HOST: the address the demo's server listens on (127.0.0.1 unless set)."""
     return os.environ.get("DEMO_HOST") or DEMO_HOST
@@ -138,21 +202,28 @@ def wait_ready(base: str, service: subprocess.Popen[bytes], timeout: float = 60)
 
 
 def print_try_these(base: str) -> None:
-    """Show the curl commands a newcomer can try."""
-    auth = f'-H "Authorization: Bearer {DEMO_TOKEN}"'
-    print(f"""
-The consistency manager is running on {base}. Try:
+    """Show the console, the token and the commands a newcomer can try."""
+    auth = '-H "Authorization: Bearer $API_TOKEN"'
+    print(
+        f"""
+The consistency manager is running on {base}.
 
-  curl -s {base}/health
-  curl -s {base}/ready
+  The console: {base}/console/  (sign in with the demo token below)
+  The API's document: {base}/api/v1/docs/swagger
+
+  export API_TOKEN={DEMO_TOKEN}
   curl -s {base}/api/v1/consistency/status
-  curl -s {auth} {base}/api/v1/consistency/parked
-  curl -s -X POST {auth} {base}/api/v1/consistency/trigger
-  curl -s -X POST {auth} -H "Content-Type: application/json" \\
-       -d '{{"TIER1_MV": "1050000"}}' {base}/api/v1/consistency/update-tier-values
+  curl -s {auth} "{base}/api/v1/consistency/parked?queue=withdrawal"
+  curl -s {auth} {base}/api/v1/consistency/portfolios/{SHOWN_ACCOUNT}
+  curl -s {auth} {base}/api/v1/consistency/drift-checks/latest
+  curl -s -X POST {auth} -H "Content-Type: application/json" -d '{{"reason": "trying it"}}' \\
+       {base}/api/v1/consistency/pause
 
-Every 15 s the demo completes a pending request, as user-request-queue-svc would. Ctrl-C stops it all.
-""")
+Every {NEW_REQUEST_EVERY:g} s the demo queues a request and completes it, as the other services would; the log
+shows each cycle that applied something. Ctrl-C stops it all.
+""",
+        flush=True,
+    )
 
 
 def smoke(portfolio_uri: str) -> None:
@@ -181,6 +252,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="check the demo works, then stop")
     args = parser.parse_args()
     server, embedded = postgres.find_server(demo_server_uri(), ROOT / ".demo" / "pgdata")
+    print(f"demo: PostgreSQL {which_server(server, embedded)}", flush=True)
     queue_uri = recreate(server, QUEUE_DB, "queue_db.sql")
     portfolio_uri = recreate(server, PORTFOLIO_DB, "user_portfolio_db.sql")
     load_sample(queue_uri, portfolio_uri)
@@ -195,21 +267,24 @@ def main() -> None:
         "POLLING_INTERVAL": os.environ.get("POLLING_INTERVAL", "5"),
         # Lines for a person: the text format, which leaves out the cycles that found nothing to do.
         "LOG_FORMAT": os.environ.get("LOG_FORMAT", "text"),
+        "LOG_LEVEL": os.environ.get("LOG_LEVEL", "INFO"),
     }
     try:
         # --bind replaces gunicorn.conf.py's 0.0.0.0, which a container needs and a laptop does not.
-        command = gunicorn.command("--bind", address(host, port))
+        # No access log: the demo's commands and the cycles' lines stay readable.
+        command = gunicorn.command("--bind", address(host, port), "--access-logfile", "/dev/null")
         with gunicorn.running(command, env) as service:  # its lines go to this terminal
             wait_ready(base, service)
             if args.smoke:
                 smoke(portfolio_uri)
                 return
+            stage_the_console(base, queue_uri, portfolio_uri)
             print_try_these(base)
+            turn = 0
             while service.poll() is None:
-                time.sleep(15)
-                done = settle_one(queue_uri)
-                if done:
-                    print(f"queue: {done}")
+                time.sleep(NEW_REQUEST_EVERY)
+                print(f"queue: {settle_one(queue_uri) or new_request(queue_uri, portfolio_uri, turn)}", flush=True)
+                turn += 1
     except KeyboardInterrupt:
         pass
     finally:

@@ -56,17 +56,48 @@ def test_demo_shows_the_cycles_that_did_something_and_not_the_idle_ones(tmp_path
     demo = gunicorn.start(DEMO, demo_env(POLLING_INTERVAL="0.1"), log)
     try:
         wait_until(lambda: "Ctrl-C stops it all" in log.read_text(), 120, "the demo to start")
-        # Some 30 cycles, none with anything new: the demo settles its first pending request after 15 s.
+        # Some 30 cycles, none with anything new: the demo queues its next request after NEW_REQUEST_EVERY.
         time.sleep(3)
     finally:
         demo.send_signal(signal.SIGINT)  # Ctrl-C: the demo stops the service and the embedded server
         code = demo.wait(timeout=60)
     output = log.read_text()
     assert code == 0, output[-3000:]
-    cycles = cycle_lines(output)
-    assert "COMPLETED=2 FAILED=1" in cycles[0]
-    # Then the orphan parked again by each cycle's retry; shown only by the other worker's first cycle.
-    assert len(cycles) <= 2, "\n".join(cycles)
+    assert "COMPLETED=2 FAILED=1" in cycle_lines(output)[0]
+    # After the start and what the demo staged for the console, the idle cycles show nothing; at most the other
+    # worker's first cycle, which parks the orphan again.
+    idle = cycle_lines(output.split("Ctrl-C stops it all", 1)[1])
+    assert len(idle) <= 1, "\n".join(idle)
+    assert '"GET /' not in output  # no access log: the demo's commands stay readable
+
+
+def test_the_demo_says_where_to_go_and_gives_every_console_page_something(tmp_path) -> None:
+    env, log = demo_env(POLLING_INTERVAL="0.5"), tmp_path / "demo.log"
+    process = gunicorn.start(DEMO, env, log)
+    base = f"http://127.0.0.1:{env['PORT']}"
+    try:
+        wait_until(lambda: "Ctrl-C stops it all" in log.read_text(), 120, "the demo to start")
+        asked = {path: demo.request_json(base, "GET", path)[1] for path in (
+            "/api/v1/consistency/status", "/api/v1/consistency/corrections",
+            "/api/v1/consistency/parked", "/api/v1/consistency/audit",
+        )}  # fmt: skip
+        wait_until(lambda: demo.request_json(base, "GET", "/api/v1/consistency/drift-checks/latest")[1].get("state")
+                   == "done", 30, "the demo's drift check")  # fmt: skip
+        drift = demo.request_json(base, "GET", "/api/v1/consistency/drift-checks/latest")[1]
+        wait_until(lambda: "is COMPLETED" in log.read_text().split("Ctrl-C stops it all", 1)[1], 20, "a new request")
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    output = log.read_text()
+    assert f"The console: {base}/console/" in output
+    assert f"export API_TOKEN={demo.DEMO_TOKEN}" in output
+    assert "demo: PostgreSQL embedded" in output and "as DEMO_PG_URI says" in output
+    assert asked["/api/v1/consistency/status"]["corrections"] == 1
+    assert len(asked["/api/v1/consistency/parked"]["entries"]) >= 1
+    assert {"pause", "resume", "start_drift_check"} <= {
+        r["action"] for r in asked["/api/v1/consistency/audit"]["entries"]
+    }
+    assert drift["counts"]["unrecorded_transaction"] == 1 and drift["findings"]
 
 
 def test_the_demo_listens_on_this_machine_only_by_default(tmp_path) -> None:
