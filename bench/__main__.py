@@ -18,6 +18,7 @@ import psycopg2
 
 from bench import http
 from bench.approaches import BOUND_BATCH, lean, per_entry, set_based
+from bench.console import console_pages, console_rows
 from bench.data import TIERS, build_templates, fresh_copy, snapshot
 from bench.drift import drift_check, drift_row
 from bench.idle import idle_cycle_ms
@@ -280,6 +281,12 @@ def main() -> None:
     parser.add_argument(
         "--lookback-sweep-seconds", type=float, default=10.0, help="cycles timed with a sweep every second (default 10)"
     )
+    parser.add_argument(
+        "--console-journal", type=int, default=1_000_000, help="journal records behind the console's pages (1000000)"
+    )
+    parser.add_argument(
+        "--console-parked", type=int, default=100_000, help="parked entries behind the console's pages (100000)"
+    )
     args = parser.parse_args()
     server, keep_alive = postgres.server_uri()
     with_per_entry = args.entries <= args.per_entry_entries
@@ -290,6 +297,7 @@ def main() -> None:
     latency = [measure_latency(server, notify, args.polling_interval, args.latency_samples) for notify in (True, False)]
     checked = drift_check(server, args.drift_entries)
     lookback = lookback_at_size(server, args.lookback_history, args.lookback_burst, args.lookback_sweep_seconds)
+    pages = console_pages(server, args.console_journal, args.console_parked, 20)
     same = len(set(big["snapshots"])) == 1 and len(set(small["snapshots"])) == 1
     rows = [
         ("machine", f"{platform.machine()}, {os.cpu_count()} cores, PostgreSQL on loopback"),
@@ -321,6 +329,7 @@ def main() -> None:
         *latency_rows(*latency),
         drift_row(checked),
         *lookback_rows(lookback),
+        *console_rows(pages),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
