@@ -268,3 +268,33 @@ def test_hostile_text_in_every_field_these_pages_show_is_shown_as_text(served, p
     assert href is not None and href.startswith("/console/accounts?account=%3Cscript%3E")
     assert world.p("SELECT paused_by, reason FROM consistency.pause") == [(HOSTILE, HOSTILE)]
     quiet(watched, served)
+
+
+# The keyboard ----------------------------------------------------------------------------------------------------
+
+CONTROLS = "a[href], button, input:not([type=hidden]), select, textarea"
+
+
+def test_the_keyboard_reaches_every_control_of_every_page(served, page, world: World) -> None:
+    tab, watched = page
+    world.portfolio_for("4000000001")
+    world.request("investment", "4000000001")
+    parked = world.request("withdrawal", "4000000002", txn=False)
+    service_of(served.app).poller.run_once()
+    check = a_check_with_findings(world)
+    sign_in(tab, served.base, OPERATOR.token)
+    pages = [*MY_PAGES, "/console/parked", f"/console/entries/withdrawal/{parked.queue_id}",
+             "/console/accounts?account=4000000001"]  # fmt: skip
+
+    for path in pages:
+        tab.goto(served.base + path.format(check=check))
+        controls = tab.locator(CONTROLS)
+        count = controls.count()
+        for n in range(count):  # name each control, to know it when it has the focus
+            controls.nth(n).evaluate("(element, n) => element.setAttribute('data-control', n)", n)
+        reached = set()
+        for _ in range(count + 5):
+            tab.keyboard.press("Tab")
+            reached.add(tab.evaluate("document.activeElement.getAttribute('data-control')"))
+        assert {str(n) for n in range(count)} <= reached, (path, count, sorted(reached - {None}))
+    quiet(watched, served)
