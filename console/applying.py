@@ -15,7 +15,7 @@ from actions import Refused
 from auth import actor
 from console import action, bp, done, page, page_position, refused, render, service
 from domain import TIER_KEYS
-from models import OptionalReason, RequiredReason, TierUpdate
+from models import RequiredReason, TierUpdate
 
 HISTORY_SIZE = 20  # changes of tier values on a page of their history
 VERSION_DIGITS = 19  # a version is a history id: a BIGINT
@@ -138,10 +138,10 @@ def pause_applying() -> Response:
 @bp.post("/applying/resume")
 @action
 def resume_applying() -> Response:
-    """End the pause, with an optional reason, as the session's token; refused when applying is not paused."""
-    wanted, problems = checked(OptionalReason, {"reason": request.form.get("reason", "")})
+    """End the pause, with a required reason, as the session's token; refused when applying is not paused."""
+    wanted, problems = checked(RequiredReason, {"reason": request.form.get("reason", "")})
     if wanted is None:
-        return applying_page(400, problem=f"The reason: {problems['reason']}.")
+        return applying_page(400, problem=f"A resume needs a reason: {problems['reason']}.")
     try:
         resumed = service().actions.resume(actor(), wanted.reason)
     except Refused as err:

@@ -150,7 +150,7 @@ def test_the_tier_history_reads_along_its_primary_key(world: World, dbs) -> None
 PAGES = ["/console/drift-checks", "/console/drift-checks/1", "/console/audit", "/console/applying"]
 ACTIONS = [
     ("/console/applying/pause", {"reason": "forged"}),
-    ("/console/applying/resume", {}),
+    ("/console/applying/resume", {"reason": "forged"}),
     ("/console/applying/tiers/review", {"TIER1": "5"}),
     ("/console/applying/tiers", {"TIER1": "5", "version": "3"}),
     ("/console/drift-checks", {"reason": "forged"}),
@@ -206,12 +206,12 @@ def test_a_read_token_sees_no_action_control(named) -> None:
 # Pause and resume -------------------------------------------------------------------------------------------------
 
 
-def test_a_pause_needs_a_reason_and_a_second_pause_or_resume_is_refused_with_a_notice(named, world: World) -> None:
+def test_a_pause_and_a_resume_need_a_reason_and_a_second_one_is_refused_with_a_notice(named, world: World) -> None:
     operator, csrf = signed_in(named, OPERATOR)
 
     blank = operator.post("/console/applying/pause", data={"csrf": csrf, "reason": "  "})
     assert blank.status_code == 400 and "A pause needs a reason" in blank.text and stored_pause(world) == []
-    not_paused = operator.post("/console/applying/resume", data={"csrf": csrf})
+    not_paused = operator.post("/console/applying/resume", data={"csrf": csrf, "reason": "done"})
     assert not_paused.status_code == 409 and "Not resumed: applying is not paused" in not_paused.text
 
     paused = operator.post("/console/applying/pause", data={"csrf": csrf, "reason": " db maintenance "})
@@ -220,11 +220,14 @@ def test_a_pause_needs_a_reason_and_a_second_pause_or_resume_is_refused_with_a_n
     assert paused.status_code == 303 and paused.location.startswith("/console/applying?notice=")
     assert stored_pause(world) == [("alice", "db maintenance")]
     assert again.status_code == 409 and "Not paused: applying is already paused by alice" in again.text
-    resumed = operator.post("/console/applying/resume", data={"csrf": csrf, "reason": ""})
+    unexplained = operator.post("/console/applying/resume", data={"csrf": csrf, "reason": ""})
+    assert unexplained.status_code == 400 and "A resume needs a reason" in unexplained.text
+    assert stored_pause(world) == [("alice", "db maintenance")]
+    resumed = operator.post("/console/applying/resume", data={"csrf": csrf, "reason": "maintenance done"})
     assert resumed.status_code == 303 and stored_pause(world) == []
     assert world.p("SELECT actor, action, reason FROM consistency.audit_log ORDER BY id") == [
         ("alice", "pause", "db maintenance"),
-        ("alice", "resume", None),
+        ("alice", "resume", "maintenance done"),
     ]
 
 
