@@ -171,7 +171,8 @@ def reused_entries(query: m.Page) -> Response:
 @needs(READ)
 def audit_trail(query: m.AuditQuery) -> Response:
     """Every operator action, newest first: who, when, what it touched and why; of one action and actor if given."""
-    return answer(m.AuditPage, service().audit.page(query.limit, query.before, query.action, query.actor))
+    page = service().audit.page(query.limit, query.before, query.action, query.actor)
+    return answer(m.AuditPage, {**page, "filter": query.filter()})
 
 
 @bp.get("/api/v1/consistency/journal", tags=[ENTRIES], security=BEARER,

@@ -96,9 +96,11 @@ class AuditQuery(Page):
     """A page of the audit trail, of one action and one actor when given."""
 
     action: Action | None = Field(None, description="only actions of this kind")
-    actor: Annotated[str, StringConstraints(min_length=1, max_length=REASON_MAX)] | None = Field(
-        None, description="only actions of this token's name"
-    )
+    actor: FilterText | None = Field(None, description="only actions of this token's name")
+
+    def filter(self) -> dict[str, str]:
+        """The filters given, as the answer shows them."""
+        return {name: value for name, value in (("action", self.action), ("actor", self.actor)) if value is not None}
 
 
 class Listing(Model):
@@ -519,8 +521,9 @@ class AuditRecord(Answer):
 
 
 class AuditPage(Answer):
-    """Operator actions, newest first, a page at a time."""
+    """Operator actions, newest first, a page at a time; `filter` shows the action and actor asked for."""
 
+    filter: dict[str, str]
     entries: list[AuditRecord]
     next_before: int | None
 

@@ -158,5 +158,7 @@ def test_the_audit_trail_filters_by_action_and_by_actor(client, auth, world: Wor
     assert shown("action=pause") == [("bob", "pause"), ("alice", "pause")]
     assert shown("actor=alice") == [("alice", "resume"), ("alice", "pause")]
     assert shown("action=pause&actor=alice") == [("alice", "pause")]
+    both = client.get(f"{url}?action=pause&actor=alice", headers=auth).get_json()["filter"]
+    assert both == {"action": "pause", "actor": "alice"}
     refused = client.get(f"{url}?action=delete", headers=auth)
     assert refused.status_code == 400 and refused.get_json()["field"] == "action"
