@@ -25,6 +25,7 @@ COPY --from=builder /opt/venv /opt/venv
 COPY *.py ./
 COPY sql/ ./sql/
 COPY static/ ./static/
+COPY console/ ./console/
 
 USER 10001
 EXPOSE 8080

@@ -12,6 +12,7 @@ import runpy
 import signal
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,6 +56,8 @@ def test_the_image_command_serves_and_stops_cleanly_on_sigterm(fresh_dbs, tmp_pa
         ready = {"status": "ready", "checks": {"queue-db": "ok", "user-portfolio-db": "ok"}}
         assert call(port, "GET", "/ready") == (200, ready)
         assert call(port, "GET", "/health") == (200, {"status": "ok", "poller": "running"})
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/console/signin", timeout=10) as page:
+            assert page.status == 200 and b'name="token"' in page.read()  # the console's templates are shipped
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=grace_period()) == 0
@@ -73,7 +76,8 @@ def test_the_image_holds_what_the_service_reads_and_nothing_of_the_tests(tmp_pat
     workdir = assemble_workdir(STAGE, tmp_path / "image")
     shipped = {str(p.relative_to(workdir)) for p in workdir.rglob("*") if p.is_file()}
     needed = {"consistency_manager_svc.py", "gunicorn.conf.py", "sql/queries.sql", "sql/migrations/0001_state.sql",
-              "static/swagger-init.js"}  # fmt: skip
+              "static/swagger-init.js", "console/__init__.py", "console/templates/console/base.html",
+              "console/static/console.css"}  # fmt: skip
     assert needed <= shipped
     assert not any(name.startswith(("tests/", "bench/", "devkit/", ".venv/", ".git")) for name in shipped)
     assert not any(path.parts[0] in {"tests", "bench", "devkit", "demo.py"} for path in context_files())
