@@ -26,6 +26,7 @@ View = TypeVar("View", bound=Callable[..., Any])
 # as its raw bytes): psycopg2 could not send it.
 UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
 UNSTORABLE_TEXT = "no NUL character or lone surrogate (U+D800 to U+DFFF): PostgreSQL cannot store them"
+FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")  # the bodies a form posts
 # The role each endpoint needs, by view name (auth.READ or auth.OPERATE); an endpoint not named needs none.
 ROLES: dict[str, str] = {}
 
@@ -144,9 +145,10 @@ def _request_text() -> Iterator[tuple[str, str]]:
     for name, value in (request.view_args or {}).items():
         if isinstance(value, str):
             yield name, value
-    for name, values in request.form.lists():  # the console's forms
-        yield name, name
-        yield from ((name, value) for value in values)
+    if request.mimetype in FORMS:  # the console's forms; any other request's form is not read
+        for name, values in request.form.lists():
+            yield name, name
+            yield from ((name, value) for value in values)
     yield from _json_text(request.get_json(silent=True) if request.method == "POST" and request.is_json else None)
 
 
