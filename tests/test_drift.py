@@ -15,6 +15,7 @@ import pytest
 
 import drift
 from db import pg_array
+from devkit.net import wait_until
 from drift import DRIFT_LOCK_KEY, DRIFT_SESSION, CheckRunning, DriftChecks
 from drift_walk import FIRST_TRANSACTION_ID
 from queries import query, table_query
@@ -218,6 +219,16 @@ def test_a_check_changes_no_data(svc: Service, world: World, consistent: dict[st
     assert sum(svc.drift.latest()["counts"].values()) == 2
 
 
+def turn_free(world: World) -> bool:
+    """Whether no session of the test's user-portfolio-db holds the drift checks' turn (its advisory lock)."""
+    held = world.p(
+        "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database"
+        " WHERE d.datname = current_database() AND l.locktype = 'advisory' AND l.objid = %s",
+        (DRIFT_LOCK_KEY & 0xFFFFFFFF,),
+    )
+    return held == [(0,)]
+
+
 def test_a_stopped_check_resumes_from_its_stored_position_after_a_restart(
     svc: Service, world: World, consistent: dict[str, Request]
 ) -> None:
@@ -240,6 +251,9 @@ def test_a_stopped_check_resumes_from_its_stored_position_after_a_restart(
     assert (state, rows_read, positions) == ("running", 2, {"investment_entries": {"next": first + 2}})
     assert counts["unapplied_entry"] == 1
 
+    # The stopped check's connection is closed; its server process lets the turn's lock go a moment later, as a
+    # restarted process would find it.
+    wait_until(lambda: turn_free(world), 10, "the turn to be free")
     restarted = DriftChecks(svc.settings, svc.queue_db, svc.portfolio_db, chunk_size=2, pause=0)
     assert restarted.run_due() == check_id  # the same check, not a new one
 
@@ -288,14 +302,7 @@ def test_only_one_check_runs_at_a_time_across_two_services(make_service, world: 
         " WHERE datname = current_database() AND application_name = %s",
         (DRIFT_SESSION,),
     )
-    deadline = time.monotonic() + 10
-    while world.p(
-        "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database"
-        " WHERE d.datname = current_database() AND l.locktype = 'advisory' AND l.objid = %s",
-        (DRIFT_LOCK_KEY & 0xFFFFFFFF,),
-    )[0][0]:
-        assert time.monotonic() < deadline, "the lock outlived its session"
-        time.sleep(0.02)
+    wait_until(lambda: turn_free(world), 10, "the lock to go with its session")
     assert second.drift.run_due() == check_id
     assert second.drift.latest()["state"] == "done"
     assert second.drift.latest()["rows_read"] == 3 + 3 + 3
