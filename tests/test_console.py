@@ -169,3 +169,19 @@ def test_a_console_page_says_which_database_is_unavailable_and_never_its_passwor
         text = answer.get_data(as_text=True)
         assert answer.status_code == 503 and answer.mimetype == "text/html"
         assert "user-portfolio-db is unavailable" in text and PASSWORD not in text
+
+
+def test_the_console_calls_the_service_layer_and_never_sql() -> None:
+    import ast
+    from pathlib import Path
+
+    import console
+
+    for path in Path(console.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        modules = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        names = {(node.module, alias.name) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                 for alias in node.names}  # fmt: skip
+        assert not {"psycopg2", "db", "queries"} & modules, path.name
+        assert {(m, n) for m, n in names if m in ("db", "queries", "psycopg2")} <= {("db", "DatabaseError")}, path.name
+        assert ".portfolio_db" not in path.read_text() and ".queue_db" not in path.read_text(), path.name
