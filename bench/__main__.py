@@ -1,5 +1,6 @@
-"""python -m bench: drain one backlog three ways, check they agree, and print one table of rates, ratios,
-memory, idle-cycle time and HTTP latency under load."""
+"""python -m bench: drain one backlog several ways, and each traffic shape by the service and the lean bound on an
+empty ledger and behind history; check they agree, and print one table of rates, ratios, memory, idle-cycle time,
+HTTP latency under load and the other parts' rows."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from bench.idle import idle_cycle_ms
 from bench.latency import measure_latency
 from bench.lookback import lookback_at_size, lookback_rows
 from bench.serve import service_env, status, stored_cycle
+from bench.shapes import TARGET, description, differing, low_ratios, measure_shapes, shape_rows
 from devkit import gunicorn, postgres
 from devkit.net import free_port, wait_until
 
@@ -243,10 +245,10 @@ def latency_rows(on: dict[str, Any], off: dict[str, Any]) -> list[tuple[str, str
     ]
 
 
-def main() -> None:
-    """Run the benchmark and print its table."""
+def arguments() -> argparse.Namespace:
+    """Read the command line."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--entries", type=int, default=200_000, help="backlog size (default 200000)")
+    parser.add_argument("--entries", type=int, default=200_000, help="backlog size, and each shape's (default 200000)")
     parser.add_argument(
         "--per-entry-entries",
         type=int,
@@ -287,12 +289,29 @@ def main() -> None:
     parser.add_argument(
         "--console-parked", type=int, default=100_000, help="parked entries behind the console's pages (100000)"
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--history",
+        type=int,
+        default=1_000_000,
+        help="applied entries behind the shapes' second ledger; 0 skips that ledger (default 1000000)",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help=f"also exit non-zero when a ratio is under its target (the shapes: {TARGET}x of the lean bound)",
+    )
+    return parser.parse_args()
+
+
+def main() -> None:
+    """Run the benchmark and print its table; exit non-zero when results differ, or with --check a ratio is low."""
+    args = arguments()
     server, keep_alive = postgres.server_uri()
     with_per_entry = args.entries <= args.per_entry_entries
     big = measure(server, args.entries, args.batch_size, with_per_entry, args.http_seconds, args.rounds)
     small = big if args.entries <= args.per_entry_entries else measure(
         server, args.per_entry_entries, args.batch_size, True, 0)  # fmt: skip
+    outcomes = measure_shapes(server, args.entries, args.history, args.batch_size, args.rounds)
     idle_median, idle_max = idle_cycle_ms(server, args.idle_rows)
     latency = [measure_latency(server, notify, args.polling_interval, args.latency_samples) for notify in (True, False)]
     checked = drift_check(server, args.drift_entries)
@@ -320,6 +339,8 @@ def main() -> None:
         ("service peak RSS", f"{big['service peak RSS MB']:.0f} MB (target < 150 MB at 1M)"),
         ("identical results", "yes" if same else "NO: the approaches disagree"),
         *size_rows(big["sizes"], args.entries),
+        ("shapes", description(server, args.entries, args.history)),
+        *shape_rows(outcomes),
         (
             "idle cycle",
             f"median {idle_median:.1f} ms, max {idle_max:.1f} ms, {args.idle_rows:,} rows per queue table "
@@ -335,8 +356,20 @@ def main() -> None:
     for name, value in rows:
         print(f"| {name.ljust(width)} | {value} |")
     del keep_alive
-    if not same or checked["findings"]:
-        raise SystemExit(1)
+    failed = differing(outcomes) + (low_ratios(outcomes) + main_ratios_low(big, small) if args.check else [])
+    if not same or checked["findings"] or failed:
+        raise SystemExit("failed: " + "; ".join(failed) if failed else 1)
+
+
+def main_ratios_low(big: dict[str, Any], small: dict[str, Any]) -> list[str]:
+    """Name each ratio of the clustered backlog's rows that is under its target."""
+    ratios = [
+        ("service / bound", big["service"] / big["set-based bound"], 0.7),
+        ("service / lean bound", big["service"] / big["lean bound"], 0.7),
+        ("service / lean bound, the bound's batch", big[BIG_BATCH] / big["lean bound"], 0.7),
+        ("service / per-entry", big["service"] / small["per-entry loop"], 20),
+    ]
+    return [f"{name} {ratio:.2f}x < {target}x" for name, ratio, target in ratios if ratio < target]
 
 
 if __name__ == "__main__":

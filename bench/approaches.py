@@ -93,9 +93,16 @@ BEGIN
 END $$ LANGUAGE plpgsql IMMUTABLE
 """
 
+# The essential checks, as the service's: an entry whose account has no portfolio, or whose transaction is missing or
+# another account's, is neither recorded nor applied (the service parks it). The transaction's account is looked up
+# per entry, by its primary key, as a scalar subquery: a join on both columns would be estimated at one row, and the
+# plans after it would loop over the whole batch for each entry.
 BATCH_STATEMENT = """
 WITH claimed AS (
-    INSERT INTO bench_applied SELECT %(queue)s, queue_id FROM {batch} ON CONFLICT DO NOTHING RETURNING queue_id
+    INSERT INTO bench_applied SELECT %(queue)s, b.queue_id FROM {batch} b
+     WHERE b.account IS NOT DISTINCT FROM (SELECT t.accountid FROM portfolio_transactions t WHERE t.id = b.uuid)
+       AND EXISTS (SELECT 1 FROM user_portfolios p WHERE p.accountid = b.account)
+        ON CONFLICT DO NOTHING RETURNING queue_id
 ), mine AS (
     SELECT b.* FROM {batch} b WHERE b.queue_id IN (SELECT queue_id FROM claimed)
 ), mirrored AS (  -- a data-modifying CTE always runs to completion
@@ -171,11 +178,18 @@ LEAN_COPY = (
 )
 
 
-def lean(queue_uri: str, portfolio_uri: str, tiers: dict[str, str], batch: int = BOUND_BATCH) -> float:
+def lean(
+    queue_uri: str,
+    portfolio_uri: str,
+    tiers: dict[str, str],
+    batch: int = BOUND_BATCH,
+    after: dict[str, tuple[object, int]] | None = None,
+) -> float:
     """The essential writes alone: per batch two COPYs and one statement, nothing else; return the seconds.
 
     The batch table empties itself at each commit (no TRUNCATE), has no statistics (no ANALYZE), and the next
-    batch starts after the last row copied (no OFFSET probe).
+    batch starts after the last row copied (no OFFSET probe). Each queue is read from its position in `after`, if
+    given: past a history already applied.
     """
     queue_db, portfolio_db = connect(queue_uri), connect(portfolio_uri)
     queue_db.autocommit = True
@@ -193,11 +207,12 @@ def lean(queue_uri: str, portfolio_uri: str, tiers: dict[str, str], batch: int =
         params: dict[str, object] = {"queue": queue.name}
         for n, f in enumerate(factors(tiers, kind), start=1):
             params[f"n{n}"], params[f"d{n}"] = f.numerator, f.denominator
-        after: tuple[str, int] = ("1970-01-01 00:00:00+00", 0)
+        position = (after or {}).get(queue.name, ("1970-01-01 00:00:00+00", 0))
         while True:
             buffer = io.BytesIO()
             with queue_db.cursor() as qcur:
-                qcur.copy_expert(qcur.mogrify(LEAN_COPY.format(table=queue.table), (*after, batch)).decode(), buffer)
+                copy = qcur.mogrify(LEAN_COPY.format(table=queue.table), (*position, batch)).decode()
+                qcur.copy_expert(copy, buffer)
             data = buffer.getvalue()
             if not data:
                 break
@@ -205,7 +220,7 @@ def lean(queue_uri: str, portfolio_uri: str, tiers: dict[str, str], batch: int =
                 cur.copy_expert("COPY lean_batch FROM STDIN", io.BytesIO(data))
                 cur.execute(statement, params)
             last = data.rstrip(b"\n").rsplit(b"\n", 1)[-1].split(b"\t")
-            after = (last[4].decode(), int(last[0]))
+            position = (last[4].decode(), int(last[0]))
             if data.count(b"\n") < batch:
                 break
     seconds = time.perf_counter() - started

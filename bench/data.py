@@ -12,7 +12,7 @@ TIERS = {"TIER1": "1000000", "TIER1_MV": "1030000", "TIER2": "2000000", "TIER2_M
 ENTRIES_PER_ACCOUNT = 10
 
 
-def run(uri: str, statement: str, params: tuple = ()) -> None:
+def run(uri: str, statement: str, params: tuple | dict[str, object] = ()) -> None:
     """Run one statement and commit."""
     conn = psycopg2.connect(uri)
     with conn, conn.cursor() as cur:
