@@ -138,16 +138,16 @@ def when(moment: Any) -> str:
     return f"{day} {clock}{zone}".strip()
 
 
-def page_position(name: str = "before") -> int | None:
-    """Read a page's position (the `next_before` of the page before) from the query; None for the first page.
+def page_position(name: str = "before", below: int = POSITION_MAX + 1) -> int | None:
+    """Read a page's position (the `next_before` of the page before, say) from the query; None for the first page.
 
-    Raises ValueError, with what is wrong, when it is not a whole number in range.
+    Raises ValueError, with what is wrong, when it is not a whole number below `below`.
     """
     text = request.args.get(name, "").strip()
     if not text:
         return None
-    if not text.isascii() or not text.isdigit() or int(text) > POSITION_MAX:
-        raise ValueError(f"{name} must be the position a page gave for the next one: a whole number")
+    if not text.isascii() or not text.isdigit() or int(text) >= below:
+        raise ValueError(f"{name} must be the position a page gave for the next one: a whole number below {below}")
     return int(text)
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Response, request
+from flask import Response
 
 from actions import QUEUE_ID_MAX, EntryKey
-from console import bp, page, render, service
+from console import bp, page, page_position, render, service
 from domain import QUEUES
 from journal import STORY_RECORDS_MAX
 from portfolios import labels
@@ -57,23 +57,17 @@ def amounts(queue: str, record: dict[str, Any]) -> list[Amount]:
     return [Amount(*shown) for shown in zip(columns, record["before"], record["after"], factors, strict=True)]
 
 
-def page_start() -> int | None:
-    """Read which record a page of the story starts at (0 when not given); None when it is not a whole number."""
-    text = request.args.get("start", "0")
-    if not text.isascii() or not text.isdigit() or int(text) >= STORY_RECORDS_MAX:
-        return None
-    return int(text)
-
-
 @bp.get("/entries/<queue>/<queue_id>")
 @page
 def entry(queue: str, queue_id: str) -> Response:
     """One entry's whole story: its queue row now, where it stands, its transactions, and its journal records."""
-    key, start = entry_key(queue, queue_id), page_start()
+    key = entry_key(queue, queue_id)
     if key is None:
         return bad_entry()
-    if start is None:
-        return problem(400, "Not a page", f"start must be a whole number below {STORY_RECORDS_MAX}.")
+    try:
+        start = page_position("start", STORY_RECORDS_MAX) or 0
+    except ValueError as err:
+        return problem(400, "Not a page", f"{err}.")
     story = service().journal.story(QUEUE_BY_NAME[key.queue], key.queue_id)
     if story is None:
         return problem(404, "No such entry", f"No {key.queue} entry {key.queue_id} is known to the queue or to the "
