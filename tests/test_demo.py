@@ -77,6 +77,11 @@ def test_the_demo_says_where_to_go_and_gives_every_console_page_something(tmp_pa
     base = f"http://127.0.0.1:{env['PORT']}"
     try:
         wait_until(lambda: "Ctrl-C stops it all" in log.read_text(), 120, "the demo to start")
+        # The demo's own trigger may find the turn taken by a polling cycle (every 0.5 s here): the correction is
+        # then counted by the next cycle, and /status shows it within its second of keeping the state.
+        corrections = "/api/v1/consistency/status"
+        wait_until(lambda: demo.request_json(base, "GET", corrections)[1].get("corrections") == 1, 20,
+                   "the demo's correction to be counted")  # fmt: skip
         asked = {path: demo.request_json(base, "GET", path)[1] for path in (
             "/api/v1/consistency/status", "/api/v1/consistency/corrections",
             "/api/v1/consistency/parked", "/api/v1/consistency/audit",
