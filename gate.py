@@ -80,35 +80,46 @@ def needs(role: str) -> Callable[[View], View]:
 
 def check() -> Response | None:
     """Run every check on the request; return the refusal, or None to let it through to its view."""
-    return _unstorable_text() or _repeated_parameter() or _not_json() or _token()
+    req = _current()
+    return _unstorable_text(req) or _repeated_parameter(req) or _not_json(req) or _token(req)
 
 
-def _unstorable_text() -> Response | None:
+def _current() -> Request:
+    """Return this request itself, not its proxy: each attribute read through the proxy costs a lookup."""
+    current: Request = request._get_current_object()  # type: ignore[attr-defined]
+    return current
+
+
+def _unstorable_text(req: Request) -> Response | None:
     """Refuse text PostgreSQL cannot store, anywhere in the request, naming its field."""
-    name = unstorable_field()
+    name = unstorable_field(req)
     return None if name is None else error(400, f"{name}: {UNSTORABLE_TEXT}", field=name)
 
 
-def unstorable_field() -> str | None:
-    """Name the first field of the request that holds text PostgreSQL cannot store; None when all of it can be."""
-    return next((_shown(field) for field, text in _request_text() if UNSTORABLE.search(text)), None)
+def unstorable_field(req: Request | None = None) -> str | None:
+    """Name the first field of a request (this one by default) that holds text PostgreSQL cannot store; None when
+    all of it can be."""
+    req = req or _current()
+    return next((_shown(field) for field, text in _request_text(req) if UNSTORABLE.search(text)), None)
 
 
-def _repeated_parameter() -> Response | None:
+def _repeated_parameter(req: Request) -> Response | None:
     """Refuse a query parameter given more than once: each takes one value."""
-    for name, values in request.args.lists():
+    if not req.query_string:
+        return None
+    for name, values in req.args.lists():
         if len(values) > 1:
             return error(400, f"{name}: give it once", field=name)
     return None
 
 
-def _not_json() -> Response | None:
+def _not_json(req: Request) -> Response | None:
     """Refuse a body that is not sent as JSON (415), or none where the endpoint needs one; an empty body is an
     empty object where the endpoint's body is optional."""
-    if request.method != "POST":
+    if req.method != "POST":
         return None  # only the actions take a body; any other request's is not read
-    given = bool(request.get_data(cache=True))
-    if not request.is_json and (given or _needs_body(request.endpoint or "")):
+    given = bool(req.get_data(cache=True))
+    if not req.is_json and (given or _needs_body(req.endpoint or "")):
         return error(415, "body: send JSON with Content-Type: application/json", field="body")
     return None
 
@@ -122,12 +133,12 @@ def _needs_body(endpoint: str) -> bool:
     return model is not None and any(field.is_required() for field in model.model_fields.values())
 
 
-def _token() -> Response | None:
+def _token(req: Request) -> Response | None:
     """Refuse a request without the bearer token its endpoint's role needs (401, or 403 for the wrong role)."""
-    role = ROLES.get((request.endpoint or "").rpartition(".")[2])
+    role = ROLES.get((req.endpoint or "").rpartition(".")[2])
     if role is None:
         return None
-    credential, refusal = auth.admit(request.headers.get("Authorization", ""), role)
+    credential, refusal = auth.admit(req.headers.get("Authorization", ""), role)
     if refusal is not None:
         status, message = refusal
         response = error(status, message)
@@ -137,19 +148,21 @@ def _token() -> Response | None:
     return None
 
 
-def _request_text() -> Iterator[tuple[str, str]]:
+def _request_text(req: Request) -> Iterator[tuple[str, str]]:
     """Yield every string a request carries with its field: query parameters (names too), path parameters, JSON body."""
-    for name, values in request.args.lists():
-        yield name, name
-        yield from ((name, value) for value in values)
-    for name, value in (request.view_args or {}).items():
-        if isinstance(value, str):
-            yield name, value
-    if request.mimetype in FORMS:  # the console's forms; any other request's form is not read
-        for name, values in request.form.lists():
+    if req.query_string:
+        for name, values in req.args.lists():
             yield name, name
             yield from ((name, value) for value in values)
-    yield from _json_text(request.get_json(silent=True) if request.method == "POST" and request.is_json else None)
+    for name, value in (req.view_args or {}).items():
+        if isinstance(value, str):
+            yield name, value
+    if req.mimetype in FORMS:  # the console's forms; any other request's form is not read
+        for name, values in req.form.lists():
+            yield name, name
+            yield from ((name, value) for value in values)
+    if req.method == "POST" and req.is_json:
+        yield from _json_text(req.get_json(silent=True))
 
 
 def _json_text(body: Any) -> Iterator[tuple[str, str]]:
