@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: demo test lint browser promtool run clean check-deploy screenshots
+.PHONY: demo test lint docs browser promtool run clean check-deploy screenshots
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -37,7 +37,12 @@ lint: $(VENV)/.installed  ## ruff, and mypy --strict on the service modules
 	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m mypy $(SERVICE_MODULES)
 
-screenshots: $(VENV)/.installed browser  ## the README's pictures of the console, taken by its browser tests
+# The site (mkdocs.yml, docs/) into site/. --strict: a broken link or anchor, or a page missing from the nav, fails
+# (and no --quiet, which would hide the warnings --strict counts).
+docs: $(VENV)/.installed  ## the documentation site, built with --strict into site/
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict
+
+screenshots: $(VENV)/.installed browser  ## the console's pictures in docs/images (README, docs/console.md), taken by its browser tests
 	SCREENSHOTS=docs/images $(PYTHON) -m pytest tests/browser/test_console_pictures.py -q
 
 check-deploy: $(VENV)/.installed  ## hadolint, kustomize + kubernetes-validate, skaffold.yaml, promtool
@@ -47,4 +52,4 @@ run: $(VENV)/.installed  ## the production command, configured from the environm
 	$(VENV)/bin/gunicorn consistency_manager_svc:app
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) .demo .pytest_cache .ruff_cache .mypy_cache site

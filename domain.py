@@ -107,7 +107,7 @@ class Stamp:
 
 # How a cycle ended: it ran, it failed, another process had the turn (or just ran one), or applying is paused.
 Outcome = Literal["ok", "error", "skipped", "paused"]
-# The rule that bounded the watermarks (see the README's watermark section).
+# The rule that bounded the watermarks (docs/concepts/watermarks.md).
 Mode = Literal["exact", "lookback"]
 # What a cycle counts per queue: entries read, their outcomes, new corrections, queue rows found carrying another
 # transaction than the one applied under their queue_id (new entries), reconciled entries and rows swept.

@@ -17,7 +17,7 @@ from models import DriftCheckRequest
 
 PAGE_SIZE = 20  # checks on a page of the history
 FINDINGS_SHOWN = 100  # findings of a kind on a page of a report
-# What each kind of finding means, as the README's table says it.
+# What each kind of finding means, as docs/concepts/drift-checks.md says it.
 KIND_TEXT = {
     "unapplied_entry": "Settled queue entries at or behind the watermark with no ledger record, neither parked nor "
     "resolved",

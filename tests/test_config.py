@@ -144,7 +144,7 @@ def test_listening_for_notifications_is_on_unless_turned_off(value: str, listen:
     assert load_settings({"LISTEN_NOTIFY": value}).listen_notify is listen
 
 
-def test_every_variable_read_is_in_the_readme_configuration_table() -> None:
+def test_every_variable_read_is_in_the_configuration_reference() -> None:
     read: set[str] = set()
 
     class Watched(dict[str, str]):
@@ -155,7 +155,8 @@ def test_every_variable_read_is_in_the_readme_configuration_table() -> None:
             return super().get(name, default)
 
     load_settings(Watched())
-    table = (Path(__file__).parent.parent / "README.md").read_text().split("| variable | default | meaning |")[1]
+    page = Path(__file__).parent.parent / "docs" / "reference" / "configuration.md"
+    table = page.read_text().split("| variable | default | meaning |")[1]
     rows = [row.split("|")[1] for row in table.split("\n\n")[0].splitlines() if row.startswith("| `")]
     documented = {name for first_cell in rows for name in re.findall(r"`([A-Z_0-9]+)`", first_cell)}
     assert read and read <= documented, sorted(read - documented)

@@ -18,7 +18,8 @@ from tests.test_metrics import scrape
 
 DASHBOARD = ROOT / "monitoring" / "grafana" / "consistency-manager.json"
 ALERTS = ROOT / "monitoring" / "alerts.yaml"
-# Where the runbooks will be published: a placeholder (.invalid never resolves) that the README says to replace.
+# Where the runbooks will be published: a placeholder (.invalid never resolves) that the alert rules' reference page
+# says to replace.
 RUNBOOK_BASE = "https://docs.example.invalid"
 # Grafana's variables, each replaced by a value Prometheus accepts, so that promtool reads the expression as sent.
 VARIABLES = {
@@ -156,4 +157,4 @@ def test_every_alert_has_a_runbook_url_under_the_documented_base() -> None:
     for rule in alerts:
         name = rule["alert"]
         assert rule["annotations"].get("runbook_url") == f"{RUNBOOK_BASE}/operate/alerts/{name}/", name
-    assert RUNBOOK_BASE in (ROOT / "README.md").read_text()  # which says to replace it
+    assert RUNBOOK_BASE in (ROOT / "docs" / "reference" / "alerts.md").read_text()  # which says to replace it

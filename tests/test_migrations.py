@@ -299,7 +299,8 @@ def shown_status(status: str | None) -> str:
 
 
 class BatchModel:
-    """What a scenario's batches must leave, worked out entry by entry from the README's rules, without SQL.
+    """What a scenario's batches must leave, worked out entry by entry from the documented rules (docs/concepts/),
+    without SQL.
 
     Each batch is one transaction: entries parked before are left to the retry; an entry applied before is
     compared with its queue row (a correction, or the end of one); an entry not settled yet is left alone; an
@@ -356,7 +357,8 @@ class BatchModel:
         return True
 
     def _check(self, queue: str, entry: Entry) -> str | None:
-        """The reason a claimed entry cannot apply, in the order the README lists them; None when it can."""
+        """The reason a claimed entry cannot apply, in the order docs/concepts/parked-entries.md lists them; None when
+        it can."""
         txn = as_transaction(entry.uuid)
         if entry.status == "COMPLETED" and entry.account_number not in self.amounts:
             return f"no portfolio for account {entry.account_number or '(none)'}"

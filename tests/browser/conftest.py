@@ -70,7 +70,7 @@ def page(browser) -> Iterator[tuple[Any, Watched]]:
 
 def screenshot(tab: Any, name: str, where: Any) -> None:
     """Take a screenshot of a page: into `where` (the test's tmp_path), and into $SCREENSHOTS when set, as
-    `make screenshots` sets it to refresh the README's pictures."""
+    `make screenshots` sets it to refresh the pictures of the README and docs/console.md."""
     import os
     from pathlib import Path
 

@@ -1,6 +1,6 @@
-"""The README's pictures of the console: the overview and the parked entries, on the demo's own data (its sample,
-its correction, its drift finding and its pause), taken in a real browser. `make screenshots` writes them to
-docs/images; every run checks what they show."""
+"""The pictures of the console in the README and docs/console.md: the overview and the parked entries, on the
+demo's own data (its sample, its correction, its drift finding and its pause), taken in a real browser.
+`make screenshots` writes them to docs/images; every run checks what they show."""
 
 from __future__ import annotations
 

@@ -37,7 +37,8 @@ TIERS = {
 }
 START_VALUES = ("1000.00", "2000.00", "3000.00")
 START_ALLOCATIONS = ("100.00", "200.00", "300.00")
-# The model's own copy of the README's rules, not domain.py's: a wrong mapping there must not agree with itself.
+# The model's own copy of the documented rules (docs/concepts/), not domain.py's: a wrong mapping there must not
+# agree with itself.
 # The status each settled queue status gives the portfolio transaction; every other status settles nothing.
 MIRROR = {"COMPLETED": "PROCESSED", "FAILED": "FAILED", "CANCELLED": "CANCELLED"}
 SETTLED = tuple(MIRROR)
@@ -633,7 +634,8 @@ def _check_unrecorded(
 
 
 def _can_apply(row: Row, stored: Stored) -> bool:
-    """Tell whether nothing the README lists would stop a settled row from applying (row locks aside)."""
+    """Tell whether nothing docs/concepts/parked-entries.md lists would stop a settled row from applying (row locks
+    aside)."""
     if row.status == "COMPLETED" and row.account not in stored.portfolios:
         return False
     found = stored.txns.get(row.txn or "")
