@@ -1,5 +1,6 @@
-"""Every alert rule has its runbook in docs/operate/alerts/, and a runbook names only what the service has: its
-API paths (as the OpenAPI document serves them), its metrics (as metrics.py defines them) and its console pages."""
+"""Every runbook of docs/operate/ says what it needs, its steps and how to tell it worked; every alert rule has its
+runbook in docs/operate/alerts/; and a runbook names only what the service has: its API paths (as the OpenAPI
+document serves them), its metrics (as metrics.py defines them) and its console pages."""
 
 from __future__ import annotations
 
@@ -20,18 +21,38 @@ from devkit import ROOT
 from tests.document import openapi_document
 
 ALERTS = ROOT / "monitoring" / "alerts.yaml"
-RUNBOOKS = ROOT / "docs" / "operate" / "alerts"
-HEADINGS = ["Check", "Act", "It worked when"]
+OPERATE = ROOT / "docs" / "operate"
+RUNBOOKS = OPERATE / "alerts"
+# The runbooks of situations, as the site's navigation lists them.
+SITUATIONS = [
+    "triage-parked",
+    "pause",
+    "drift-finding",
+    "correction",
+    "adopt",
+    "restore-queue-db",
+    "restore-portfolio-db",
+    "rotate-tokens",
+    "replica-stuck",
+    "metrics-and-logs",
+]
+# The sections every runbook has, in this order: what it needs, the steps (an alert's are what to check and how
+# to act), and how to tell it worked.
+SITUATION_HEADINGS = ["What it needs", "Steps", "How to tell it worked"]
+HEADINGS = ["What it needs", "Check", "Act", "How to tell it worked"]
 # A path as a runbook writes it, in a command or in the text: up to white space, a quote, a query or a fragment.
 API_PATH = re.compile(r"/api/v1/[^\s`'\"()\[\]?#]*")
 CONSOLE_PATH = re.compile(r"/console(?:/[^\s`'\"()\[\]?#]*)?")
-METRIC = re.compile(r"\bconsistency_[a-z0-9_]*[a-z0-9]")
+# A metric's name; the demo's databases (consistency_demo_...), the app module and the example role are not.
+METRIC = re.compile(r"\bconsistency_(?!demo_|manager\b|manager_svc\b)[a-z0-9_]*[a-z0-9]")
 # What a series adds to its family's name: a counter's _total, a histogram's _bucket, _sum and _count.
 SUFFIXES = ("", "_total", "_bucket", "_sum", "_count")
 # A part of a path a runbook leaves for the reader to fill in: <queue>, <queue_id>, <id>, <account>.
 PLACEHOLDER = re.compile(r"<[^<>/]+>")
 # Console endpoints that are no page of their own: the answer to any other path, and the stylesheet.
 NOT_PAGES = {"console.no_such_page", "console.static"}
+# Links from one page to another, as Markdown writes them: [text](target).
+LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
 def alert_rules() -> list[dict[str, Any]]:
@@ -47,6 +68,26 @@ NAMES = [rule["alert"] for rule in RULES]
 def runbook(name: str) -> Path:
     """Where an alert's runbook is."""
     return RUNBOOKS / f"{name}.md"
+
+
+def situation(name: str) -> Path:
+    """Where a situation's runbook is."""
+    return OPERATE / f"{name}.md"
+
+
+# Every runbook, a situation's or an alert's, by the name its tests show.
+PAGES = {**{name: situation(name) for name in SITUATIONS}, **{name: runbook(name) for name in NAMES}}
+
+
+def headings(page: Path) -> list[str]:
+    """The second-level headings of a page, in order, outside its code blocks."""
+    found, fenced = [], False
+    for line in page.read_text(encoding="utf-8").splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif not fenced and line.startswith("## "):
+            found.append(line.removeprefix("## ").strip())
+    return found
 
 
 def mentioned(pattern: re.Pattern[str], text: str) -> set[str]:
@@ -89,37 +130,59 @@ def console_routes() -> Iterator[MapAdapter]:
 
 
 @pytest.mark.parametrize("rule", RULES, ids=NAMES)
-def test_every_alert_has_a_runbook_with_its_title_and_the_three_headings(rule: dict[str, Any]) -> None:
+def test_every_alert_has_a_runbook_with_its_title_and_the_four_headings(rule: dict[str, Any]) -> None:
     name = rule["alert"]
     assert rule["annotations"]["runbook_url"].endswith(f"/operate/alerts/{name}/")
     assert runbook(name).is_file(), f"{runbook(name).relative_to(ROOT)} is missing"
-    lines = runbook(name).read_text(encoding="utf-8").splitlines()
-    assert lines[0] == f"# {name}"
-    headings = [line.removeprefix("## ") for line in lines if line.startswith("## ")]
-    assert [heading for heading in headings if heading in HEADINGS] == HEADINGS
+    assert runbook(name).read_text(encoding="utf-8").splitlines()[0] == f"# {name}"
+    assert [heading for heading in headings(runbook(name)) if heading in HEADINGS] == HEADINGS
 
 
-def test_every_file_among_the_runbooks_belongs_to_an_alert() -> None:
+@pytest.mark.parametrize("name", SITUATIONS)
+def test_every_situation_has_a_runbook_that_says_what_it_needs_its_steps_and_how_to_tell_it_worked(name: str) -> None:
+    assert situation(name).is_file(), f"{situation(name).relative_to(ROOT)} is missing"
+    assert situation(name).read_text(encoding="utf-8").startswith("# ")
+    assert [heading for heading in headings(situation(name)) if heading in SITUATION_HEADINGS] == SITUATION_HEADINGS
+
+
+def test_every_file_among_the_runbooks_belongs_to_an_alert_or_a_situation() -> None:
     assert sorted({path.name for path in RUNBOOKS.iterdir()} - {runbook(name).name for name in NAMES}) == []
+    pages = {path.name for path in OPERATE.glob("*.md")}
+    assert sorted(pages - {situation(name).name for name in SITUATIONS} - {"index.md"}) == []
 
 
-@pytest.mark.parametrize("name", NAMES)
+def test_the_operate_index_links_every_runbook() -> None:
+    linked = set(LINK.findall((OPERATE / "index.md").read_text(encoding="utf-8")))
+    wanted = {f"{name}.md" for name in SITUATIONS} | {f"alerts/{name}.md" for name in NAMES}
+    assert sorted(wanted - linked) == []
+
+
+@pytest.mark.parametrize("name", list(PAGES))
+def test_every_link_of_a_runbook_reaches_a_page(name: str) -> None:
+    page = PAGES[name]
+    targets = [target.split("#")[0] for target in LINK.findall(page.read_text(encoding="utf-8"))]
+    local = [target for target in targets if target and "://" not in target]
+    assert sorted(target for target in local if not (page.parent / target).resolve().is_file()) == []
+
+
+@pytest.mark.parametrize("name", list(PAGES))
 def test_every_api_path_a_runbook_names_is_in_the_served_document(name: str) -> None:
-    paths = mentioned(API_PATH, runbook(name).read_text(encoding="utf-8"))
+    paths = mentioned(API_PATH, PAGES[name].read_text(encoding="utf-8"))
     assert sorted(path for path in paths if not is_served(path)) == []
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", list(PAGES))
 def test_every_metric_a_runbook_names_is_one_the_service_defines(name: str) -> None:
-    names = mentioned(METRIC, runbook(name).read_text(encoding="utf-8"))
+    names = mentioned(METRIC, PAGES[name].read_text(encoding="utf-8"))
     served = {family + suffix for family in metric_families() for suffix in SUFFIXES}
-    assert names, "a runbook names the metric its alert reads"
+    if name in NAMES:
+        assert names, "an alert's runbook names the metric its alert reads"
     assert sorted(names - served) == []
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", list(PAGES))
 def test_every_console_path_a_runbook_names_is_a_console_page(name: str, console_routes: MapAdapter) -> None:
-    pages = mentioned(CONSOLE_PATH, runbook(name).read_text(encoding="utf-8"))
+    pages = mentioned(CONSOLE_PATH, PAGES[name].read_text(encoding="utf-8"))
     wrong = []
     for page in sorted(pages):
         try:
@@ -154,3 +217,5 @@ def test_paths_and_metric_names_are_read_out_of_a_runbook_s_text() -> None:
     assert mentioned(CONSOLE_PATH, text) == {"/console/entries/<queue>/<queue_id>", "/console/parked"}
     assert mentioned(API_PATH, text) == {"/api/v1/consistency/parked"}
     assert mentioned(METRIC, text) == {"consistency_cycles_total"}
+    names = "psql -d consistency_demo_queue -v service_role=consistency_manager; gunicorn consistency_manager_svc:app"
+    assert mentioned(METRIC, names) == set()
