@@ -13,6 +13,7 @@ import hmac
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 
 from flask import Flask, current_app, g
@@ -56,8 +57,12 @@ class Tokens:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Tokens:
-        """Return the tokens the settings give: the named ones as read at start, their file, and API_TOKEN's."""
-        return cls(settings.api_tokens, settings.api_tokens_file, settings.fixed_credentials)
+        """Return the tokens the settings give: the named ones as read at start, their file, and API_TOKEN's; a
+        file is then read every CHECK_INTERVAL whether requests come or not."""
+        tokens = cls(settings.api_tokens, settings.api_tokens_file, settings.fixed_credentials)
+        if tokens._path is not None:
+            threading.Thread(target=_watch, args=(weakref.ref(tokens),), name="tokens-file", daemon=True).start()
+        return tokens
 
     def current(self) -> tuple[Credential, ...]:
         """Return every credential accepted now, reading the file first when CHECK_INTERVAL has passed."""
@@ -94,6 +99,16 @@ class Tokens:
         if version != self._version:
             log.error("%s; the %s read before stay in force", problem, _count(self._named))
         self._version, self._bad = version, True
+
+
+def _watch(ref: weakref.ref[Tokens]) -> None:
+    """Read the file every CHECK_INTERVAL while its Tokens live, so that a process no request reaches still sees
+    every version: one that saw only the version before a removal would keep the removed token in force if the
+    next version were bad."""
+    while (tokens := ref()) is not None:
+        tokens.current()
+        del tokens  # hold no reference while asleep: the Tokens may go with its app
+        time.sleep(CHECK_INTERVAL)
 
 
 def tokens_of(app: Flask) -> Tokens:

@@ -234,7 +234,7 @@ def test_the_swap_of_a_kubernetes_secret_volume_is_picked_up(tmp_path) -> None:
     (tmp_path / "tokens").symlink_to("..data/tokens")
     clock, link = Clock(), tmp_path / "tokens"
     tokens = Tokens(path=str(link), clock=clock)
-    assert tokens.current() == (READER,)
+    assert READER in tokens.current() and OPERATOR not in tokens.current()
     before = os.lstat(link)
 
     second = tmp_path / "..2026_12_07_10_05_00.000000002"
@@ -280,7 +280,7 @@ def test_a_bad_file_keeps_the_last_good_tokens_and_is_logged_once_per_version_wi
         bad()
         for _ in range(20):
             clock.advance(auth.CHECK_INTERVAL)
-            assert tokens.current() == (READER,)
+            assert READER in tokens.current() and OPERATOR not in tokens.current()
         return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
     tokens_seen = (READER.token, OPERATOR.token, CAROL.token, "0123456789")
@@ -344,3 +344,23 @@ def test_a_token_added_to_the_file_is_let_in_and_one_removed_refused_without_a_r
     assert client.post("/api/v1/consistency/update-tier-values", headers=bearer(CAROL), json=body).status_code == 200
     (newest,) = client.get("/api/v1/consistency/audit?limit=1", headers=bearer(READER)).get_json()["entries"]
     assert (newest["actor"], newest["reason"]) == ("carol", "rotation check")
+
+
+def test_a_process_no_request_reaches_still_sees_a_removal_before_a_bad_version(
+    make_app, tmp_path, monkeypatch
+) -> None:
+    """alice removed, then the file broken: a process that got no request in between must not keep alice."""
+    monkeypatch.setattr(auth, "CHECK_INTERVAL", 0.2)
+    path = tmp_path / "tokens"
+    write_tokens(path, READER, OPERATOR)
+    app = make_app(api_tokens_file=str(path))
+    tokens = auth.tokens_of(app)
+    assert OPERATOR in tokens.current()
+
+    write_tokens(path, READER)  # alice removed; no request comes
+    time.sleep(auth.CHECK_INTERVAL * 4)
+    path.write_text("not a token line\n")  # then a version that cannot be used
+    time.sleep(auth.CHECK_INTERVAL * 4)
+    client = app.test_client()
+    assert client.get("/api/v1/consistency/parked", headers=bearer(OPERATOR)).status_code == 401
+    assert READER in tokens.current() and OPERATOR not in tokens.current()
