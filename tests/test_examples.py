@@ -25,12 +25,14 @@ The convention, which docs/operate/index.md gives the writers of the pages:
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import shlex
 import subprocess
 from collections.abc import Iterator
+from contextlib import redirect_stdout
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -419,6 +421,24 @@ def test_every_example_of_a_page_answers_as_its_page_shows(page: Path, the_demo:
     found = list(problems)
     for each in examples:
         found += failures(each, run(each, the_demo.base, tmp_path / "headers"))
+    assert found == [], "\n".join(found)
+
+
+def demo_guide() -> tuple[list[Example], list[str]]:
+    """The commands `make demo` prints for a newcomer, read as a page's bash block."""
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        demo.print_try_these("http://127.0.0.1:8080")
+    lines = [line.strip() for line in printed.getvalue().splitlines()]
+    start = next(i for i, line in enumerate(lines) if line.startswith("export API_TOKEN="))
+    end = lines.index("", start)
+    return page_examples("the demo's guide", "```bash\n" + "\n".join(lines[start:end]) + "\n```\n")
+
+
+def test_the_commands_the_demo_prints_work_on_its_data(the_demo: Served, tmp_path: Path) -> None:
+    examples, problems = demo_guide()
+    assert problems == [] and len(examples) == 5
+    found = [problem for each in examples for problem in failures(each, run(each, the_demo.base, tmp_path / "h"))]
     assert found == [], "\n".join(found)
 
 
