@@ -127,8 +127,14 @@ class CycleRunner:
         due = horizon.mode == LOOKBACK and any(start.sweep_due for start in starts.values())
         reconciled = due and not progress.halted()
         if reconciled:
+
+            def drain_more() -> None:
+                """Between two pages of a sweep, apply what arrived meanwhile in either queue."""
+                for other in passes:
+                    other.drain_more(horizon)
+
             for each in passes:
-                each.reconcile(horizon, starts[each.queue.name])
+                each.reconcile(horizon, starts[each.queue.name], drain_more)
         return CycleWork(
             mode=horizon.mode,
             horizon=horizon.bound,

@@ -50,6 +50,7 @@ class QueuePass:
     progress: Progress
     counts: Counter[str] = field(default_factory=Counter)
     read_to: Position | None = None  # how far the drain has read, in look-back mode
+    drained_from: Position = START  # where the drain began, for a drain between pages of a sweep
 
     def retry_parked(self) -> None:
         """Try the parked entries again, as their queue rows stand now."""
@@ -63,27 +64,34 @@ class QueuePass:
         """
         self.read_to = start.read
         begin = start.watermark if horizon.mode == EXACT or start.read is None else max(start.watermark, start.read)
+        self.drained_from = begin
         self._pages(lambda after: self._drain_page(after, horizon), begin)
 
-    def reconcile(self, horizon: Horizon, start: QueueStart) -> None:
+    def drain_more(self, horizon: Horizon) -> None:
+        """Look-back mode, between two pages of a sweep: apply what arrived since this pass last read."""
+        self._pages(lambda after: self._drain_page(after, horizon), self.read_to or self.drained_from)
+
+    def reconcile(self, horizon: Horizon, start: QueueStart, between: Callable[[], None]) -> None:
         """Sweep: apply the settled entries from the watermark up to the read position that have no record.
 
         They committed after the drain read past them. The watermark then moves to where, by LOOKBACK_WINDOW, every
         commit is in. Entries before the queue's adoption baseline are left alone: whatever ran before applied them.
+        `between` runs after each full page: a long sweep goes in slices between drains, and holds no new entry back.
         """
         until = self.read_to or start.watermark
         with self.lease.transaction() as cur:
             baseline = baseline_of(cur, self.queue.name)
-        swept = self._pages(lambda after: self._sweep_page(after, until, baseline), start.watermark)
+        swept = self._pages(lambda after: self._sweep_page(after, until, baseline), start.watermark, between)
         if swept:
             with self.lease.transaction() as cur:
                 self._move(cur, "advance_watermark", min(until, horizon.position))
                 cur.execute(query("mark_swept"), {"queue": self.queue.name})
 
-    def _pages(self, page: Callable[[Key], tuple[int, Key | None]], start: Key) -> bool:
-        """Keyset pagination: run `page` from `start`, then from where each full page ended, until stopped or paused.
-
-        Returns whether it went to the end.
+    def _pages(
+        self, page: Callable[[Key], tuple[int, Key | None]], start: Key, between: Callable[[], None] | None = None
+    ) -> bool:
+        """Keyset pagination: run `page` from `start`, then from where each full page ended, until stopped or paused;
+        `between` runs after each full page. Returns whether it went to the end.
         """
         after = start
         while not self.progress.halted():
@@ -92,6 +100,8 @@ class QueuePass:
             if last is None or size < self.batch_size:
                 return True
             after = last
+            if between is not None:
+                between()
             with self.lease.transaction() as cur:  # between full batches: a long drain renews and stops too
                 self.progress.paused = read_pause(cur) is not None
         return False
