@@ -173,6 +173,7 @@ class QueuePass:
         self.counts["swept"] += len(batch)
         with self.lease.transaction() as cur:
             params = {"queue": self.queue.name, "queue_ids": pg_array(e.queue_id for e in batch)}
+            cur.execute(query("probe_by_index"))
             cur.execute(query("filter_unapplied"), {**params, "uuids": pg_array(e.uuid for e in batch)})
             missing = {row[0] for row in cur.fetchall()}
         # Entries before the baseline are left out here, not in the read: each page still reads batch_size rows.

@@ -307,6 +307,9 @@ SELECT outcome, entries
   FROM consistency.settle_clean_batch_v1(%(queue)s, %(transaction_type)s, %(terminal)s::text[], %(mirrored)s::text[],
                                          %(cycle)s);
 
+-- probe_by_index: for the rest of this transaction, join by probing indexes row by row: after a big drain the ledger's statistics are stale until autovacuum analyses it, and filter_unapplied would then hash the whole ledger for every page of the sweep (0.45 s a page at 1,000,000 entries, not 0.05 s)
+SELECT set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true);
+
 -- filter_unapplied: of the given entries, those neither applied (under the transaction they carry), parked nor resolved (while carrying the transaction they were resolved with)
 SELECT e.queue_id
   FROM unnest(%(queue_ids)s::integer[], %(uuids)s::text[]) AS e(queue_id, uuid)
