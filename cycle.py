@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import psycopg2
@@ -20,7 +21,7 @@ from actions import read_pause
 from config import Settings
 from db import Database, DatabaseError, first_line, in_transaction
 from domain import COUNT_KEYS, QUEUES, CycleResult, CycleWork, QueueStart, Stamp
-from horizon import LOOKBACK, HorizonWatch, read_horizon
+from horizon import LOOKBACK, Horizon, HorizonWatch, read_horizon
 from lease import Holder, Lease
 from poller import Progress
 from queries import query
@@ -127,14 +128,8 @@ class CycleRunner:
         due = horizon.mode == LOOKBACK and any(start.sweep_due for start in starts.values())
         reconciled = due and not progress.halted()
         if reconciled:
-
-            def drain_more() -> None:
-                """Between two pages of a sweep, apply what arrived meanwhile in either queue."""
-                for other in passes:
-                    other.drain_more(horizon)
-
             for each in passes:
-                each.reconcile(horizon, starts[each.queue.name], drain_more)
+                each.reconcile(horizon, starts[each.queue.name], partial(_drain_more, passes, horizon, starts))
         return CycleWork(
             mode=horizon.mode,
             horizon=horizon.bound,
@@ -150,6 +145,12 @@ class CycleRunner:
     def _describe(self, err: Exception) -> str:
         """Describe a cycle failure without any credential."""
         return self.portfolio_db.redact(self.queue_db.redact(first_line(err)))
+
+
+def _drain_more(passes: list[QueuePass], horizon: Horizon, starts: dict[str, QueueStart]) -> None:
+    """Between two pages of a sweep, apply what arrived meanwhile in either queue."""
+    for each in passes:
+        each.drain_more(horizon, starts[each.queue.name])
 
 
 def _queue_start(row: tuple[Any, ...]) -> QueueStart:

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 Connection = psycopg2.extensions.connection
 Cursor = psycopg2.extensions.cursor
 Key = TypeVar("Key")
+Page = Callable[[Key], tuple[int, Key | None]]  # reads and applies the page after a key; its size and last key
 # Where the parked retry starts: before every entry.
 START: Position = (datetime(1970, 1, 1, tzinfo=UTC), 0)
 
@@ -50,7 +51,6 @@ class QueuePass:
     progress: Progress
     counts: Counter[str] = field(default_factory=Counter)
     read_to: Position | None = None  # how far the drain has read, in look-back mode
-    drained_from: Position = START  # where the drain began, for a drain between pages of a sweep
 
     def retry_parked(self) -> None:
         """Try the parked entries again, as their queue rows stand now."""
@@ -60,23 +60,21 @@ class QueuePass:
         """Steps 2-4 or 5-7 and 8: apply what changed since the watermark (look-back: the read position); move it.
 
         Only the lease holder moves either, so the ones read at the start hold. In look-back mode only the sweep
-        moves the watermark.
-        """
+        moves the watermark."""
         self.read_to = start.read
         begin = start.watermark if horizon.mode == EXACT or start.read is None else max(start.watermark, start.read)
-        self.drained_from = begin
         self._pages(lambda after: self._drain_page(after, horizon), begin)
 
-    def drain_more(self, horizon: Horizon) -> None:
+    def drain_more(self, horizon: Horizon, start: QueueStart) -> None:
         """Look-back mode, between two pages of a sweep: apply what arrived since this pass last read."""
-        self._pages(lambda after: self._drain_page(after, horizon), self.read_to or self.drained_from)
+        self._pages(lambda after: self._drain_page(after, horizon), self.read_to or start.watermark)
 
     def reconcile(self, horizon: Horizon, start: QueueStart, between: Callable[[], None]) -> None:
         """Sweep: apply the settled entries from the watermark up to the read position that have no record.
 
         They committed after the drain read past them. The watermark then moves to where, by LOOKBACK_WINDOW, every
         commit is in. Entries before the queue's adoption baseline are left alone: whatever ran before applied them.
-        `between` runs after each full page: a long sweep goes in slices between drains, and holds no new entry back.
+        `between` drains after each full page, so that a long sweep holds no new entry back.
         """
         until = self.read_to or start.watermark
         with self.lease.transaction() as cur:
@@ -87,12 +85,9 @@ class QueuePass:
                 self._move(cur, "advance_watermark", min(until, horizon.position))
                 cur.execute(query("mark_swept"), {"queue": self.queue.name})
 
-    def _pages(
-        self, page: Callable[[Key], tuple[int, Key | None]], start: Key, between: Callable[[], None] | None = None
-    ) -> bool:
-        """Keyset pagination: run `page` from `start`, then from where each full page ended, until stopped or paused;
-        `between` runs after each full page. Returns whether it went to the end.
-        """
+    def _pages(self, page: Page[Key], start: Key, between: Callable[[], None] = lambda: None) -> bool:
+        """Keyset pagination: run `page` from `start`, then from where each full page ended (`between` after each),
+        until stopped or paused. Returns whether it went to the end."""
         after = start
         while not self.progress.halted():
             size, last = page(after)
@@ -100,8 +95,7 @@ class QueuePass:
             if last is None or size < self.batch_size:
                 return True
             after = last
-            if between is not None:
-                between()
+            between()
             with self.lease.transaction() as cur:  # between full batches: a long drain renews and stops too
                 self.progress.paused = read_pause(cur) is not None
         return False
@@ -172,10 +166,7 @@ class QueuePass:
             return 0, None
         self.counts["swept"] += len(batch)
         with self.lease.transaction() as cur:
-            params = {"queue": self.queue.name, "queue_ids": pg_array(e.queue_id for e in batch)}
-            cur.execute(query("probe_by_index"))
-            cur.execute(query("filter_unapplied"), {**params, "uuids": pg_array(e.uuid for e in batch)})
-            missing = {row[0] for row in cur.fetchall()}
+            missing = unapplied(cur, self.queue, batch)
         # Entries before the baseline are left out here, not in the read: each page still reads batch_size rows.
         found = [e for e in batch if e.queue_id in missing and not before(e, baseline)]  # in position order
         if found:
@@ -205,6 +196,15 @@ class QueuePass:
             counts = apply_each_entry(cur, self.queue, entries(), self.factors, self.stamp, retrying)
         note_applied(cur, self.queue, counts)
         return counts
+
+
+def unapplied(cur: Cursor, queue: Queue, batch: Sequence[Entry]) -> set[int]:
+    """Return the queue_ids of a batch's entries that are neither applied, parked nor resolved, probing the ledger
+    entry by entry."""
+    params = {"queue": queue.name, "queue_ids": pg_array(e.queue_id for e in batch)}
+    cur.execute(query("probe_by_index"))
+    cur.execute(query("filter_unapplied"), {**params, "uuids": pg_array(e.uuid for e in batch)})
+    return {row[0] for row in cur.fetchall()}
 
 
 def note_applied(cur: Cursor, queue: Queue, counts: Counter[str]) -> None:
