@@ -244,9 +244,12 @@ CREATE TEMP TABLE IF NOT EXISTS cm_batch (
     unclaimed      BOOLEAN NOT NULL DEFAULT FALSE
 ) ON COMMIT DELETE ROWS;
 -- The rows of user-portfolio-db the batch's transaction holds locked (see sql/migrations/0007_row_locks.sql)
-CREATE TEMP TABLE IF NOT EXISTS cm_taken_portfolios (accountid TEXT) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS cm_taken_portfolios (
+    accountid TEXT,
+    row_id    TID  -- where the row lies: check_batch_v4 and check_clean_batch_v2 keep it, compound_batch_v4 uses it
+) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS cm_taken_transactions (
-    row_id           TID,  -- where the row lies: check_batch_v3 keeps it, settle_batch_v3 updates by it
+    row_id           TID,  -- where the row lies: check_batch_v3 and v4 keep it, settle_batch_v3 and v4 update by it
     id               UUID,
     accountid        TEXT,
     transaction_type TEXT
@@ -284,23 +287,23 @@ SELECT count(*) OVER (), updated_at, queue_id
  ORDER BY updated_at DESC, queue_id DESC
  LIMIT 1;
 
--- claim_batch: step 1 of applying the batch table's entries, which leaves out the resolved ones and records the others once each, an entry being its queue, queue_id and transaction; the corrections it noted and the queue rows it found reused (see sql/migrations/0005_operators.sql, 0012_clean_batches.sql and 0013_queue_row_reuse.sql)
+-- claim_batch: step 1 of applying the batch table's entries, which leaves out the resolved ones and records the others once each, an entry being its queue, queue_id and transaction; the corrections it noted and the queue rows it found reused (see sql/migrations/0005_operators.sql, 0012_clean_batches.sql, 0013_queue_row_reuse.sql and 0017_plans_without_luck.sql)
 SELECT corrected, reused
-  FROM consistency.claim_batch_v5(%(queue)s, %(retrying)s, %(terminal)s::text[], %(open)s::text[], %(cycle)s);
+  FROM consistency.claim_batch_v6(%(queue)s, %(retrying)s, %(terminal)s::text[], %(open)s::text[], %(cycle)s);
 
--- check_batch: step 2, which takes the rows the claimed entries need, skipping those another session holds, and gives each entry that cannot apply now its reason (see sql/migrations/0007_row_locks.sql and 0010_batch_sized_steps.sql)
-SELECT consistency.check_batch_v3(%(queue)s, %(transaction_type)s);
+-- check_batch: step 2, which takes the rows the claimed entries need, skipping those another session holds, and gives each entry that cannot apply now its reason (see sql/migrations/0007_row_locks.sql, 0010_batch_sized_steps.sql and 0017_plans_without_luck.sql)
+SELECT consistency.check_batch_v4(%(queue)s, %(transaction_type)s);
 
--- compound_batch: step 3, which compounds the completed entries on their portfolios and writes their journal records (see sql/migrations/0010_batch_sized_steps.sql and 0012_clean_batches.sql)
-SELECT consistency.compound_batch_v3(%(queue)s, %(retrying)s, %(columns)s, %(numerators)s::numeric[],
+-- compound_batch: step 3, which compounds the completed entries on the portfolios step 2 took and writes their journal records (see sql/migrations/0010_batch_sized_steps.sql, 0012_clean_batches.sql and 0017_plans_without_luck.sql)
+SELECT consistency.compound_batch_v4(%(queue)s, %(retrying)s, %(columns)s, %(numerators)s::numeric[],
                                      %(denominators)s::numeric[], %(tier_version)s, %(cycle)s);
 
--- settle_batch: step 4, which parks the blocked entries, mirrors the others' statuses, writes the journal records of those that did not complete, and counts the outcomes (see sql/migrations/0010_batch_sized_steps.sql and 0011_settle_counts_what_it_mirrors.sql)
+-- settle_batch: step 4, which parks the blocked entries, mirrors the others' statuses, writes the journal records of those that did not complete, and counts the outcomes (see sql/migrations/0010_batch_sized_steps.sql, 0011_settle_counts_what_it_mirrors.sql and 0017_plans_without_luck.sql)
 SELECT outcome, entries
-  FROM consistency.settle_batch_v3(%(queue)s, %(terminal)s::text[], %(mirrored)s::text[], %(cycle)s);
+  FROM consistency.settle_batch_v4(%(queue)s, %(terminal)s::text[], %(mirrored)s::text[], %(cycle)s);
 
--- check_clean_batch: step 2 the clean way, which takes the portfolios the completed entries compound and refuses (SQLSTATE CMB01) a batch not clean so far (see sql/migrations/0012_clean_batches.sql)
-SELECT consistency.check_clean_batch_v1(%(queue)s);
+-- check_clean_batch: step 2 the clean way, which takes the portfolios the completed entries compound and refuses (SQLSTATE CMB01) a batch not clean so far (see sql/migrations/0012_clean_batches.sql and 0017_plans_without_luck.sql)
+SELECT consistency.check_clean_batch_v2(%(queue)s);
 
 -- settle_clean_batch: step 4 the clean way, which mirrors the statuses, writes the journal records of the entries that did not complete and counts the outcomes, or refuses a batch not clean (see sql/migrations/0012_clean_batches.sql)
 SELECT outcome, entries
