@@ -10,7 +10,6 @@ from urllib.parse import urlsplit
 import pytest
 
 from devkit import roles
-from queries import query
 from queue_pass import QueuePass
 from service import Service, build_service
 from tests.world import World, expected
@@ -113,31 +112,3 @@ def test_a_long_sweep_goes_in_slices_between_drains_and_holds_no_new_entry_back(
     assert result["reconciled"] is True and result["counts"]["investment"]["swept"] == 60
     assert len(seen) >= 5 and seen[0] is True  # applied after the sweep's first page, before its second
     assert world.applied() == 62
-
-
-def test_the_sweep_probes_the_ledger_by_its_index_while_its_statistics_are_stale(world: World) -> None:
-    """After a big drain the ledger is far larger than its statistics say until autovacuum analyses it: the sweep's
-    filter must still probe it entry by entry, not hash all of it for every page."""
-    world.p("ALTER TABLE consistency.applied_entries SET (autovacuum_enabled = off)")
-    world.p("ANALYZE consistency.applied_entries")  # empty, as before the drain
-    world.p(
-        "INSERT INTO consistency.applied_entries (queue, queue_id, uuid, status, txn_id)"
-        " SELECT 'investment', n, md5(n::text)::uuid::text, 'COMPLETED', md5(n::text)::uuid"
-        " FROM generate_series(1, 200000) AS n"
-    )
-    ids, uuids = world.p(
-        "SELECT array_agg(n), array_agg(md5(n::text)::uuid::text) FROM generate_series(100000, 104999) n"
-    )[0]
-    params = {"queue": "investment", "queue_ids": ids, "uuids": uuids}
-    with world.portfolio, world.portfolio.cursor() as cur:
-        cur.execute(query("probe_by_index"))
-        cur.execute("EXPLAIN (FORMAT JSON) " + query("filter_unapplied"), params)
-        nodes = plan_nodes(cur.fetchone()[0][0]["Plan"])
-    ledger = [node for node in nodes if node.get("Relation Name") == "applied_entries"]
-    assert [node["Node Type"] for node in ledger] == ["Index Scan"]
-    assert not {"Hash Join", "Merge Join"} & {node["Node Type"] for node in nodes}
-
-
-def plan_nodes(plan: dict) -> list[dict]:
-    """Flatten an EXPLAIN (FORMAT JSON) plan into its nodes."""
-    return [plan, *(node for child in plan.get("Plans", []) for node in plan_nodes(child))]
