@@ -19,7 +19,6 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    PlainSerializer,
     PlainValidator,
     StrictBool,
     StrictInt,
@@ -45,8 +44,13 @@ Reason = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, m
 FilterText = Annotated[str, StringConstraints(min_length=1, max_length=REASON_MAX, pattern=r"\S")]
 Account = Annotated[str, StringConstraints(min_length=1, max_length=ACCOUNT_MAX, pattern=r"\S")]
 Limit = Annotated[int, Field(ge=1, le=LIMIT_MAX, description="how many to take, from 1 to 1000")]
-# A time in an answer, shown as the service writes it (isoformat: +00:00, not Z).
-Time = Annotated[datetime, PlainSerializer(lambda value: value.isoformat(), return_type=str, when_used="json")]
+# A time in an answer, as the service writes it: ISO 8601 text (isoformat: +00:00, not Z). Checked as text, not
+# parsed and written again: that took a third of the time of answering /status.
+Time = Annotated[
+    str,
+    StringConstraints(pattern=r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?([+-]\d\d:\d\d(:\d\d)?|Z)?$"),
+    WithJsonSchema({"type": "string", "format": "date-time"}),
+]
 Before = Annotated[
     int | None, Field(ge=0, le=POSITION_MAX, description="the `next_before` of the page before; none for the first")
 ]
