@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 
 import psycopg2
 
+from bench import http, versus
 from bench.approaches import lean
 from bench.backlogs import add_entries, busiest_share, drain_in_process, entries_sql, parked_of, shape_params
 from bench.data import TIERS, snapshot
@@ -53,3 +54,13 @@ def test_the_lean_bound_leaves_what_the_service_leaves_on_the_mixed_shape(pg: st
     finally:
         for name in names:
             postgres.drop(pg, name)
+
+
+def test_the_versus_table_sets_each_sides_median_beside_the_other() -> None:
+    rounds = {"v1": [(1, 10), (9, 90), (2, 20)], "this": [(3, 30), (4, 40), (99, 9)]}  # medians 2 and 20, 4 and 30
+    kinds = ("paced", "saturated")
+    loads = {f"{side} {path} {kind}": [http.Load(1000, 0, 1.0, p50, p99) for p50, p99 in figures]
+             for path in versus.PATHS for kind in kinds for side, figures in rounds.items()}  # fmt: skip
+    rows = versus.table(loads, "v1").splitlines()[2:]
+    assert [row.split(" | ")[0] for row in rows] == [f"| {p} {k}" for p in versus.PATHS for k in kinds]
+    assert all(row.endswith("| 2.00 | 4.00 | 2.00 | 20.00 | 30.00 | 1.50 | 0 |") for row in rows)
