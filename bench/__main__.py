@@ -12,7 +12,6 @@ import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import psycopg2
@@ -25,23 +24,13 @@ from bench.drift import drift_check, drift_row
 from bench.idle import idle_cycle_ms
 from bench.latency import measure_latency
 from bench.lookback import lookback_at_size, lookback_rows
-from bench.serve import service_env, status, stored_cycle
+from bench.serve import service_env, status, stored_cycle, worker_peak_rss_mb
 from bench.shapes import TARGET, description, differing, low_ratios, measure_shapes, shape_rows
 from devkit import gunicorn, postgres
 from devkit.net import free_port, wait_until
 
 SERVICE_PATHS = ("/health", "/api/v1/consistency/status")
 BIG_BATCH = "service at the bound's batch"
-
-
-def worker_peak_rss_mb(master: int) -> float:
-    """Return the highest peak RSS among a gunicorn master's workers, in MB."""
-    peaks = []
-    for child in Path(f"/proc/{master}/task/{master}/children").read_text().split():
-        for line in Path(f"/proc/{child}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                peaks.append(int(line.split()[1]) / 1024)
-    return max(peaks)
 
 
 def run_service(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from bench.data import TIERS
@@ -39,3 +40,13 @@ def stored_cycle(port: int, timeout: float, what: str) -> dict[str, Any]:
     seen: list[Any] = []
     wait_until(lambda: bool(seen.append(status(port).get("last_cycle")) or seen[-1]), timeout, what, interval=0.2)
     return seen[-1]
+
+
+def worker_peak_rss_mb(master: int) -> float:
+    """Return the highest peak RSS among a gunicorn master's workers, in MB."""
+    peaks = []
+    for child in Path(f"/proc/{master}/task/{master}/children").read_text().split():
+        for line in Path(f"/proc/{child}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                peaks.append(int(line.split()[1]) / 1024)
+    return max(peaks)

@@ -14,7 +14,7 @@ import re
 import subprocess
 import sys
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -33,7 +33,7 @@ from bench.backlogs import (
 )
 from bench.data import TIERS, fresh_copy, snapshot
 from bench.profile import PROFILED, Function, profile_lines, top_functions, track_functions
-from bench.serve import service_env, status
+from bench.serve import service_env, status, worker_peak_rss_mb
 from devkit import ROOT, gunicorn, postgres
 from devkit.net import free_port, wait_until
 
@@ -67,13 +67,23 @@ class Backlog:
 
 
 @dataclass(frozen=True)
+class Served:
+    """What the service's drain took: its time, its batches by way, its workers' peak RSS and its longest lease gap."""
+
+    seconds: float
+    ways: dict[str, int]
+    rss_mb: float
+    unrenewed_s: float  # the longest /status saw the lease go unrenewed: over by up to a second, never under
+
+
+@dataclass(frozen=True)
 class Drain:
     """What one approach's drain of a copy took and left."""
 
     seconds: float
     snapshot: tuple[str, str]
     counts: dict[str, int]
-    ways: dict[str, int] = field(default_factory=dict)
+    served: Served | None = None  # the service's own figures; None for the bound
     functions: tuple[Function, ...] = ()
 
 
@@ -87,6 +97,8 @@ class Outcome:
     bound: float
     ways: dict[str, int]
     problems: tuple[str, ...]
+    rss_mb: float = 0.0  # the service's highest worker peak RSS over its drains
+    unrenewed_s: float = 0.0  # the longest the service's lease went unrenewed over its drains, as /status saw it
     functions: tuple[Function, ...] = ()
     profiled_seconds: float = 0.0  # the profiled drain's time, timing on
 
@@ -114,34 +126,39 @@ def build_backlog(server: str, shape: str, ledger: Ledger, entries: int) -> Back
     return Backlog(shape, ledger, entries, names, parked_of(shape, entries), corrections)
 
 
-def serve(queue_uri: str, portfolio_uri: str, batch_size: int, reads: int) -> tuple[float, dict[str, int]]:
-    """Drain a copy by the service's start-up cycle under gunicorn; return its seconds and its batches by way."""
+def serve(queue_uri: str, portfolio_uri: str, batch_size: int, reads: int) -> Served:
+    """Drain a copy by the service's start-up cycle under gunicorn; return what it took."""
     port = free_port()
     # No cycle but the start-up one, and no drift check beside it, as bench.__main__.run_service.
     env = service_env(queue_uri, portfolio_uri, port, POLLING_INTERVAL="3600", BATCH_SIZE=str(batch_size),
                       LISTEN_NOTIFY="false", DRIFT_CHECK_INTERVAL="0")  # fmt: skip
     launched = datetime.now(UTC)
-    with gunicorn.running(gunicorn.command(), env, subprocess.DEVNULL):
-        cycle = drained_cycle(port, launched)
+    with gunicorn.running(gunicorn.command(), env, subprocess.DEVNULL) as service:
+        cycle, unrenewed = drained_cycle(port, launched)
         ways = batches(port)  # before the service stops: its counters go with it
+        rss = worker_peak_rss_mb(service.pid)
     read = sum(counts["read"] for counts in cycle["counts"].values()) if cycle["result"] == "ok" else 0
     if read != reads:
         raise SystemExit(f"the service's start-up cycle is not the drain of {reads} entries: {cycle}")
-    return cycle["duration_ms"] / 1000, ways
+    return Served(cycle["duration_ms"] / 1000, ways, rss, unrenewed)
 
 
-def drained_cycle(port: int, launched: datetime) -> dict[str, Any]:
-    """Wait for the first cycle stored since the launch (a history's copy holds an older one) and return it."""
+def drained_cycle(port: int, launched: datetime) -> tuple[dict[str, Any], float]:
+    """Wait for the first cycle stored since the launch (a history's copy holds an older one); return it, and the
+    longest the lease went unrenewed as /status showed it meanwhile, every 0.2 s."""
     seen: list[dict[str, Any]] = []
+    gaps = [0.0]
 
     def stored() -> bool:
-        last = status(port).get("last_cycle")
+        now = status(port)
+        gaps.append(now["lease"]["renewed_s_ago"] or 0.0)
+        last = now.get("last_cycle")
         if last and datetime.fromisoformat(last["started_at"]) > launched:
             seen.append(last)
         return bool(seen)
 
     wait_until(stored, 3600, "the drain to finish", interval=0.2)
-    return seen[-1]
+    return seen[-1], max(gaps)
 
 
 def batches(port: int) -> dict[str, int]:
@@ -170,16 +187,17 @@ def drain_copy(server: str, backlog: Backlog, approach: str, batch_size: int) ->
     """Drain a fresh copy of a backlog by one approach (the service, profiled or not, or the bound); return it."""
     queue_uri, portfolio_uri, names = fresh_copy(server, backlog.templates)
     try:
-        ways: dict[str, int] = {}
+        served = None
         if approach == PROFILED:
             track_functions(server, names[1])
         if approach in ("service", PROFILED):
-            seconds, ways = serve(queue_uri, portfolio_uri, batch_size, backlog.entries + backlog.corrections)
+            served = serve(queue_uri, portfolio_uri, batch_size, backlog.entries + backlog.corrections)
+            seconds = served.seconds
         else:
             seconds = lean(queue_uri, portfolio_uri, TIERS, after=backlog.ledger.ends)
         functions = top_functions(portfolio_uri) if approach == PROFILED else ()
         counts = counts_of(portfolio_uri, "service" if approach == PROFILED else approach)
-        return Drain(seconds, snapshot(portfolio_uri), counts, ways, functions)
+        return Drain(seconds, snapshot(portfolio_uri), counts, served, functions)
     finally:
         for name in names:
             postgres.drop(server, name)
@@ -217,9 +235,11 @@ def measure_shape(
         for template in backlog.templates:
             postgres.drop(server, template)
     best = {approach: entries / min(drain.seconds for drain in runs) for approach, runs in drains.items()}
-    ways, found = drains["service"][0].ways, problems(backlog, {**drains, "profiled": profiled})
+    served = [drain.served for drain in drains["service"] if drain.served is not None]
+    found = problems(backlog, {**drains, "profiled": profiled})
     functions, timed = (profiled[0].functions, profiled[0].seconds) if profiled else ((), 0.0)
-    outcome = Outcome(shape, ledger.describe(), best["service"], best["lean bound"], ways, found, functions, timed)
+    outcome = Outcome(shape, ledger.describe(), best["service"], best["lean bound"], served[0].ways, found,
+                      max(s.rss_mb for s in served), max(s.unrenewed_s for s in served), functions, timed)  # fmt: skip
     print(f"shape {shape}, {outcome.ledger}: {outcome.ratio:.2f}x", file=sys.stderr, flush=True)
     return outcome
 
@@ -269,7 +289,8 @@ def shape_rows(outcomes: list[Outcome]) -> list[tuple[str, str]]:
         (
             f"shape {o.shape}, {o.ledger}",
             f"service {o.service:,.0f} entries/s, lean bound {o.bound:,.0f} entries/s = {o.ratio:.2f}x (target >= "
-            f"{TARGET}x); identical {verdict(o)}; batches {o.ways['clean']} clean, {o.ways['careful']} careful",
+            f"{TARGET}x); identical {verdict(o)}; batches {o.ways['clean']} clean, {o.ways['careful']} careful; "
+            f"peak RSS {o.rss_mb:.0f} MB; lease unrenewed at most {o.unrenewed_s:.1f} s",
         )
         for o in outcomes
     ]
@@ -279,12 +300,12 @@ def shape_table(outcomes: list[Outcome]) -> list[str]:
     """Return the shapes' own table, a row per shape and ledger, as Markdown lines."""
     lines = [
         "| shape | ledger | service entries/s | lean bound entries/s | service / lean | identical "
-        "| batches clean / careful |",
-        "|---|---|---:|---:|---:|---|---:|",
+        "| batches clean / careful | peak RSS MB | lease unrenewed, s |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|",
     ]
     for o in outcomes:
         cells = (o.shape, o.ledger, f"{o.service:,.0f}", f"{o.bound:,.0f}", f"{o.ratio:.2f}x", verdict(o),
-                 f"{o.ways['clean']} / {o.ways['careful']}")  # fmt: skip
+                 f"{o.ways['clean']} / {o.ways['careful']}", f"{o.rss_mb:.0f}", f"{o.unrenewed_s:.1f}")  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
