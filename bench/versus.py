@@ -1,8 +1,9 @@
 """HTTP latency of this tree against another commit's, side by side in one run: python -m bench.versus REV.
 
-Each tree's service runs under its own gunicorn.conf.py, on its own pair of databases with the same small demo-like
-state, polling every second. wrk then loads each endpoint of each tree in turn, round after round (A, B, A, B...),
-paced (about 1,000 requests/s) and saturated, so that a moment of noise on a shared machine falls on both alike.
+Each tree's service runs under its own gunicorn.conf.py, on its own copy of a small backlog (the benchmark's, of
+ENTRIES entries, applied before the load), polling every second. wrk then loads each endpoint of each tree in
+turn, round after round (A, B, A, B...), paced (about 1,000 requests/s) and saturated, so that a moment of noise
+on a shared machine falls on both alike.
 The table gives the median p50 and p99 of the rounds, and this tree's over the other's.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -30,12 +30,14 @@ ENTRIES = 2_000  # entries each service applies before the load, so that its sta
 @contextmanager
 def worktree(rev: str) -> Iterator[Path]:
     """Check out a commit in a temporary worktree, removed at the end."""
-    folder = Path(tempfile.mkdtemp(prefix="versus-")) / "tree"
+    parent = Path(tempfile.mkdtemp(prefix="versus-"))
+    folder = parent / "tree"
     subprocess.run(["git", "worktree", "add", "--detach", "-q", str(folder), rev], cwd=ROOT, check=True)
     try:
         yield folder
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(folder)], cwd=ROOT, check=True)
+        parent.rmdir()
 
 
 @contextmanager
@@ -45,7 +47,7 @@ def served(server: str, templates: tuple[str, str], tree: Path) -> Iterator[int]
     port = free_port()
     env = service_env(queue_uri, portfolio_uri, port, POLLING_INTERVAL="1", PYTHONPATH=str(tree))
     try:
-        with gunicorn.running([sys.executable, "-m", "gunicorn", gunicorn.APP], env, subprocess.DEVNULL, cwd=tree):
+        with gunicorn.running(gunicorn.command(), env, subprocess.DEVNULL, cwd=tree):
             wait_until(lambda: (status(port).get("last_cycle") or {}).get("result") == "ok", 120, f"{tree} to drain")
             yield port
     finally:
